@@ -1,0 +1,28 @@
+"""Pretrains the bundled MaskGIT-style teacher on scikit-learn's 8x8 digits (CPU, minutes).
+
+  python -m dimo_jax.pretrain --config configs/digits_teacher.py --workdir runs/digits_teacher
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+  c.dataset = "digits"
+  c.seed = 0
+  c.model = ml_collections.ConfigDict(dict(
+      codebook_size=17, num_classes=10, seq_len=64,
+      hidden_dim=128, depth=4, num_heads=4, mlp_dim=512, dropout=0.1))
+  c.batch_size = 128
+  c.num_steps = 6000
+  c.lr = 1e-3
+  c.warmup_steps = 200
+  c.final_lr_ratio = 0.05
+  c.weight_decay = 0.01
+  c.max_grad_norm = 1.0
+  c.ratio_mode = "arccos"
+  c.label_smoothing = 0.1
+  c.drop_label = 0.1
+  c.masked_only = True
+  c.log_every = 500
+  return c

@@ -1,0 +1,69 @@
+"""The reference's configuration keys, with its defaults (yuanzhi-zhu/DiMO DIMO_MaskGit.yaml).
+
+Every knob of the method keeps the reference's name, default and meaning so a run can be
+carried across; experiment configs in `configs/` start from here and override.
+"""
+
+import ml_collections
+
+
+def reference_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.global_seed = 3407
+  # Global batch (the reference's per-device batch times the number of devices).
+  c.train_batch_size = 4
+  c.mixed_precision = "bf16"  # 'no' | 'bf16': compute dtype of the three networks
+  c.max_grad_norm = 1.0
+  c.lr_scheduler_type = "constant_with_warmup"
+  c.lr_warmup_steps = 100
+  c.max_train_steps = 50001
+  c.ema_decay = 0.9999
+  c.ema_freq = 1
+  c.loss_reduction = "sum"  # 'sum' (divided by the batch size) | 'mean'
+  c.optimizer_type = "adam"  # 'adam' | 'adamw'
+  c.adam_beta1 = 0.9
+  c.adam_beta2 = 0.999
+  c.adam_weight_decay = 0.0
+  c.adam_epsilon = 1e-8
+  c.validation_steps = 200
+  c.checkpointing_steps = 1000
+  c.checkpoints_total_limit = 5
+
+  # Generator and auxiliary ("fake") model.
+  c.generator_lr = 1e-5
+  c.fake_lr = 1e-5
+  c.dm_loss_weight = 1.0
+  c.fake_rounds = 1
+  c.mask_value = 1024
+
+  # Di[M]O.
+  c.fixed_ratio = "fix_0.6"  # r_init: 'fix_<r>' or 'random_<lo>_<hi>'
+  c.noise_emb_perturb = "fix_0.1"  # sigma: 'fix_<s>' or 'warmup_{linear,exp,cos}_<N>'
+  c.distil_loss_type = "Jeffreys_0."  # 'FKL' | 'RKL' | 'Jeffreys_<beta>'
+  c.ratio_mode = "arccos"  # forward masking for the generator loss
+  c.ratio_mode_fake = "arccos"  # forward masking for the auxiliary loss
+  c.top_k = 0
+  c.top_p = 0.0
+  c.true_cfg = 2.0
+  c.adaptive_cfg = False  # w_t = 1 + (true_cfg - 1) * mask ratio
+  c.fake_cfg_eval = 1.0
+  c.fake_cfg_train = 1.0
+  c.fake_cfg_drop_ratio = 0.1
+  c.gen_temp = 1.0
+  c.true_temp = 1.0
+  c.fake_temp = 1.0
+  c.temperature_fake = 1.0
+  c.alpha_fake = 0.0  # 0: hard (cross-entropy) auxiliary loss, 1: soft (KL) loss
+  c.label_smoothing = 0.1
+  c.fix_emb_layer = True
+  # The reference never switches its networks to eval mode, so their dropout is active
+  # while distilling.
+  c.distill_dropout = True
+
+  # Teacher sampling (multi-step MaskGIT decoding).
+  c.sched_mode = "arccos"
+  c.sampling_step = 12
+  c.cfg_w = 3.0
+  c.r_temp = 4.5
+  c.sm_temp = 1.0
+  return c

@@ -1,0 +1,265 @@
+"""Di[M]O's train state and its one jitted train step.
+
+One call of the step is one generator update followed by `fake_rounds` auxiliary updates,
+which is what one generator step of the reference's loop does:
+
+  generator:  x_init -> z_theta = G_theta(x_init, c) -> x_theta ~ Cat(z_theta / gen_temp)
+              x~_t = forward_mask(x_theta)   (ratio_mode)
+              g = logit_gradient(teacher(x~_t, guided), aux(x~_t))   on masked positions
+              loss = surrogate(z_theta, g)                            -> Adam step on theta
+  auxiliary:  fresh x_theta (no gradient), its own forward mask (ratio_mode_fake), psi fits
+              x_theta by label-smoothed cross-entropy (mixed by alpha_fake with a soft KL to the
+              generator's probabilities)                              -> Adam step on psi
+  EMA:        ema <- rate * ema + (1 - rate) * theta, rate = min(ema_decay, (1 + s) / (10 + s))
+
+The step takes no data: conditions are drawn from the state's key, so a run is a pure function
+of (config, teacher, seed) and a resumed run repeats an uninterrupted one exactly.
+"""
+
+from typing import Any, Callable, Dict, Tuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dimo_jax import divergence, masking, sampling
+from dimo_jax.models.maskgit import MaskTransformer
+
+Params = Any
+# Parameters the reference freezes with `fix_emb_layer`: the tied embedding/output table, the
+# positional embedding and the output bias.
+FROZEN_WITH_EMB = ("tok_emb", "pos_emb", "bias")
+
+
+@flax.struct.dataclass
+class DistillState:
+  """Everything a run needs to continue exactly: parameters, optimizers, counters and key."""
+  step: jax.Array  # int32[]: generator updates done
+  rng: jax.Array  # uint32[2]: the root key, split once per step
+  gen_params: Params
+  aux_params: Params
+  ema_params: Params
+  gen_opt_state: optax.OptState
+  aux_opt_state: optax.OptState
+  skipped: jax.Array  # int32[2]: generator / auxiliary updates skipped for non-finite gradients
+
+
+def trainable_labels(params: Params, fix_emb_layer: bool) -> Params:
+  """'frozen' / 'train' for every leaf: the labels of `optax.multi_transform`."""
+  def label(path, _):
+    top = path[0].key
+    return "frozen" if fix_emb_layer and top in FROZEN_WITH_EMB else "train"
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def lr_schedule(config: ml_collections.ConfigDict, lr: float) -> optax.Schedule:
+  """`constant` or `constant_with_warmup` (linear from 0 over `lr_warmup_steps`, as diffusers)."""
+  if config.lr_scheduler_type == "constant":
+    return optax.constant_schedule(lr)
+  if config.lr_scheduler_type == "constant_with_warmup":
+    return optax.warmup_constant_schedule(0.0, lr, max(config.lr_warmup_steps, 1))
+  raise ValueError("lr_scheduler_type must be 'constant' or 'constant_with_warmup', "
+                   f"got {config.lr_scheduler_type!r}")
+
+
+def make_optimizer(config: ml_collections.ConfigDict, lr: float, params: Params,
+                   iterations_per_update: int = 1) -> optax.GradientTransformation:
+  """Clip by global norm, then Adam(W); frozen leaves get zero updates.
+
+  `iterations_per_update` stretches the schedule: the reference advances the generator's LR
+  scheduler once per loop iteration, of which there are `fake_rounds` per generator update.
+  """
+  base = lr_schedule(config, lr)
+  schedule = lambda count: base(count * iterations_per_update)
+  if config.optimizer_type == "adam":
+    adam = optax.adam(schedule, config.adam_beta1, config.adam_beta2, eps=config.adam_epsilon)
+  elif config.optimizer_type == "adamw":
+    adam = optax.adamw(schedule, config.adam_beta1, config.adam_beta2, eps=config.adam_epsilon,
+                       weight_decay=config.adam_weight_decay)
+  else:
+    raise ValueError(f"optimizer_type must be 'adam' or 'adamw', got {config.optimizer_type!r}")
+  chain = [adam]
+  if config.max_grad_norm > 0:
+    chain.insert(0, optax.clip_by_global_norm(config.max_grad_norm))
+  return optax.multi_transform(
+      {"train": optax.chain(*chain), "frozen": optax.set_to_zero()},
+      trainable_labels(params, config.fix_emb_layer))
+
+
+def create_state(config: ml_collections.ConfigDict, teacher_params: Params,
+                 rng: jax.Array) -> DistillState:
+  """theta, psi and the EMA all start as copies of the teacher phi."""
+  copy = lambda p: jax.tree_util.tree_map(jnp.array, p)
+  gen_tx, aux_tx = optimizers(config, teacher_params)
+  return DistillState(
+      step=jnp.int32(0), rng=rng,
+      gen_params=copy(teacher_params), aux_params=copy(teacher_params),
+      ema_params=copy(teacher_params),
+      gen_opt_state=gen_tx.init(teacher_params), aux_opt_state=aux_tx.init(teacher_params),
+      skipped=jnp.zeros((2,), jnp.int32))
+
+
+def optimizers(config, params) -> Tuple[optax.GradientTransformation, optax.GradientTransformation]:
+  return (make_optimizer(config, config.generator_lr, params, config.fake_rounds),
+          make_optimizer(config, config.fake_lr, params))
+
+
+def ema_rate(decay: float, step: jax.Array) -> jax.Array:
+  """min(decay, (1 + s) / (10 + s)): a short memory early on, `decay` later."""
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def _apply_if_finite(tx, grads, opt_state, params, loss):
+  """One optimizer update, or none at all when the loss or a gradient is not finite."""
+  grad_norm = optax.global_norm(grads)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+  keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
+  return keep(new_params, params), keep(new_opt_state, opt_state), grad_norm, ok
+
+
+def label_smoothed_ce(logits: jax.Array, targets: jax.Array, mask: jax.Array,
+                      smoothing: float) -> jax.Array:
+  """torch's cross_entropy(label_smoothing=s, ignore_index) averaged over `mask`: float32[]."""
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+  per_token = (1.0 - smoothing) * nll - smoothing * jnp.mean(log_p, axis=-1)
+  return jnp.sum(jnp.where(mask, per_token, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def make_train_step(config: ml_collections.ConfigDict, model: MaskTransformer,
+                    batch_constraint: Callable[[jax.Array], jax.Array] = lambda x: x):
+  """Builds `train_step(state, teacher_params) -> (state, metrics)` (pure; jit it).
+
+  Args:
+    config: the run's config (see configs/digits.py for every field).
+    model: the shared architecture of teacher, generator and auxiliary model.
+    batch_constraint: applied to every batch-shaped array; on a mesh, a sharding constraint
+      that splits the batch over the data axis.
+  """
+  if config.mask_value != model.mask_id:
+    raise ValueError(f"mask_value {config.mask_value} does not match the model's mask id "
+                     f"{model.mask_id} (its codebook size)")
+  batch, seq_len, codebook = config.train_batch_size, model.seq_len, model.codebook_size
+  mask_id = model.mask_id
+  train = config.distill_dropout
+  # Condition dropout of the auxiliary model only matters when it is ever guided.
+  fake_drop = (config.fake_cfg_drop_ratio
+               if (config.fake_cfg_train != 1 or config.fake_cfg_eval != 1) else 0.0)
+
+  def logits_fn(params, rng, emb_noise=None, noise_rng=None):
+    """The model as a `sampling.LogitsFn` with its dropout (and embedding noise) bound."""
+    def fn(tokens, labels, drop):
+      rngs = {"dropout": rng}
+      if noise_rng is not None:
+        rngs["noise"] = noise_rng
+      return model.apply(params, tokens, labels, drop, emb_noise=emb_noise,
+                         deterministic=not train, rngs=rngs)
+    return fn
+
+  def generate(params, rng, labels, sigma):
+    """One generator step on fresh x_init: (codes int32[B, L], logits float32[B, L, V])."""
+    drop_rng, rng = jax.random.split(rng)
+    def gen_fn(tokens, labels_, noise_rng):
+      return logits_fn(params, drop_rng, sigma, noise_rng)(tokens, labels_, None)
+    codes, logits = sampling.generator_sample(
+        gen_fn, rng, labels, seq_len, codebook, mask_id, config.fixed_ratio,
+        config.gen_temp, config.top_k, config.top_p)
+    return jax.lax.stop_gradient(codes), logits
+
+  def draw_labels(rng):
+    return batch_constraint(
+        jax.random.randint(rng, (batch,), 0, model.num_classes, dtype=jnp.int32))
+
+  def generator_loss(gen_params, aux_params, teacher_params, rng, sigma):
+    label_rng, gen_rng, mask_rng, t_rng, f_rng = jax.random.split(rng, 5)
+    labels = draw_labels(label_rng)
+    codes, gen_logits = generate(gen_params, gen_rng, labels, sigma)
+    noisy, mask, ratio = masking.forward_mask(mask_rng, batch_constraint(codes),
+                                              config.ratio_mode, mask_id)
+    true_cfg = 1.0 + (config.true_cfg - 1.0) * ratio if config.adaptive_cfg else config.true_cfg
+    teacher_logits = sampling.guided_logits(logits_fn(teacher_params, t_rng), noisy, labels,
+                                            true_cfg)
+    aux_logits = sampling.guided_logits(logits_fn(aux_params, f_rng), noisy, labels,
+                                        config.fake_cfg_eval)
+    teacher_logits, aux_logits = jax.lax.stop_gradient((teacher_logits, aux_logits))
+    grad = divergence.logit_gradient(teacher_logits, aux_logits, config.distil_loss_type,
+                                     config.true_temp, config.fake_temp)
+    loss = divergence.surrogate_loss(gen_logits, grad, mask, config.loss_reduction)
+    p_diff = jax.nn.softmax(aux_logits / config.fake_temp) - jax.nn.softmax(
+        teacher_logits / config.true_temp)
+    return config.dm_loss_weight * loss, {"loss_dm": loss, "score_diff": jnp.mean(p_diff)}
+
+  def aux_loss(aux_params, gen_params, rng, sigma):
+    label_rng, gen_rng, drop_rng, mask_rng, f_rng = jax.random.split(rng, 5)
+    labels = draw_labels(label_rng)
+    codes, gen_logits = generate(gen_params, gen_rng, labels, sigma)
+    gen_logits = jax.lax.stop_gradient(gen_logits)
+    drop = (jax.random.uniform(drop_rng, (batch,)) < fake_drop
+            if config.fake_cfg_train != 1 else jnp.zeros((batch,), bool))
+    noisy, mask, _ = masking.forward_mask(mask_rng, batch_constraint(codes),
+                                          config.ratio_mode_fake, mask_id)
+    logits = sampling.guided_logits(logits_fn(aux_params, f_rng), noisy, labels,
+                                    config.fake_cfg_train, drop)
+    hard = label_smoothed_ce(logits, codes, mask, config.label_smoothing)
+    loss = hard
+    if config.alpha_fake > 0:
+      t = config.temperature_fake
+      target = jax.nn.softmax(gen_logits / t)
+      log_q = jax.nn.log_softmax(logits / t)
+      kl = jnp.mean(target * (jnp.log(jnp.maximum(target, 1e-30)) - log_q), axis=-1) * t**2
+      soft = jnp.sum(jnp.where(mask, kl, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+      loss = config.alpha_fake * soft + (1.0 - config.alpha_fake) * hard
+    return loss, {"loss_fake_hard": hard}
+
+  def train_step(state: DistillState, teacher_params: Params):
+    gen_tx, aux_tx = optimizers(config, state.gen_params)
+    rng, gen_rng, aux_rng = jax.random.split(state.rng, 3)
+    iteration = state.step * config.fake_rounds
+    sigma = masking.noise_level(config.noise_emb_perturb, iteration)
+
+    (loss_g, gen_metrics), grads = jax.value_and_grad(generator_loss, has_aux=True)(
+        state.gen_params, state.aux_params, teacher_params, gen_rng, sigma)
+    gen_params, gen_opt_state, gen_norm, gen_ok = _apply_if_finite(
+        gen_tx, grads, state.gen_opt_state, state.gen_params, loss_g)
+
+    def aux_round(carry, round_index):
+      aux_params, aux_opt_state, skipped = carry
+      round_sigma = masking.noise_level(config.noise_emb_perturb, iteration + round_index)
+      (loss_f, _), grads = jax.value_and_grad(aux_loss, has_aux=True)(
+          aux_params, gen_params, jax.random.fold_in(aux_rng, round_index), round_sigma)
+      aux_params, aux_opt_state, norm, ok = _apply_if_finite(
+          aux_tx, grads, aux_opt_state, aux_params, loss_f)
+      return (aux_params, aux_opt_state, skipped + (~ok).astype(jnp.int32)), (loss_f, norm)
+
+    (aux_params, aux_opt_state, aux_skipped), (loss_f, aux_norm) = jax.lax.scan(
+        aux_round, (state.aux_params, state.aux_opt_state, state.skipped[1]),
+        jnp.arange(config.fake_rounds))
+
+    rate = ema_rate(config.ema_decay, state.step)
+    do_ema = (state.step % config.ema_freq) == 0
+    ema_params = jax.tree_util.tree_map(
+        lambda e, p: jnp.where(do_ema, rate * e + (1.0 - rate) * p, e),
+        state.ema_params, gen_params)
+
+    skipped = jnp.stack([state.skipped[0] + (~gen_ok).astype(jnp.int32), aux_skipped])
+    new_state = DistillState(
+        step=state.step + 1, rng=rng, gen_params=gen_params, aux_params=aux_params,
+        ema_params=ema_params, gen_opt_state=gen_opt_state, aux_opt_state=aux_opt_state,
+        skipped=skipped)
+    metrics = {
+        "loss_generator": loss_g, **gen_metrics,
+        "loss_fake": jnp.mean(loss_f),
+        "gen_grad_norm": gen_norm, "fake_grad_norm": jnp.mean(aux_norm),
+        "lr_g": lr_schedule(config, config.generator_lr)(iteration),
+        "lr_fake": lr_schedule(config, config.fake_lr)(iteration),
+        "emb_perturb": sigma, "ema_rate": rate,
+        "skipped_generator": skipped[0], "skipped_fake": skipped[1],
+    }
+    return new_state, metrics
+
+  return train_step

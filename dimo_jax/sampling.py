@@ -1,0 +1,194 @@
+"""Samplers: the teacher's multi-step confidence-based decoding and the one-step generator.
+
+A `LogitsFn` is `(tokens int32[B, L], labels int32[B], drop bool[B]) -> float32[B, L, V]`; the
+teacher, the generator and the auxiliary model all reduce to one with `functools.partial`.
+"""
+
+import math
+from typing import Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dimo_jax import masking
+
+LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def guided_logits(logits_fn: LogitsFn, tokens: jax.Array, labels: jax.Array, cfg,
+                  drop: Optional[jax.Array] = None) -> jax.Array:
+  """Classifier-free guidance z_u + w (z_c - z_u), in one batched call.
+
+  Args:
+    logits_fn: see module docstring.
+    tokens: int32[B, L]; labels: int32[B].
+    cfg: guidance scale w, a Python float or float32[B] (adaptive guidance). A Python 1.0 skips
+      the unconditional pass altogether.
+    drop: bool[B], rows whose conditional branch is itself unconditional (condition dropout).
+
+  Returns:
+    float32[B, L, V].
+  """
+  batch = tokens.shape[0]
+  if drop is None:
+    drop = jnp.zeros((batch,), bool)
+  if isinstance(cfg, (int, float)) and cfg == 1:
+    return logits_fn(tokens, labels, drop)
+  both = logits_fn(jnp.concatenate([tokens, tokens]), jnp.concatenate([labels, labels]),
+                   jnp.concatenate([drop, jnp.ones((batch,), bool)]))
+  cond, uncond = both[:batch], both[batch:]
+  w = jnp.reshape(jnp.asarray(cfg, jnp.float32), (-1, 1, 1))
+  return uncond + w * (cond - uncond)
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 0.0) -> jax.Array:
+  """Top-k then top-p (nucleus) filtering: removed entries become -inf.
+
+  Top-p keeps the smallest prefix of the sorted distribution whose mass reaches p, and always
+  the most likely token. 0 disables either filter.
+  """
+  if top_k > 0:
+    kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p > 0.0:
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cum = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    # Shift right so the token that crosses p is kept.
+    remove_sorted = jnp.concatenate(
+        [jnp.zeros_like(cum[..., :1], bool), (cum > top_p)[..., :-1]], axis=-1)
+    remove = jnp.zeros_like(remove_sorted).at[
+        tuple(jnp.indices(order.shape)[:-1]) + (order,)].set(remove_sorted)
+    logits = jnp.where(remove, -jnp.inf, logits)
+  return logits
+
+
+def sample_tokens(rng: jax.Array, logits: jax.Array, temperature: float = 1.0, top_k: int = 0,
+                  top_p: float = 0.0) -> jax.Array:
+  """x ~ Cat(softmax(filter(logits / temperature))): int32[...] from float[..., V]."""
+  logits = filter_logits(logits.astype(jnp.float32) / temperature, top_k, top_p)
+  return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def unmask_schedule(steps: int, seq_len: int, sched_mode: str = "arccos") -> np.ndarray:
+  """How many tokens the multi-step sampler reveals at each step: int32[steps], summing to L.
+
+  Step i of n reveals a share proportional to the schedule at r = linspace(1, 0, n)[i], at
+  least one token, the last step taking whatever is left (the reference's `adap_sche`).
+  """
+  r = np.linspace(1.0, 0.0, steps)
+  shapes = {
+      "root": lambda r: 1 - r**0.5,
+      "linear": lambda r: 1 - r,
+      "square": lambda r: 1 - r**2,
+      "cosine": lambda r: np.cos(r * math.pi / 2),
+      "arccos": lambda r: np.arccos(r) / (math.pi / 2),
+  }
+  if sched_mode not in shapes:
+    raise ValueError(f"sched_mode must be one of {sorted(shapes)}, got {sched_mode!r}")
+  share = shapes[sched_mode](r)
+  counts = np.round(share / share.sum() * seq_len)
+  counts[counts == 0] = 1
+  counts[-1] += seq_len - counts.sum()
+  return counts.astype(np.int32)
+
+
+@flax.struct.dataclass
+class _DecodeState:
+  step: jax.Array
+  rng: jax.Array
+  tokens: jax.Array  # int32[B, L]
+  masked: jax.Array  # bool[B, L]
+
+
+def maskgit_sample(
+    logits_fn: LogitsFn,
+    rng: jax.Array,
+    labels: jax.Array,
+    seq_len: int,
+    mask_id: int,
+    steps: int = 8,
+    cfg_w: float = 3.0,
+    r_temp: float = 4.5,
+    sm_temp: float = 1.0,
+    sched_mode: str = "arccos",
+) -> jax.Array:
+  """MaskGIT's confidence-based parallel decoding, as a `lax.fori_loop`.
+
+  At step i of n every masked token is sampled from the guided prediction (guidance ramped as
+  1 + w * i / (n - 1)); its confidence is the log-probability of the sampled code plus Gumbel
+  noise of scale r_temp * (1 - i / (n - 1)), so early steps reveal tokens almost at random and
+  late ones by confidence. The `unmask_schedule(...)[i]` most confident masked tokens are kept.
+
+  Args:
+    logits_fn: see module docstring.
+    rng: PRNG key.
+    labels: int32[B].
+    seq_len, mask_id: L and the mask token id.
+    steps, cfg_w, r_temp, sm_temp, sched_mode: the reference's `sampling_step`, `cfg_w`,
+      `r_temp`, `sm_temp` (a multiplier of the logits) and `sched_mode`.
+
+  Returns:
+    int32[B, L] codes, no mask left.
+  """
+  batch = labels.shape[0]
+  schedule = jnp.asarray(unmask_schedule(steps, seq_len, sched_mode))
+  ramp_den = max(steps - 1, 1)
+
+  def body(i, state: _DecodeState) -> _DecodeState:
+    rng, sample_rng, gumbel_rng = jax.random.split(state.rng, 3)
+    ramp = i / ramp_den
+    logits = guided_logits(logits_fn, state.tokens, labels, cfg_w * ramp + 1.0)
+    log_prob = jax.nn.log_softmax(logits * sm_temp, axis=-1)
+    pred = jax.random.categorical(sample_rng, log_prob, axis=-1).astype(jnp.int32)
+    conf = jnp.take_along_axis(log_prob, pred[..., None], axis=-1)[..., 0]
+    conf = conf + r_temp * (1.0 - ramp) * jax.random.gumbel(gumbel_rng, conf.shape)
+    conf = jnp.where(state.masked, conf, -jnp.inf)
+    # Keep the k most confident masked tokens; when fewer than k remain, the threshold is
+    # -inf and all of them are kept.
+    threshold = jax.lax.dynamic_index_in_dim(
+        jnp.sort(conf, axis=-1), seq_len - schedule[i], axis=1, keepdims=True)
+    reveal = state.masked & (conf >= threshold)
+    return _DecodeState(step=state.step + 1, rng=rng,
+                        tokens=jnp.where(reveal, pred, state.tokens),
+                        masked=state.masked & ~reveal)
+
+  init = _DecodeState(step=jnp.int32(0), rng=rng,
+                      tokens=jnp.full((batch, seq_len), mask_id, jnp.int32),
+                      masked=jnp.ones((batch, seq_len), bool))
+  return jax.lax.fori_loop(0, steps, body, init).tokens
+
+
+def generator_sample(
+    gen_logits_fn: Callable[..., jax.Array],
+    rng: jax.Array,
+    labels: jax.Array,
+    seq_len: int,
+    codebook_size: int,
+    mask_id: int,
+    fixed_ratio: str = "fix_0.6",
+    gen_temp: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 0.0,
+):
+  """One step of the distilled generator: x_init -> logits -> sampled codes.
+
+  Args:
+    gen_logits_fn: `(tokens, labels, noise_rng) -> float32[B, L, V]`, the generator with its
+      embedding noise already bound (the noise needs its own rng).
+    rng: PRNG key.
+    labels: int32[B].
+    seq_len, codebook_size, mask_id: L, V, M.
+    fixed_ratio: r_init spec (`fix_0.6`, `random_0.1_0.9`).
+    gen_temp, top_k, top_p: sampling of the generator's categorical.
+
+  Returns:
+    (codes int32[B, L], logits float32[B, L, V]).
+  """
+  ratio_rng, init_rng, noise_rng, sample_rng = jax.random.split(rng, 4)
+  ratio = masking.sample_init_ratio(ratio_rng, fixed_ratio)
+  x_init = masking.init_tokens(init_rng, labels.shape[0], seq_len, codebook_size, ratio, mask_id)
+  logits = gen_logits_fn(x_init, labels, noise_rng)
+  return sample_tokens(sample_rng, logits, gen_temp, top_k, top_p), logits
