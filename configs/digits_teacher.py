@@ -12,11 +12,11 @@ def get_config():
   c.seed = 0
   c.model = ml_collections.ConfigDict(dict(
       codebook_size=17, num_classes=10, seq_len=64,
-      hidden_dim=128, depth=4, num_heads=4, mlp_dim=512, dropout=0.1))
-  c.batch_size = 128
-  c.num_steps = 6000
+      hidden_dim=64, depth=3, num_heads=4, mlp_dim=256, dropout=0.1))
+  c.batch_size = 64
+  c.num_steps = 3000
   c.lr = 1e-3
-  c.warmup_steps = 200
+  c.warmup_steps = 100
   c.final_lr_ratio = 0.05
   c.weight_decay = 0.01
   c.max_grad_norm = 1.0

@@ -114,7 +114,7 @@ def ema_rate(decay: float, step: jax.Array) -> jax.Array:
 
 def _apply_if_finite(tx, grads, opt_state, params, loss):
   """One optimizer update, or none at all when the loss or a gradient is not finite."""
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, opt_state, params)
   new_params = optax.apply_updates(params, updates)

@@ -1,6 +1,7 @@
 """Sample grids: PNGs a person looks at instead of reading numbers."""
 
-from typing import Dict, Sequence
+import os
+from typing import Dict
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -22,6 +23,13 @@ def image_grid(images: np.ndarray, rows: int, scale: int = 4, pad: int = 1) -> n
   return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
 
 
+def save_png(image: np.ndarray, path: str) -> None:
+  """Saves uint8[H, W, 3] through a temporary file, so a PNG on disk is always whole."""
+  tmp = path + ".tmp.png"
+  Image.fromarray(image).save(tmp)
+  os.replace(tmp, path)
+
+
 def side_by_side(panels: Dict[str, np.ndarray], path: str, gap: int = 12) -> None:
   """Saves labelled uint8[H, W, 3] panels left to right as one PNG."""
   title_h = 18
@@ -34,4 +42,4 @@ def side_by_side(panels: Dict[str, np.ndarray], path: str, gap: int = 12) -> Non
     draw.text((x, 3), title, fill="black")
     canvas.paste(Image.fromarray(panel), (x, title_h))
     x += panel.shape[1] + gap
-  canvas.save(path)
+  save_png(np.asarray(canvas), path)

@@ -1,0 +1,29 @@
+"""Runs Di[M]O distillation from a config file.
+
+  python -m dimo_jax.main --config configs/digits.py --workdir runs/digits \
+      [--config.max_train_steps=200 ...]
+
+Rerunning with the same workdir resumes from its latest checkpoint.
+"""
+
+import json
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from dimo_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, samples, logs and metrics.json.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  metrics = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)

@@ -1,0 +1,211 @@
+"""The story of a Di[M]O run: mesh, teacher, state, jitted step, loop, checkpoints, evaluation.
+
+`train_and_evaluate(config, workdir)` is what `python -m dimo_jax.main` calls. A workdir holds
+
+  checkpoints/<step>/   orbax checkpoints of the whole `DistillState` (resumed on rerun)
+  checkpoints/config.json  the config of the run that wrote them
+  samples/              one-step sample grids every `validation_steps`, and `comparison.png`
+  metrics.json          teacher at `sampling_step` steps, teacher at 1 step, generator at 1 step
+  events.out.tfevents.* TensorBoard scalars and images (clu metric writers)
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, Dict, Optional
+
+from absl import logging
+from clu import metric_writers
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from dimo_jax import distill, evaluation, masking, parallel, sampling, teachers, visualize
+from dimo_jax.data import digits
+
+_DTYPES = {"no": jnp.float32, "fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def compute_dtype(config: ml_collections.ConfigDict):
+  if config.mixed_precision not in _DTYPES:
+    raise ValueError(f"mixed_precision must be one of {sorted(_DTYPES)}, "
+                     f"got {config.mixed_precision!r}")
+  return _DTYPES[config.mixed_precision]
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.checkpoints_total_limit,
+      save_interval_steps=config.checkpointing_steps, create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               options=options)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as JSON through a temporary file, so `path` is never half-written."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def generator_noise(config: ml_collections.ConfigDict, step: int) -> float:
+  """The embedding-noise level sigma the generator sees after `step` generator updates."""
+  return float(masking.noise_level(config.noise_emb_perturb, step * config.fake_rounds))
+
+
+class Samplers:
+  """Jitted eval-mode samplers of the teacher (multi-step) and of a generator (one step)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, teacher: teachers.Teacher):
+    self.config = config
+    self.teacher = teacher
+    model = teacher.model
+    self.model = model
+
+    def teacher_fn(variables):
+      return lambda tokens, labels, drop: model.apply(variables, tokens, labels, drop)
+
+    @functools.partial(jax.jit, static_argnames="steps")
+    def teacher_sample(variables, rng, labels, steps):
+      return sampling.maskgit_sample(
+          teacher_fn(variables), rng, labels, model.seq_len, model.mask_id, steps,
+          config.cfg_w, config.r_temp, config.sm_temp, config.sched_mode)
+
+    @jax.jit
+    def generator_sample(params, rng, labels, sigma):
+      def gen_fn(tokens, labels_, noise_rng):
+        return model.apply(params, tokens, labels_, emb_noise=sigma, rngs={"noise": noise_rng})
+      return sampling.generator_sample(
+          gen_fn, rng, labels, model.seq_len, model.codebook_size, model.mask_id,
+          config.fixed_ratio, config.gen_temp, config.top_k, config.top_p)[0]
+
+    self._teacher_sample = teacher_sample
+    self._generator_sample = generator_sample
+
+  def _batched(self, sample_fn: Callable, rng: jax.Array, labels: np.ndarray) -> np.ndarray:
+    size = self.config.eval_batch_size
+    out = []
+    for start in range(0, len(labels), size):
+      chunk = labels[start:start + size]
+      padded = np.pad(chunk, (0, size - len(chunk)))  # one compiled shape for every batch
+      codes = sample_fn(jax.random.fold_in(rng, start), jnp.asarray(padded))
+      out.append(np.asarray(codes)[: len(chunk)])
+    return np.concatenate(out)
+
+  def teacher(self, rng, labels, steps: int) -> np.ndarray:
+    """int32[N, L] codes from the teacher at `steps` decoding steps."""
+    return self._batched(
+        lambda r, l: self._teacher_sample(self.teacher.variables, r, l, steps), rng, labels)
+
+  def generator(self, params, rng, labels, sigma: float) -> np.ndarray:
+    """int32[N, L] codes from a generator in one step."""
+    return self._batched(
+        lambda r, l: self._generator_sample(params, r, l, jnp.float32(sigma)), rng, labels)
+
+
+def timed(sample: Callable[[], np.ndarray]):
+  """(samples, seconds) of a second call: the first compiles (and warms caches)."""
+  sample()
+  start = time.perf_counter()
+  out = sample()
+  return out, time.perf_counter() - start
+
+
+def class_rows(codes: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:
+  """A grid with the first `per_class` samples of class c in row c: uint8[H, W, 3]."""
+  rows = [codes[labels == c][:per_class] for c in range(digits.NUM_CLASSES)]
+  # image_grid fills columns first, so interleave the classes.
+  ordered = np.stack(rows, axis=1).reshape(-1, codes.shape[-1])
+  return visualize.image_grid(digits.tokens_to_images(ordered), rows=digits.NUM_CLASSES)
+
+
+def evaluate(config: ml_collections.ConfigDict, samplers: Samplers, gen_params, step: int,
+             workdir: str) -> Dict[str, Dict[str, float]]:
+  """Samples the teacher (at `sampling_step` and 1 step) and the generator on the same labels.
+
+  Writes samples/comparison.png and returns {"teacher_<n>step"|"teacher_1step"|
+  "generator_1step": {"fd", "accuracy", "sec_per_image"}}.
+  """
+  labels = digits.class_balanced_labels(config.eval_samples)
+  rng = jax.random.PRNGKey(config.global_seed + 1)
+  classifier = evaluation.train_digit_classifier(seed=0)
+  real_stats = evaluation.real_digit_statistics(classifier)
+  sigma = generator_noise(config, step)
+  runs = {
+      f"teacher_{config.sampling_step}step":
+          lambda: samplers.teacher(rng, labels, config.sampling_step),
+      "teacher_1step": lambda: samplers.teacher(rng, labels, 1),
+      "generator_1step": lambda: samplers.generator(gen_params, rng, labels, sigma),
+  }
+  metrics, panels = {}, {}
+  for name, run in runs.items():
+    codes, seconds = timed(run)
+    metrics[name] = {**evaluation.digit_metrics(classifier, codes, labels, real_stats),
+                     "sec_per_image": seconds / len(labels)}
+    panels[name.replace("_", " ")] = class_rows(codes, labels, per_class=10)
+    logging.info("%s: %s", name, metrics[name])
+  visualize.side_by_side(panels, os.path.join(workdir, "samples", "comparison.png"))
+  return metrics
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """Distills the teacher at `config.teacher_path`; returns (and writes) metrics.json."""
+  os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+  mesh = parallel.make_mesh(config.num_devices)
+  teacher = teachers.load(config.teacher_path, compute_dtype(config))
+  model = teacher.model
+  replicated = parallel.replicated(mesh)
+  teacher_params = parallel.replicate(teacher.variables, mesh)
+
+  manager = checkpoint_manager(workdir, config)
+  _write_json(os.path.join(workdir, "checkpoints", "config.json"), json.loads(config.to_json()))
+  state = distill.create_state(config, teacher_params, jax.random.PRNGKey(config.global_seed))
+  if manager.latest_step() is not None:
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
+    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+    logging.info("resumed from step %d", int(state.step))
+  state = parallel.replicate(state, mesh)
+
+  step_fn = jax.jit(
+      distill.make_train_step(config, model,
+                              parallel.batch_constraint(mesh, config.train_batch_size)),
+      in_shardings=(replicated, replicated), out_shardings=(replicated, replicated),
+      donate_argnums=0)
+  samplers = Samplers(config, teacher)
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  grid_labels = np.repeat(np.arange(digits.NUM_CLASSES, dtype=np.int32), 8)
+
+  start_step = int(state.step)
+  progress = tqdm(range(start_step, config.max_train_steps), initial=start_step,
+                  total=config.max_train_steps, desc="Di[M]O", mininterval=2.0)
+  for step in progress:
+    state, metrics = step_fn(state, teacher_params)
+    done = step + 1
+    if done % config.log_every == 0 or done == config.max_train_steps:
+      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      writer.write_scalars(done, scalars)
+      progress.set_postfix(loss_g=f"{scalars['loss_generator']:.3g}",
+                           loss_fake=f"{scalars['loss_fake']:.3g}")
+    if done % config.validation_steps == 0:
+      codes = samplers.generator(state.ema_params, jax.random.PRNGKey(0), grid_labels,
+                                 generator_noise(config, done))
+      grid = class_rows(codes, grid_labels, per_class=8)
+      visualize.save_png(grid, os.path.join(workdir, "samples", f"ema_step{done:06d}.png"))
+      writer.write_images(done, {"ema_one_step": grid[None]})
+    manager.save(done, args=ocp.args.StandardSave(state))
+  if int(state.step) not in manager.all_steps():
+    manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
+  manager.wait_until_finished()
+  writer.flush()
+
+  if not config.final_eval:
+    return {}
+  params = state.ema_params if config.eval_params == "ema" else state.gen_params
+  metrics = evaluate(config, samplers, params, int(state.step), workdir)
+  _write_json(os.path.join(workdir, "metrics.json"), metrics)
+  return metrics
