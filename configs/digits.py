@@ -12,6 +12,7 @@ from dimo_jax import defaults
 
 def get_config():
   c = defaults.reference_config()
+  c.dataset = "digits"
   c.teacher_path = "assets/teachers/digits"
   c.num_devices = -1  # every visible device on the data axis
   c.mixed_precision = "no"

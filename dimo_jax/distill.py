@@ -16,7 +16,7 @@ The step takes no data: conditions are drawn from the state's key, so a run is a
 of (config, teacher, seed) and a resumed run repeats an uninterrupted one exactly.
 """
 
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Tuple
 
 import flax
 import jax

@@ -9,7 +9,6 @@ classifier-free guidance needs.
   python -m dimo_jax.pretrain --config configs/digits_teacher.py --workdir runs/teacher
 """
 
-import functools
 import json
 import os
 import time
@@ -24,8 +23,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dimo_jax import masking, parallel, teachers
-from dimo_jax.data import digits
+from dimo_jax import data, masking, parallel, teachers
 from dimo_jax.distill import label_smoothed_ce
 from dimo_jax.models.maskgit import MaskTransformer
 
@@ -70,16 +68,19 @@ def make_train_step(config, model, tx):
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Trains a teacher on the dataset of `config.dataset`; returns the teacher directory."""
-  if config.dataset != "digits":
-    raise ValueError(f"unknown dataset {config.dataset!r}; this trainer knows 'digits'")
-  tokens, labels = digits.load_digit_tokens()
+  """Trains a teacher on `config.dataset` ('digits' | 'synthetic'); returns its directory."""
+  dataset = data.get(config)
   model = build_model(config)
+  sizes = (model.num_classes, model.seq_len, model.codebook_size)
+  if sizes != (dataset.num_classes, dataset.seq_len, dataset.codebook_size):
+    raise ValueError(f"config.model (classes, tokens, codes) = {sizes} does not fit the "
+                     f"{config.dataset} dataset's {(dataset.num_classes, dataset.seq_len, dataset.codebook_size)}")
   tx = make_optimizer(config)
   mesh = parallel.make_mesh()
   rng = jax.random.PRNGKey(config.seed)
   init_rng, rng = jax.random.split(rng)
-  variables = model.init({"params": init_rng}, jnp.asarray(tokens[:1]), jnp.asarray(labels[:1]))
+  variables = model.init({"params": init_rng}, jnp.zeros((1, model.seq_len), jnp.int32),
+                         jnp.zeros((1,), jnp.int32))
   state = parallel.replicate(PretrainState(jnp.int32(0), variables, tx.init(variables)), mesh)
   step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
   data_rng = np.random.default_rng(config.seed)
@@ -88,15 +89,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
   losses = []
   start = time.time()
   for step in tqdm(range(config.num_steps), desc="pretrain teacher", mininterval=2.0):
-    index = data_rng.integers(0, len(tokens), config.batch_size)
-    batch = jax.device_put((tokens[index], labels[index]), batch_sharding)
+    batch = jax.device_put(dataset.train_batch(data_rng, config.batch_size), batch_sharding)
     state, loss = step_fn(state, *batch, jax.random.fold_in(rng, step))
     if (step + 1) % config.log_every == 0:
       losses.append(float(loss))
       logging.info("step %d loss %.4f", step + 1, losses[-1])
   dst = os.path.join(workdir, "teacher")
   teachers.save(dst, model, state.params, extra={
-      "pretraining": {"config": json.loads(config.to_json()), "final_loss": losses[-1],
+      "pretraining": {"config": json.loads(config.to_json()), "losses": losses,
                       "seconds": round(time.time() - start, 1)}})
   print(f"teacher written to {dst} (final loss {losses[-1]:.4f})")
   return dst

@@ -88,6 +88,8 @@ def unmask_schedule(steps: int, seq_len: int, sched_mode: str = "arccos") -> np.
   }
   if sched_mode not in shapes:
     raise ValueError(f"sched_mode must be one of {sorted(shapes)}, got {sched_mode!r}")
+  if steps == 1:  # linspace(1, 0, 1) is [1], where every shape is 0: reveal all at once.
+    return np.array([seq_len], np.int32)
   share = shapes[sched_mode](r)
   counts = np.round(share / share.sum() * seq_len)
   counts[counts == 0] = 1

@@ -13,7 +13,7 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict
 
 from absl import logging
 from clu import metric_writers
@@ -24,8 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from dimo_jax import distill, evaluation, masking, parallel, sampling, teachers, visualize
-from dimo_jax.data import digits
+from dimo_jax import data, distill, masking, parallel, sampling, teachers, visualize
 
 _DTYPES = {"no": jnp.float32, "fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -116,12 +115,12 @@ def timed(sample: Callable[[], np.ndarray]):
   return out, time.perf_counter() - start
 
 
-def class_rows(codes: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:
+def class_rows(dataset, codes: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:
   """A grid with the first `per_class` samples of class c in row c: uint8[H, W, 3]."""
-  rows = [codes[labels == c][:per_class] for c in range(digits.NUM_CLASSES)]
+  rows = [codes[labels == c][:per_class] for c in range(dataset.num_classes)]
   # image_grid fills columns first, so interleave the classes.
   ordered = np.stack(rows, axis=1).reshape(-1, codes.shape[-1])
-  return visualize.image_grid(digits.tokens_to_images(ordered), rows=digits.NUM_CLASSES)
+  return visualize.image_grid(dataset.images(ordered), rows=dataset.num_classes)
 
 
 def evaluate(config: ml_collections.ConfigDict, samplers: Samplers, gen_params, step: int,
@@ -129,12 +128,13 @@ def evaluate(config: ml_collections.ConfigDict, samplers: Samplers, gen_params, 
   """Samples the teacher (at `sampling_step` and 1 step) and the generator on the same labels.
 
   Writes samples/comparison.png and returns {"teacher_<n>step"|"teacher_1step"|
-  "generator_1step": {"fd", "accuracy", "sec_per_image"}}.
+  "generator_1step": {<the dataset's metrics>, "sec_per_image"}}: fd and accuracy on digits,
+  true_nll, mode_coverage and in_mode on the synthetic set.
   """
-  labels = digits.class_balanced_labels(config.eval_samples)
+  dataset = data.get(config)
+  labels = (np.arange(config.eval_samples) % dataset.num_classes).astype(np.int32)
   rng = jax.random.PRNGKey(config.global_seed + 1)
-  classifier = evaluation.train_digit_classifier(seed=0)
-  real_stats = evaluation.real_digit_statistics(classifier)
+  score = dataset.make_scorer()
   sigma = generator_noise(config, step)
   runs = {
       f"teacher_{config.sampling_step}step":
@@ -145,9 +145,8 @@ def evaluate(config: ml_collections.ConfigDict, samplers: Samplers, gen_params, 
   metrics, panels = {}, {}
   for name, run in runs.items():
     codes, seconds = timed(run)
-    metrics[name] = {**evaluation.digit_metrics(classifier, codes, labels, real_stats),
-                     "sec_per_image": seconds / len(labels)}
-    panels[name.replace("_", " ")] = class_rows(codes, labels, per_class=10)
+    metrics[name] = {**score(codes, labels), "sec_per_image": seconds / len(labels)}
+    panels[name.replace("_", " ")] = class_rows(dataset, codes, labels, per_class=10)
     logging.info("%s: %s", name, metrics[name])
   visualize.side_by_side(panels, os.path.join(workdir, "samples", "comparison.png"))
   return metrics
@@ -178,7 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       donate_argnums=0)
   samplers = Samplers(config, teacher)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  grid_labels = np.repeat(np.arange(digits.NUM_CLASSES, dtype=np.int32), 8)
+  dataset = data.get(config)
+  grid_labels = np.repeat(np.arange(dataset.num_classes, dtype=np.int32), 8)
 
   start_step = int(state.step)
   progress = tqdm(range(start_step, config.max_train_steps), initial=start_step,
@@ -194,7 +194,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if done % config.validation_steps == 0:
       codes = samplers.generator(state.ema_params, jax.random.PRNGKey(0), grid_labels,
                                  generator_noise(config, done))
-      grid = class_rows(codes, grid_labels, per_class=8)
+      grid = class_rows(dataset, codes, grid_labels, per_class=8)
       visualize.save_png(grid, os.path.join(workdir, "samples", f"ema_step{done:06d}.png"))
       writer.write_images(done, {"ema_one_step": grid[None]})
     manager.save(done, args=ocp.args.StandardSave(state))

@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from configs import digits as digits_config
 from dimo_jax import teachers, train
 from dimo_jax.data import digits
 from dimo_jax.models.maskgit import MaskTransformer
@@ -31,11 +32,6 @@ def tiny_teacher(path: str) -> str:
 
 
 def tiny_config(teacher_path: str, **overrides):
-  sys.path.insert(0, os.path.join(REPO, "configs"))
-  try:
-    import digits as digits_config  # configs/digits.py
-  finally:
-    sys.path.pop(0)
   c = digits_config.get_config()
   c.teacher_path = teacher_path
   c.train_batch_size = 8

@@ -5,6 +5,7 @@ are the codebook (V = 17), read row-major (L = 64), with the digit as the class 
 No tokenizer is needed and nothing is downloaded: the images ship inside scikit-learn.
 """
 
+import functools
 from typing import Tuple
 
 import numpy as np
@@ -15,11 +16,14 @@ NUM_CLASSES = 10
 SIDE = 8
 
 
+@functools.lru_cache(maxsize=1)
 def load_digit_tokens() -> Tuple[np.ndarray, np.ndarray]:
-  """All 1797 digits: (tokens int32[1797, 64] in [0, 17), labels int32[1797])."""
+  """All 1797 digits: (tokens int32[1797, 64] in [0, 17), labels int32[1797]); read-only."""
   from sklearn.datasets import load_digits
   digits = load_digits()
-  return digits.data.astype(np.int32), digits.target.astype(np.int32)
+  tokens, labels = digits.data.astype(np.int32), digits.target.astype(np.int32)
+  tokens.flags.writeable = labels.flags.writeable = False
+  return tokens, labels
 
 
 def tokens_to_images(tokens: np.ndarray) -> np.ndarray:
