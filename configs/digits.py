@@ -24,6 +24,7 @@ def get_config():
   c.fake_lr = 1e-4
   c.lr_warmup_steps = 20
   c.ema_decay = 0.99
+  c.true_cfg = 1.0
 
   c.log_every = 20
   c.validation_steps = 200
@@ -33,6 +34,7 @@ def get_config():
   # Evaluation: the teacher at `sampling_step` steps and at 1 step against the generator.
   c.final_eval = True
   c.sampling_step = 8
+  c.cfg_w = 0.0
   c.eval_samples = 1000
   c.eval_batch_size = 250
   c.eval_params = "ema"  # 'ema' | 'generator'

@@ -49,7 +49,9 @@ class DistillState:
 def trainable_labels(params: Params, fix_emb_layer: bool) -> Params:
   """'frozen' / 'train' for every leaf: the labels of `optax.multi_transform`."""
   def label(path, _):
-    top = path[0].key
+    keys = [getattr(entry, "key", None) for entry in path]
+    # Either the bare parameter tree or Flax variables, {"params": {...}}, as train.py passes.
+    top = keys[1] if keys[0] == "params" and len(keys) > 1 else keys[0]
     return "frozen" if fix_emb_layer and top in FROZEN_WITH_EMB else "train"
   return jax.tree_util.tree_map_with_path(label, params)
 
@@ -59,7 +61,9 @@ def lr_schedule(config: ml_collections.ConfigDict, lr: float) -> optax.Schedule:
   if config.lr_scheduler_type == "constant":
     return optax.constant_schedule(lr)
   if config.lr_scheduler_type == "constant_with_warmup":
-    return optax.warmup_constant_schedule(0.0, lr, max(config.lr_warmup_steps, 1))
+    if config.lr_warmup_steps <= 0:  # diffusers: no warm-up is the full rate from step 0
+      return optax.constant_schedule(lr)
+    return optax.warmup_constant_schedule(0.0, lr, config.lr_warmup_steps)
   raise ValueError("lr_scheduler_type must be 'constant' or 'constant_with_warmup', "
                    f"got {config.lr_scheduler_type!r}")
 

@@ -62,9 +62,8 @@ class Samplers:
 
   def __init__(self, config: ml_collections.ConfigDict, teacher: teachers.Teacher):
     self.config = config
-    self.teacher = teacher
+    self.teacher_variables = teacher.variables
     model = teacher.model
-    self.model = model
 
     def teacher_fn(variables):
       return lambda tokens, labels, drop: model.apply(variables, tokens, labels, drop)
@@ -99,7 +98,7 @@ class Samplers:
   def teacher(self, rng, labels, steps: int) -> np.ndarray:
     """int32[N, L] codes from the teacher at `steps` decoding steps."""
     return self._batched(
-        lambda r, l: self._teacher_sample(self.teacher.variables, r, l, steps), rng, labels)
+        lambda r, l: self._teacher_sample(self.teacher_variables, r, l, steps), rng, labels)
 
   def generator(self, params, rng, labels, sigma: float) -> np.ndarray:
     """int32[N, L] codes from a generator in one step."""

@@ -240,33 +240,30 @@ def test_maskgit_sample_follows_the_schedule(r_temp, steps):
 
 
 def test_generator_sample():
-  batch, seq_len, vocab = 4, 10, 6
-  seen = []
+  batch, seq_len, vocab = 64, 10, 6
   bias = jnp.asarray(np.linspace(-2.0, 2.0, vocab), jnp.float32)
 
-  def gen_fn(tokens, labels, noise_rng):
-    seen.append(np.asarray(tokens))
-    return jnp.broadcast_to(bias, tokens.shape + (vocab,)) + jax.random.normal(
-        noise_rng, tokens.shape + (vocab,))
+  def run(rng, **kwargs):
+    """generator_sample, jitted, with the x_init the generator received."""
+    seen = []
 
-  labels = jnp.arange(batch) % 3
-  codes, logits = sampling.generator_sample(gen_fn, jax.random.PRNGKey(0), labels, seq_len,
-                                            vocab, vocab, "fix_0.6")
-  codes, logits = np.asarray(codes), np.asarray(logits)
+    def gen_fn(tokens, labels, noise_rng):
+      jax.debug.callback(lambda t: seen.append(np.asarray(t)), tokens)
+      return bias + jax.random.normal(noise_rng, tokens.shape + (vocab,))
+
+    codes, logits = jax.jit(lambda r: sampling.generator_sample(
+        gen_fn, r, jnp.arange(batch) % 3, seq_len, vocab, vocab, **kwargs))(rng)
+    return np.asarray(codes), np.asarray(logits), seen[0]
+
+  # At a low temperature: never the mask id, and mostly the favoured code.
+  codes, logits, x_init = run(jax.random.PRNGKey(0), fixed_ratio="fix_0.6", gen_temp=0.5)
   assert codes.shape == (batch, seq_len) and logits.shape == (batch, seq_len, vocab)
   assert np.all((codes >= 0) & (codes < vocab)) and not np.any(codes == vocab)
-  x_init = seen[0]
+  assert np.mean(codes == vocab - 1) > 0.5
   np.testing.assert_array_equal((x_init == vocab).sum(1), np.full(batch, 6))
   assert np.all(x_init[x_init != vocab] < vocab)
-  # Greedy (top_k = 1) returns the argmax of the generator's logits.
-  codes, logits = sampling.generator_sample(gen_fn, jax.random.PRNGKey(1), labels, seq_len,
-                                            vocab, vocab, "random_0.1_0.9", top_k=1)
-  np.testing.assert_array_equal(np.asarray(codes), np.asarray(logits).argmax(-1))
-  per_row = (seen[1] == vocab).sum(1)
+  # Greedy (top_k = 1) returns the argmax of the generator's logits; r_init is one per batch.
+  codes, logits, x_init = run(jax.random.PRNGKey(1), fixed_ratio="random_0.1_0.9", top_k=1)
+  np.testing.assert_array_equal(codes, logits.argmax(-1))
+  per_row = (x_init == vocab).sum(1)
   assert len(set(per_row.tolist())) == 1 and 1 <= per_row[0] <= 9
-  # Many draws at a low temperature: never the mask id, and mostly the favoured code.
-  codes, _ = sampling.generator_sample(gen_fn, jax.random.PRNGKey(2), jnp.zeros(64, jnp.int32),
-                                       seq_len, vocab, vocab, "fix_0.6", gen_temp=0.5, top_p=0.9)
-  codes = np.asarray(codes)
-  assert np.all((codes >= 0) & (codes < vocab))
-  assert np.mean(codes == vocab - 1) > 0.5
