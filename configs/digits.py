@@ -28,6 +28,7 @@ def get_config():
 
   c.log_every = 20
   c.validation_steps = 200
+  c.validation_metrics = True  # the dataset's metrics of the EMA and raw generator
   c.checkpointing_steps = 200
   c.checkpoints_total_limit = 2
 

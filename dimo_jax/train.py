@@ -178,6 +178,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   dataset = data.get(config)
   grid_labels = np.repeat(np.arange(dataset.num_classes, dtype=np.int32), 8)
+  eval_labels = (np.arange(config.eval_samples) % dataset.num_classes).astype(np.int32)
+  score = None
 
   start_step = int(state.step)
   progress = tqdm(range(start_step, config.max_train_steps), initial=start_step,
@@ -191,11 +193,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       progress.set_postfix(loss_g=f"{scalars['loss_generator']:.3g}",
                            loss_fake=f"{scalars['loss_fake']:.3g}")
     if done % config.validation_steps == 0:
-      codes = samplers.generator(state.ema_params, jax.random.PRNGKey(0), grid_labels,
-                                 generator_noise(config, done))
+      sigma = generator_noise(config, done)
+      codes = samplers.generator(state.ema_params, jax.random.PRNGKey(0), grid_labels, sigma)
       grid = class_rows(dataset, codes, grid_labels, per_class=8)
       visualize.save_png(grid, os.path.join(workdir, "samples", f"ema_step{done:06d}.png"))
       writer.write_images(done, {"ema_one_step": grid[None]})
+      if config.validation_metrics:
+        score = score or dataset.make_scorer()
+        for name, params in (("ema", state.ema_params), ("generator", state.gen_params)):
+          codes = samplers.generator(params, jax.random.PRNGKey(1), eval_labels, sigma)
+          writer.write_scalars(done, {f"val_{name}/{k}": v
+                                      for k, v in score(codes, eval_labels).items()})
     manager.save(done, args=ocp.args.StandardSave(state))
   if int(state.step) not in manager.all_steps():
     manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
