@@ -23,6 +23,10 @@ def get_config():
   c.ratio_mode = "arccos"
   c.label_smoothing = 0.1
   c.drop_label = 0.1
+  # Cross-entropy on masked positions only, as google-research/maskgit trains (the PyTorch
+  # Halton-MaskGIT trainer scores every position). Measured on this toy: a teacher trained on
+  # every position (final loss 1.30) was distilled into a generator with fd 3.94, this one
+  # into 1.42, same Di[M]O run otherwise.
   c.masked_only = True
   c.log_every = 500
   return c

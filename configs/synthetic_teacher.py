@@ -1,9 +1,13 @@
 """Pretrains a teacher on the synthetic prototype-mixture tokens (exactly scorable samples).
 
   python -m dimo_jax.pretrain --config configs/synthetic_teacher.py --workdir runs/synthetic
+
+The recipe of configs/digits_teacher.py on 16-token sequences over 16 codes.
 """
 
 import ml_collections
+
+from configs import digits_teacher
 
 
 def synthetic_spec() -> ml_collections.ConfigDict:
@@ -13,23 +17,11 @@ def synthetic_spec() -> ml_collections.ConfigDict:
 
 
 def get_config():
-  c = ml_collections.ConfigDict()
+  c = digits_teacher.get_config()
   c.dataset = "synthetic"
   c.synthetic = synthetic_spec()
-  c.seed = 0
-  c.model = ml_collections.ConfigDict(dict(
-      codebook_size=16, num_classes=10, seq_len=16,
-      hidden_dim=64, depth=3, num_heads=4, mlp_dim=256, dropout=0.1))
+  c.model.update(codebook_size=16, num_classes=10, seq_len=16)
   c.batch_size = 128
   c.num_steps = 2000
-  c.lr = 1e-3
-  c.warmup_steps = 100
-  c.final_lr_ratio = 0.05
-  c.weight_decay = 0.01
-  c.max_grad_norm = 1.0
-  c.ratio_mode = "arccos"
-  c.label_smoothing = 0.1
-  c.drop_label = 0.1
-  c.masked_only = True
   c.log_every = 250
   return c
