@@ -20,8 +20,13 @@ def get_config():
 
   c.train_batch_size = 64
   c.max_train_steps = 600
+  # Two-timescale: the auxiliary model learns 3x faster and takes two updates per generator
+  # update, so it keeps up with the generator. With equal rates (3e-4 both, one round) the raw
+  # generator oscillated (validation fd 4-13) while only its EMA looked good; with these the
+  # raw generator tracks its EMA (fd 1.89 / 1.39 / 1.48 at steps 200 / 400 / 600).
   c.generator_lr = 1e-4
-  c.fake_lr = 1e-4
+  c.fake_lr = 3e-4
+  c.fake_rounds = 2
   c.lr_warmup_steps = 20
   c.ema_decay = 0.99
   c.true_cfg = 1.0
