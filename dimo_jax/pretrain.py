@@ -72,9 +72,10 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
   dataset = data.get(config)
   model = build_model(config)
   sizes = (model.num_classes, model.seq_len, model.codebook_size)
-  if sizes != (dataset.num_classes, dataset.seq_len, dataset.codebook_size):
+  expected = (dataset.num_classes, dataset.seq_len, dataset.codebook_size)
+  if sizes != expected:
     raise ValueError(f"config.model (classes, tokens, codes) = {sizes} does not fit the "
-                     f"{config.dataset} dataset's {(dataset.num_classes, dataset.seq_len, dataset.codebook_size)}")
+                     f"{config.dataset} dataset's {expected}")
   tx = make_optimizer(config)
   mesh = parallel.make_mesh()
   rng = jax.random.PRNGKey(config.seed)

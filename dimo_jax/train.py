@@ -122,18 +122,21 @@ def class_rows(dataset, codes: np.ndarray, labels: np.ndarray, per_class: int) -
   return visualize.image_grid(dataset.images(ordered), rows=dataset.num_classes)
 
 
+def eval_labels(config: ml_collections.ConfigDict, num_classes: int) -> np.ndarray:
+  """int32[eval_samples]: every class in turn, the same count of each (up to one)."""
+  return (np.arange(config.eval_samples) % num_classes).astype(np.int32)
+
+
 def evaluate(config: ml_collections.ConfigDict, samplers: Samplers, gen_params, step: int,
-             workdir: str) -> Dict[str, Dict[str, float]]:
+             workdir: str, dataset, score: data.Scorer) -> Dict[str, Dict[str, float]]:
   """Samples the teacher (at `sampling_step` and 1 step) and the generator on the same labels.
 
   Writes samples/comparison.png and returns {"teacher_<n>step"|"teacher_1step"|
   "generator_1step": {<the dataset's metrics>, "sec_per_image"}}: fd and accuracy on digits,
   true_nll, mode_coverage and in_mode on the synthetic set.
   """
-  dataset = data.get(config)
-  labels = (np.arange(config.eval_samples) % dataset.num_classes).astype(np.int32)
+  labels = eval_labels(config, dataset.num_classes)
   rng = jax.random.PRNGKey(config.global_seed + 1)
-  score = dataset.make_scorer()
   sigma = generator_noise(config, step)
   runs = {
       f"teacher_{config.sampling_step}step":
@@ -153,6 +156,8 @@ def evaluate(config: ml_collections.ConfigDict, samplers: Samplers, gen_params, 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Distills the teacher at `config.teacher_path`; returns (and writes) metrics.json."""
+  if config.eval_params not in ("ema", "generator"):
+    raise ValueError(f"eval_params must be 'ema' or 'generator', got {config.eval_params!r}")
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   mesh = parallel.make_mesh(config.num_devices)
   teacher = teachers.load(config.teacher_path, compute_dtype(config))
@@ -178,8 +183,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   dataset = data.get(config)
   grid_labels = np.repeat(np.arange(dataset.num_classes, dtype=np.int32), 8)
-  eval_labels = (np.arange(config.eval_samples) % dataset.num_classes).astype(np.int32)
-  score = None
+  labels = eval_labels(config, dataset.num_classes)
+  # The digits scorer trains its feature classifier: build it once, and only if it is used.
+  score = dataset.make_scorer() if config.validation_metrics or config.final_eval else None
 
   start_step = int(state.step)
   progress = tqdm(range(start_step, config.max_train_steps), initial=start_step,
@@ -199,11 +205,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       visualize.save_png(grid, os.path.join(workdir, "samples", f"ema_step{done:06d}.png"))
       writer.write_images(done, {"ema_one_step": grid[None]})
       if config.validation_metrics:
-        score = score or dataset.make_scorer()
         for name, params in (("ema", state.ema_params), ("generator", state.gen_params)):
-          codes = samplers.generator(params, jax.random.PRNGKey(1), eval_labels, sigma)
+          codes = samplers.generator(params, jax.random.PRNGKey(1), labels, sigma)
           writer.write_scalars(done, {f"val_{name}/{k}": v
-                                      for k, v in score(codes, eval_labels).items()})
+                                      for k, v in score(codes, labels).items()})
     manager.save(done, args=ocp.args.StandardSave(state))
   if int(state.step) not in manager.all_steps():
     manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
@@ -213,6 +218,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if not config.final_eval:
     return {}
   params = state.ema_params if config.eval_params == "ema" else state.gen_params
-  metrics = evaluate(config, samplers, params, int(state.step), workdir)
+  metrics = evaluate(config, samplers, params, int(state.step), workdir, dataset, score)
   _write_json(os.path.join(workdir, "metrics.json"), metrics)
   return metrics

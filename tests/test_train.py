@@ -155,3 +155,10 @@ def test_main_writes_metrics_samples_and_checkpoints(teacher_path, tmp_path):
     assert 0.0 <= values["accuracy"] <= 1.0 and values["fd"] >= 0 and values["sec_per_image"] > 0
   assert os.path.isfile(os.path.join(workdir, "samples", "comparison.png"))
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
+
+
+def test_unknown_eval_params_is_refused_before_any_work(teacher_path, tmp_path):
+  workdir = tmp_path / "bad"
+  with pytest.raises(ValueError, match="eval_params must be 'ema' or 'generator', got 'EMA'"):
+    train.train_and_evaluate(tiny_config(teacher_path, eval_params="EMA"), str(workdir))
+  assert not workdir.exists()
