@@ -1,67 +1,58 @@
-"""Teacher checkpoints: an orbax parameter tree plus a JSON model description.
+"""Teachers: a class-conditional masked transformer and its variables, read from a model directory.
 
-Layout of a teacher directory:
-  model.json   {"kind": "maskgit", "config": {MaskTransformer fields}}
-  params/      orbax StandardCheckpointer tree of the Flax variables ({"params": ...})
-
-`save` writes into a temporary sibling directory and renames it into place, so a directory
-that exists is complete.
+A teacher directory is a `dimo_jax.modeldir` (model.json + orbax params/), written by
+`python -m dimo_jax.pretrain` or `python -m dimo_jax.convert`. `model.json["kind"]` picks the
+Flax module; every kind has MaskTransformer's call signature
+  model.apply(variables, tokens int32[B, L] (mask = V), labels int32[B], drop_label bool[B],
+              emb_noise=..., deterministic=...) -> float32[B, L, V]
+so Di[M]O distills any of them with the same step (teacher, generator and auxiliary model are
+one module with three parameter trees).
 """
 
 import dataclasses
-import json
-import os
-import shutil
-import tempfile
+import importlib
 from typing import Any, Dict, Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 
-from dimo_jax.models.maskgit import MaskTransformer
+from dimo_jax import modeldir
 
-_KINDS = {"maskgit": MaskTransformer}
-_MODEL_FIELDS = ("codebook_size", "num_classes", "seq_len", "hidden_dim", "depth", "num_heads",
-                 "mlp_dim", "dropout")
-
-
-def model_description(model: MaskTransformer) -> Dict[str, Any]:
-  return {"kind": "maskgit", "config": {f: getattr(model, f) for f in _MODEL_FIELDS}}
+# kind -> "module:class"; imported on use so a kind's dependencies load only when needed.
+_KINDS = {
+    "maskgit": "dimo_jax.models.maskgit:MaskTransformer",
+}
 
 
-def build_model(description: Dict[str, Any], dtype=jnp.float32) -> MaskTransformer:
-  kind = description.get("kind")
+def _module_class(kind: str):
   if kind not in _KINDS:
     raise ValueError(f"unknown teacher kind {kind!r}; known: {sorted(_KINDS)}")
-  return _KINDS[kind](**description["config"], dtype=dtype)
+  module, name = _KINDS[kind].split(":")
+  return getattr(importlib.import_module(module), name)
 
 
-def save(dst: str, model: MaskTransformer, variables: Any,
+def model_description(model: nn.Module) -> Dict[str, Any]:
+  for kind in _KINDS:
+    if type(model) is _module_class(kind):
+      return {"kind": kind, "config": modeldir.module_config(model)}
+  raise ValueError(f"{type(model).__name__} is not a registered teacher module")
+
+
+def build_model(description: Dict[str, Any], dtype=jnp.float32) -> nn.Module:
+  return _module_class(description.get("kind"))(**description["config"], dtype=dtype)
+
+
+def save(dst: str, model: nn.Module, variables: Any,
          extra: Optional[Dict[str, Any]] = None) -> None:
   """Writes the teacher at `dst` completely or not at all (`extra` goes into model.json)."""
-  dst = os.path.abspath(dst)
-  parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
-  try:
-    with open(os.path.join(tmp, "model.json"), "w") as f:
-      json.dump({**model_description(model), **(extra or {})}, f, indent=2)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(tmp, "params"), jax.device_get(variables))
-    checkpointer.wait_until_finished()
-    if os.path.exists(dst):
-      shutil.rmtree(dst)
-    os.replace(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  modeldir.write(dst, {**model_description(model), **(extra or {})}, variables)
 
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
   """A loaded class-conditional teacher: its module, variables and description."""
-  model: MaskTransformer
+  model: nn.Module
   variables: Any
   description: Dict[str, Any]
 
@@ -72,15 +63,9 @@ class Teacher:
 
 def load(src: str, dtype=jnp.float32) -> Teacher:
   """Reads a teacher directory written by `save` (or by `python -m dimo_jax.convert`)."""
-  description_file = os.path.join(src, "model.json")
-  if not os.path.isfile(description_file):
-    raise FileNotFoundError(f"{src} is not a teacher checkpoint: {description_file} is missing")
-  with open(description_file) as f:
-    description = json.load(f)
+  description = modeldir.read_description(src, "teacher")
   model = build_model(description, dtype)
-  abstract = jax.eval_shape(
-      lambda: model.init({"params": jax.random.PRNGKey(0)},
-                         jnp.zeros((1, model.seq_len), jnp.int32), jnp.zeros((1,), jnp.int32)))
-  variables = ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(src, "params")),
-                                                  abstract)
+  variables = modeldir.restore(src, lambda: model.init(
+      {"params": jax.random.PRNGKey(0)},
+      jnp.zeros((1, model.seq_len), jnp.int32), jnp.zeros((1,), jnp.int32)))
   return Teacher(model, variables, description)

@@ -1,0 +1,33 @@
+"""Converters from released teacher and tokenizer checkpoints to `dimo_jax.modeldir` directories.
+
+  python -m dimo_jax.convert KIND --src SRC --dst DST [--num-heads 16]
+
+KIND                 SRC                                            DST loads with
+halton-maskgit       .pth with model_state_dict (valeoai/Halton-MaskGIT v1.0)   teachers.load
+taming-vqgan         folder with model.yaml + last.ckpt (taming-transformers)   tokenizers.load
+google-maskgit       flax msgpack maskgit_imagenet256_checkpoint                teachers.load
+google-vqgan         flax msgpack tokenizer_imagenet256_checkpoint              tokenizers.load
+
+Every converter checks each key and shape of the source against the Flax module it builds and
+stops with a `ConversionError` naming the file, the key and both shapes; DST is written
+completely or not at all.
+"""
+
+import importlib
+from typing import Callable
+
+# kind -> "module:function"; a converter's heavy imports (torch, yaml) load only when it runs.
+CONVERTERS = {
+    "halton-maskgit": "dimo_jax.convert.halton_maskgit:convert",
+    "taming-vqgan": "dimo_jax.convert.taming_vqgan:convert",
+    "google-maskgit": "dimo_jax.convert.google_maskgit:convert_transformer",
+    "google-vqgan": "dimo_jax.convert.google_maskgit:convert_tokenizer",
+}
+
+
+def converter(kind: str) -> Callable[..., None]:
+  """The function `convert(src, dst, **options)` of `kind`."""
+  if kind not in CONVERTERS:
+    raise ValueError(f"unknown conversion kind {kind!r}; known: {', '.join(sorted(CONVERTERS))}")
+  module, name = CONVERTERS[kind].split(":")
+  return getattr(importlib.import_module(module), name)

@@ -1,0 +1,30 @@
+"""python -m dimo_jax.convert KIND --src SRC --dst DST (see dimo_jax/convert/__init__.py)."""
+
+import argparse
+import sys
+
+from dimo_jax.convert import CONVERTERS, converter
+from dimo_jax.convert.common import ConversionError
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m dimo_jax.convert", description=__doc__)
+  parser.add_argument("kind", choices=sorted(CONVERTERS), help="what SRC is")
+  parser.add_argument("--src", required=True, help="the released checkpoint (file or folder)")
+  parser.add_argument("--dst", required=True, help="the model directory to write")
+  parser.add_argument("--num-heads", type=int, default=None,
+                      help="attention heads (halton-maskgit: not readable from the weights; "
+                           "default 16, the release's)")
+  args = parser.parse_args(argv)
+  options = {} if args.num_heads is None else {"num_heads": args.num_heads}
+  try:
+    converter(args.kind)(args.src, args.dst, **options)
+  except (ConversionError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {args.dst}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,65 @@
+"""What every converter shares: its error type and the checks that name file, key and shapes."""
+
+import os
+from typing import Any, Dict, Iterable, Mapping, Tuple
+
+import numpy as np
+
+
+class ConversionError(ValueError):
+  """A source checkpoint that does not fit the module being built (file, key, shapes)."""
+
+
+def require_file(path: str, what: str) -> str:
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path}: no such file (expected {what})")
+  return path
+
+
+def check_keys(path: str, expected: Iterable[str], found: Iterable[str]) -> None:
+  """Raises if `found` lacks any of `expected` or holds keys beyond them."""
+  expected, found = set(expected), set(found)
+  missing, unexpected = sorted(expected - found), sorted(found - expected)
+  if missing or unexpected:
+    parts = []
+    if missing:
+      parts.append(f"missing keys {missing[:10]}" + (" ..." if len(missing) > 10 else ""))
+    if unexpected:
+      parts.append(f"unexpected keys {unexpected[:10]}" + (" ..." if len(unexpected) > 10 else ""))
+    raise ConversionError(f"{path}: " + "; ".join(parts))
+
+
+def check_shape(path: str, key: str, array: Any, expected: Tuple[int, ...]) -> np.ndarray:
+  """`array` as float32 numpy after checking its shape is `expected`."""
+  array = np.asarray(array)
+  if tuple(array.shape) != tuple(expected):
+    raise ConversionError(f"{path}: key {key!r} has shape {tuple(array.shape)}, "
+                          f"expected {tuple(expected)}")
+  return array.astype(np.float32)
+
+
+def load_torch_state(path: str, key: str) -> Dict[str, np.ndarray]:
+  """The tensors under `key` of a torch checkpoint file, as float32 numpy arrays.
+
+  Needs PyTorch (conversion only: `pip install torch`). Loads with `weights_only=True`, which
+  reads plain tensor dicts and refuses arbitrary pickled objects.
+  """
+  require_file(path, "a PyTorch checkpoint")
+  try:
+    import torch
+  except ImportError as e:
+    raise ConversionError(f"reading {path} needs PyTorch: pip install torch") from e
+  try:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # torch raises many types for a file that is not a checkpoint
+    raise ConversionError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
+  if not isinstance(checkpoint, Mapping) or key not in checkpoint:
+    found = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+    raise ConversionError(f"{path}: expected a dict with key {key!r}, found {found}")
+  state = checkpoint[key]
+  out = {}
+  for name, tensor in state.items():
+    if not hasattr(tensor, "detach"):
+      raise ConversionError(f"{path}: {key}[{name!r}] is a {type(tensor).__name__}, not a tensor")
+    out[name] = tensor.detach().float().cpu().numpy()
+  return out

@@ -1,0 +1,70 @@
+"""Model directories: an orbax tree of Flax variables plus a JSON description, written atomically.
+
+Layout of a model directory (a teacher, a tokenizer, or anything `python -m dimo_jax.convert`
+writes):
+  model.json   {"kind": <registry name>, "config": {module fields}, ...provenance}
+  params/      orbax StandardCheckpointer tree of the Flax variables ({"params": ...})
+
+`write` builds the directory in a temporary sibling and renames it into place, so a directory
+that exists is complete: a conversion that fails half-way leaves nothing behind.
+"""
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Callable, Dict
+
+import flax.linen as nn
+import jax
+import orbax.checkpoint as ocp
+
+DESCRIPTION_FILE = "model.json"
+PARAMS_DIR = "params"
+
+
+def module_config(module: nn.Module) -> Dict[str, Any]:
+  """The constructor fields of a Flax module that define its weights (not dtype, name, parent)."""
+  skip = {"parent", "name", "dtype", "param_dtype"}
+  return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
+          if f.init and f.name not in skip}
+
+
+def write(dst: str, description: Dict[str, Any], variables: Any) -> None:
+  """Writes `description` (JSON) and `variables` (orbax) at `dst`, completely or not at all."""
+  dst = os.path.abspath(dst)
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+  try:
+    with open(os.path.join(tmp, DESCRIPTION_FILE), "w") as f:
+      json.dump(description, f, indent=2)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(tmp, PARAMS_DIR), jax.device_get(variables))
+    checkpointer.wait_until_finished()
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    os.replace(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def read_description(src: str, what: str) -> Dict[str, Any]:
+  """model.json of `src`; `what` ("teacher", "tokenizer") names the expectation in errors."""
+  path = os.path.join(src, DESCRIPTION_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{src} is not a {what} directory: {path} is missing")
+  with open(path) as f:
+    description = json.load(f)
+  if "kind" not in description or "config" not in description:
+    raise ValueError(f"{path}: expected the keys 'kind' and 'config', found {sorted(description)}")
+  return description
+
+
+def restore(src: str, init_fn: Callable[[], Any]) -> Any:
+  """Restores the variables of `src` into the tree structure that `init_fn()` would build."""
+  abstract = jax.eval_shape(init_fn)
+  return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(src, PARAMS_DIR)),
+                                            abstract)

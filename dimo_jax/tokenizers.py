@@ -1,0 +1,75 @@
+"""Image tokenizers (VQGANs): a Flax module and its variables, read from a model directory.
+
+A tokenizer directory is a `dimo_jax.modeldir` written by `python -m dimo_jax.convert`.
+`model.json["kind"]` picks the Flax module; every kind offers
+  encode(images float32[B, H, W, 3]) -> int32[B, h, w]
+  decode(codes int32[B, h, w]) -> float32[B, H, W, 3]
+in the value range of its release, `__call__(images)` = decode(encode(images)) (which creates
+every parameter at init), and a `downsample_factor` property (H / h).
+"""
+
+import dataclasses
+import importlib
+from typing import Any, Dict
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dimo_jax import modeldir
+
+_KINDS = {
+    "taming-vqgan": "dimo_jax.models.taming_vqgan:VQModel",
+    "google-vqgan": "dimo_jax.models.google_vqgan:VQGAN",
+}
+
+
+def _module_class(kind: str):
+  if kind not in _KINDS:
+    raise ValueError(f"unknown tokenizer kind {kind!r}; known: {sorted(_KINDS)}")
+  module, name = _KINDS[kind].split(":")
+  return getattr(importlib.import_module(module), name)
+
+
+def model_description(model: nn.Module) -> Dict[str, Any]:
+  for kind in _KINDS:
+    if type(model) is _module_class(kind):
+      return {"kind": kind, "config": modeldir.module_config(model)}
+  raise ValueError(f"{type(model).__name__} is not a registered tokenizer module")
+
+
+def save(dst: str, model: nn.Module, variables: Any, extra: Dict[str, Any] = None) -> None:
+  """Writes the tokenizer at `dst` completely or not at all (`extra` goes into model.json)."""
+  modeldir.write(dst, {**model_description(model), **(extra or {})}, variables)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+  """A loaded tokenizer: its module, variables and description; jitted encode and decode."""
+  model: nn.Module
+  variables: Any
+  description: Dict[str, Any]
+
+  def __post_init__(self):
+    object.__setattr__(self, "_encode", jax.jit(
+        lambda v, x: self.model.apply(v, x, method=self.model.encode)))
+    object.__setattr__(self, "_decode", jax.jit(
+        lambda v, c: self.model.apply(v, c, method=self.model.decode)))
+
+  def encode(self, images: jax.Array) -> jax.Array:
+    """float32[B, H, W, 3] -> int32[B, H/f, W/f] codebook ids."""
+    return self._encode(self.variables, images)
+
+  def decode(self, codes: jax.Array) -> jax.Array:
+    """int32[B, h, w] codebook ids -> float32[B, h*f, w*f, 3]."""
+    return self._decode(self.variables, codes)
+
+
+def load(src: str, dtype=jnp.float32) -> Tokenizer:
+  """Reads a tokenizer directory written by `python -m dimo_jax.convert`."""
+  description = modeldir.read_description(src, "tokenizer")
+  model = _module_class(description.get("kind"))(**description["config"], dtype=dtype)
+  f = model.downsample_factor
+  variables = modeldir.restore(src, lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, f, f, 3), jnp.float32)))
+  return Tokenizer(model, variables, description)
