@@ -20,8 +20,8 @@ from typing import Callable
 CONVERTERS = {
     "halton-maskgit": "dimo_jax.convert.halton_maskgit:convert",
     "taming-vqgan": "dimo_jax.convert.taming_vqgan:convert",
-    "google-maskgit": "dimo_jax.convert.google_maskgit:convert_transformer",
-    "google-vqgan": "dimo_jax.convert.google_maskgit:convert_tokenizer",
+    "google-maskgit": "dimo_jax.convert.google_maskgit:convert",
+    "google-vqgan": "dimo_jax.convert.google_vqgan:convert",
 }
 
 

@@ -63,3 +63,41 @@ def load_torch_state(path: str, key: str) -> Dict[str, np.ndarray]:
       raise ConversionError(f"{path}: {key}[{name!r}] is a {type(tensor).__name__}, not a tensor")
     out[name] = tensor.detach().float().cpu().numpy()
   return out
+
+
+def load_msgpack_tree(path: str) -> Dict[str, Any]:
+  """The nested dict of numpy arrays in a flax msgpack checkpoint (google-research/maskgit)."""
+  require_file(path, "a flax msgpack checkpoint")
+  from flax import serialization
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    tree = serialization.msgpack_restore(data)
+  except Exception as e:  # msgpack raises several types for bytes that are not a checkpoint
+    raise ConversionError(f"{path} is not a flax msgpack checkpoint: {e}") from e
+  if not isinstance(tree, Mapping):
+    raise ConversionError(f"{path}: expected a dict of parameters, found {type(tree).__name__}")
+  return tree
+
+
+def flatten(tree: Mapping[str, Any], sep: str = "/") -> Dict[str, Any]:
+  """{"a": {"b": x}} -> {"a/b": x}."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update({f"{key}{sep}{k}": v for k, v in flatten(value, sep).items()})
+    else:
+      out[str(key)] = value
+  return out
+
+
+def unflatten(flat: Mapping[str, Any], sep: str = "/") -> Dict[str, Any]:
+  """{"a/b": x} -> {"a": {"b": x}}."""
+  out: Dict[str, Any] = {}
+  for key, value in flat.items():
+    node = out
+    *parents, leaf = key.split(sep)
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[leaf] = value
+  return out
