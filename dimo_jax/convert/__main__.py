@@ -15,8 +15,16 @@ def main(argv=None) -> int:
   parser.add_argument("--num-heads", type=int, default=None,
                       help="attention heads (halton-maskgit: not readable from the weights; "
                            "default 16, the release's)")
+  parser.add_argument("--codebook-size", type=int, default=None,
+                      help="halton-maskgit: codes V, when the weights' V + C is not ImageNet's "
+                           "1024 + 1000")
+  parser.add_argument("--num-classes", type=int, default=None,
+                      help="halton-maskgit: classes C (see --codebook-size)")
   args = parser.parse_args(argv)
-  options = {} if args.num_heads is None else {"num_heads": args.num_heads}
+  options = {name: value for name, value in (("num_heads", args.num_heads),
+                                             ("codebook_size", args.codebook_size),
+                                             ("num_classes", args.num_classes))
+             if value is not None}
   try:
     converter(args.kind)(args.src, args.dst, **options)
   except (ConversionError, FileNotFoundError) as e:
