@@ -28,9 +28,15 @@ from dimo_jax import divergence, masking, sampling
 from dimo_jax.models.maskgit import MaskTransformer
 
 Params = Any
-# Parameters the reference freezes with `fix_emb_layer`: the tied embedding/output table, the
-# positional embedding and the output bias.
+# Parameters the reference freezes with `fix_emb_layer` in MaskTransformer: the tied
+# embedding/output table, the positional embedding and the output bias. Another teacher module
+# names its own as a class attribute `FROZEN_WITH_EMB` of '/'-joined parameter-path prefixes.
 FROZEN_WITH_EMB = ("tok_emb", "pos_emb", "bias")
+
+
+def frozen_prefixes(model) -> Tuple[str, ...]:
+  """The parameter-path prefixes that `fix_emb_layer` freezes in `model`."""
+  return tuple(getattr(model, "FROZEN_WITH_EMB", FROZEN_WITH_EMB))
 
 
 @flax.struct.dataclass
@@ -46,13 +52,21 @@ class DistillState:
   skipped: jax.Array  # int32[2]: generator / auxiliary updates skipped for non-finite gradients
 
 
-def trainable_labels(params: Params, fix_emb_layer: bool) -> Params:
-  """'frozen' / 'train' for every leaf: the labels of `optax.multi_transform`."""
+def trainable_labels(params: Params, fix_emb_layer: bool,
+                     frozen: Tuple[str, ...] = FROZEN_WITH_EMB) -> Params:
+  """'frozen' / 'train' for every leaf: the labels of `optax.multi_transform`.
+
+  A leaf is frozen (with `fix_emb_layer`) when its path, '/'-joined and without a leading
+  "params", equals a prefix in `frozen` or starts with one followed by '/'.
+  """
   def label(path, _):
-    keys = [getattr(entry, "key", None) for entry in path]
+    keys = [str(getattr(entry, "key", entry)) for entry in path]
     # Either the bare parameter tree or Flax variables, {"params": {...}}, as train.py passes.
-    top = keys[1] if keys[0] == "params" and len(keys) > 1 else keys[0]
-    return "frozen" if fix_emb_layer and top in FROZEN_WITH_EMB else "train"
+    if keys and keys[0] == "params":
+      keys = keys[1:]
+    name = "/".join(keys)
+    hit = any(name == p or name.startswith(p + "/") for p in frozen)
+    return "frozen" if fix_emb_layer and hit else "train"
   return jax.tree_util.tree_map_with_path(label, params)
 
 
@@ -69,7 +83,8 @@ def lr_schedule(config: ml_collections.ConfigDict, lr: float) -> optax.Schedule:
 
 
 def make_optimizer(config: ml_collections.ConfigDict, lr: float, params: Params,
-                   iterations_per_update: int = 1) -> optax.GradientTransformation:
+                   iterations_per_update: int = 1,
+                   frozen: Tuple[str, ...] = FROZEN_WITH_EMB) -> optax.GradientTransformation:
   """Clip by global norm, then Adam(W); frozen leaves get zero updates.
 
   `iterations_per_update` stretches the schedule: the reference advances the generator's LR
@@ -89,14 +104,18 @@ def make_optimizer(config: ml_collections.ConfigDict, lr: float, params: Params,
     chain.insert(0, optax.clip_by_global_norm(config.max_grad_norm))
   return optax.multi_transform(
       {"train": optax.chain(*chain), "frozen": optax.set_to_zero()},
-      trainable_labels(params, config.fix_emb_layer))
+      trainable_labels(params, config.fix_emb_layer, frozen))
 
 
-def create_state(config: ml_collections.ConfigDict, teacher_params: Params,
-                 rng: jax.Array) -> DistillState:
-  """theta, psi and the EMA all start as copies of the teacher phi."""
+def create_state(config: ml_collections.ConfigDict, teacher_params: Params, rng: jax.Array,
+                 frozen: Tuple[str, ...]) -> DistillState:
+  """theta, psi and the EMA all start as copies of the teacher phi.
+
+  `frozen`: what `fix_emb_layer` freezes, `frozen_prefixes(model)` of the teacher's module (the
+  train step builds its optimizers with the same, so the optimizer states match).
+  """
   copy = lambda p: jax.tree_util.tree_map(jnp.array, p)
-  gen_tx, aux_tx = optimizers(config, teacher_params)
+  gen_tx, aux_tx = optimizers(config, teacher_params, frozen)
   return DistillState(
       step=jnp.int32(0), rng=rng,
       gen_params=copy(teacher_params), aux_params=copy(teacher_params),
@@ -105,9 +124,10 @@ def create_state(config: ml_collections.ConfigDict, teacher_params: Params,
       skipped=jnp.zeros((2,), jnp.int32))
 
 
-def optimizers(config, params) -> Tuple[optax.GradientTransformation, optax.GradientTransformation]:
-  return (make_optimizer(config, config.generator_lr, params, config.fake_rounds),
-          make_optimizer(config, config.fake_lr, params))
+def optimizers(config, params, frozen: Tuple[str, ...] = FROZEN_WITH_EMB
+               ) -> Tuple[optax.GradientTransformation, optax.GradientTransformation]:
+  return (make_optimizer(config, config.generator_lr, params, config.fake_rounds, frozen),
+          make_optimizer(config, config.fake_lr, params, frozen=frozen))
 
 
 def ema_rate(decay: float, step: jax.Array) -> jax.Array:
@@ -226,7 +246,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: MaskTransformer,
     return loss, {"loss_fake_hard": hard}
 
   def train_step(state: DistillState, teacher_params: Params):
-    gen_tx, aux_tx = optimizers(config, state.gen_params)
+    gen_tx, aux_tx = optimizers(config, state.gen_params, frozen_prefixes(model))
     rng, gen_rng, aux_rng = jax.random.split(state.rng, 3)
     iteration = state.step * config.fake_rounds
     sigma = masking.noise_level(config.noise_emb_perturb, iteration)

@@ -22,6 +22,7 @@ from dimo_jax import modeldir
 # kind -> "module:class"; imported on use so a kind's dependencies load only when needed.
 _KINDS = {
     "maskgit": "dimo_jax.models.maskgit:MaskTransformer",
+    "google-maskgit": "dimo_jax.models.google_maskgit:GoogleMaskGIT",
 }
 
 

@@ -53,7 +53,8 @@ class Run:
 
   def __init__(self, model, teacher, **overrides):
     self.config = _config(**overrides)
-    self.state0 = distill.create_state(self.config, teacher, jax.random.PRNGKey(1))
+    self.state0 = distill.create_state(self.config, teacher, jax.random.PRNGKey(1),
+                                       distill.FROZEN_WITH_EMB)
     # LLVM at -O0 compiles the step in about a third of the time; the numbers barely move.
     self.step = jax.jit(distill.make_train_step(self.config, model)).lower(
         self.state0, teacher).compile(compiler_options={"xla_backend_optimization_level": 0})
