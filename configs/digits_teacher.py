@@ -14,7 +14,10 @@ def get_config():
       codebook_size=17, num_classes=10, seq_len=64,
       hidden_dim=64, depth=3, num_heads=4, mlp_dim=256, dropout=0.1))
   c.batch_size = 64
-  c.num_steps = 3000
+  # Longer is better here though the loss barely moves (1.67 -> 1.63): with 3000 steps the
+  # teacher's samples scored fd 0.95 (8 steps) / 1.11 (64 steps), with 12000 0.63 / 0.58, and
+  # its distilled generator 1.42 against 0.47.
+  c.num_steps = 12000
   c.lr = 1e-3
   c.warmup_steps = 100
   c.final_lr_ratio = 0.05

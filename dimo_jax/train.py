@@ -52,6 +52,38 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
+def global_batch_size(config: ml_collections.ConfigDict, data_devices: int) -> int:
+  """The step's batch: `train_batch_size`, or `per_device_batch` x `data_devices` when set.
+
+  A config gives one of the two (the other -1 or absent), so a per-device recipe such as
+  configs/maskgit_imagenet256.py scales with the mesh it runs on.
+  """
+  per_device = config.get("per_device_batch", -1)
+  if per_device is None or per_device <= 0:
+    return config.train_batch_size
+  if config.train_batch_size not in (-1, per_device * data_devices):
+    raise ValueError(f"per_device_batch {per_device} on {data_devices} devices and "
+                     f"train_batch_size {config.train_batch_size} disagree; set one of them "
+                     "to -1")
+  return per_device * data_devices
+
+
+# Config keys that guide the teacher or drop the condition, with their unguided values.
+_UNGUIDED = {"true_cfg": 1.0, "fake_cfg_eval": 1.0, "fake_cfg_train": 1.0,
+             "fake_cfg_drop_ratio": 0.0, "cfg_w": 0.0}
+
+
+def check_guidance(config: ml_collections.ConfigDict, model, keys=tuple(_UNGUIDED)) -> None:
+  """Refuses guidance (the config `keys`) for a teacher without an unconditional input."""
+  if getattr(model, "supports_guidance", True):
+    return
+  wrong = {k: config[k] for k in keys if config[k] != _UNGUIDED[k]}
+  if wrong:
+    expected = ", ".join(f"{k}={_UNGUIDED[k]}" for k in keys)
+    raise ValueError(f"the {type(model).__name__} teacher has no unconditional token, so it "
+                     f"cannot be guided; set {expected} (found {wrong})")
+
+
 def generator_noise(config: ml_collections.ConfigDict, step: int) -> float:
   """The embedding-noise level sigma the generator sees after `step` generator updates."""
   return float(masking.noise_level(config.noise_emb_perturb, step * config.fake_rounds))
@@ -114,12 +146,23 @@ def timed(sample: Callable[[], np.ndarray]):
   return out, time.perf_counter() - start
 
 
-def class_rows(dataset, codes: np.ndarray, labels: np.ndarray, per_class: int) -> np.ndarray:
-  """A grid with the first `per_class` samples of class c in row c: uint8[H, W, 3]."""
-  rows = [codes[labels == c][:per_class] for c in range(dataset.num_classes)]
+def grid_classes(config: ml_collections.ConfigDict, num_classes: int) -> np.ndarray:
+  """int32[R]: the classes the sample grids show, `config.grid_classes` or all of them."""
+  classes = config.get("grid_classes")
+  return np.asarray(range(num_classes) if classes is None else classes, np.int32)
+
+
+def class_rows(dataset, codes: np.ndarray, labels: np.ndarray, per_class: int,
+               classes: np.ndarray) -> np.ndarray:
+  """A grid with up to `per_class` samples of classes[r] in row r: uint8[H, W, 3].
+
+  Every row shows as many samples as the rarest of `classes` has among `labels`.
+  """
+  per_class = min([per_class] + [int(np.sum(labels == c)) for c in classes])
+  rows = [codes[labels == c][:per_class] for c in classes]
   # image_grid fills columns first, so interleave the classes.
   ordered = np.stack(rows, axis=1).reshape(-1, codes.shape[-1])
-  return visualize.image_grid(dataset.images(ordered), rows=dataset.num_classes)
+  return visualize.image_grid(dataset.images(ordered), rows=len(classes))
 
 
 def eval_labels(config: ml_collections.ConfigDict, num_classes: int) -> np.ndarray:
@@ -133,9 +176,10 @@ def evaluate(config: ml_collections.ConfigDict, samplers: Samplers, gen_params, 
 
   Writes samples/comparison.png and returns {"teacher_<n>step"|"teacher_1step"|
   "generator_1step": {<the dataset's metrics>, "sec_per_image"}}: fd and accuracy on digits,
-  true_nll, mode_coverage and in_mode on the synthetic set.
+  true_nll, mode_coverage and in_mode on the synthetic set, none yet on ImageNet.
   """
   labels = eval_labels(config, dataset.num_classes)
+  classes = grid_classes(config, dataset.num_classes)
   rng = jax.random.PRNGKey(config.global_seed + 1)
   sigma = generator_noise(config, step)
   runs = {
@@ -148,7 +192,7 @@ def evaluate(config: ml_collections.ConfigDict, samplers: Samplers, gen_params, 
   for name, run in runs.items():
     codes, seconds = timed(run)
     metrics[name] = {**score(codes, labels), "sec_per_image": seconds / len(labels)}
-    panels[name.replace("_", " ")] = class_rows(dataset, codes, labels, per_class=10)
+    panels[name.replace("_", " ")] = class_rows(dataset, codes, labels, 10, classes)
     logging.info("%s: %s", name, metrics[name])
   visualize.side_by_side(panels, os.path.join(workdir, "samples", "comparison.png"))
   return metrics
@@ -160,14 +204,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     raise ValueError(f"eval_params must be 'ema' or 'generator', got {config.eval_params!r}")
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   mesh = parallel.make_mesh(config.num_devices)
+  config = config.copy_and_resolve_references()
+  config.train_batch_size = global_batch_size(config, mesh.shape[parallel.DATA])
   teacher = teachers.load(config.teacher_path, compute_dtype(config))
   model = teacher.model
+  check_guidance(config, model)
   replicated = parallel.replicated(mesh)
   teacher_params = parallel.replicate(teacher.variables, mesh)
 
   manager = checkpoint_manager(workdir, config)
   _write_json(os.path.join(workdir, "checkpoints", "config.json"), json.loads(config.to_json()))
-  state = distill.create_state(config, teacher_params, jax.random.PRNGKey(config.global_seed))
+  state = distill.create_state(config, teacher_params, jax.random.PRNGKey(config.global_seed),
+                               distill.frozen_prefixes(model))
   if manager.latest_step() is not None:
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
     state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
@@ -182,7 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   samplers = Samplers(config, teacher)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   dataset = data.get(config)
-  grid_labels = np.repeat(np.arange(dataset.num_classes, dtype=np.int32), 8)
+  classes = grid_classes(config, dataset.num_classes)
+  grid_labels = np.repeat(classes, 8)
   labels = eval_labels(config, dataset.num_classes)
   # The digits scorer trains its feature classifier: build it once, and only if it is used.
   score = dataset.make_scorer() if config.validation_metrics or config.final_eval else None
@@ -201,7 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     if done % config.validation_steps == 0:
       sigma = generator_noise(config, done)
       codes = samplers.generator(state.ema_params, jax.random.PRNGKey(0), grid_labels, sigma)
-      grid = class_rows(dataset, codes, grid_labels, per_class=8)
+      grid = class_rows(dataset, codes, grid_labels, 8, classes)
       visualize.save_png(grid, os.path.join(workdir, "samples", f"ema_step{done:06d}.png"))
       writer.write_images(done, {"ema_one_step": grid[None]})
       if config.validation_metrics:

@@ -1,18 +1,25 @@
 """Sample grids: PNGs a person looks at instead of reading numbers."""
 
 import os
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 
-def image_grid(images: np.ndarray, rows: int, scale: int = 4, pad: int = 1) -> np.ndarray:
-  """float[N, H, W] or [N, H, W, 3] in [0, 1] -> uint8[rows*(H*s+p)+p, cols*(W*s+p)+p, 3]."""
+def image_grid(images: np.ndarray, rows: int, scale: Optional[int] = None,
+               pad: int = 1) -> np.ndarray:
+  """float[N, H, W] or [N, H, W, 3] in [0, 1] -> uint8[rows*(H*s+p)+p, cols*(W*s+p)+p, 3].
+
+  `scale` s enlarges each pixel; by default 4 for token-sized images (under 64 pixels a side,
+  one pixel a token) and 1 for decoded pictures.
+  """
   images = np.asarray(images, np.float32)
   if images.ndim == 3:
     images = np.repeat(images[..., None], 3, axis=-1)
   n, h, w, _ = images.shape
+  if scale is None:
+    scale = 4 if max(h, w) < 64 else 1
   cols = -(-n // rows)
   images = np.kron(images, np.ones((1, scale, scale, 1), np.float32))
   h, w = h * scale, w * scale

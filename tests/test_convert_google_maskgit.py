@@ -232,3 +232,15 @@ def test_one_distillation_step_is_finite(small):
   assert np.isfinite(float(metrics["loss_generator"]))
   assert int(metrics["skipped_generator"]) == 0 and int(metrics["skipped_fake"]) == 0
   assert int(state.step) == 1
+
+
+def test_a_run_refuses_guidance_for_this_teacher():
+  from dimo_jax import train
+  c = defaults.reference_config()  # true_cfg 2, cfg_w 3, condition dropout 0.1
+  with pytest.raises(ValueError, match="true_cfg.*cfg_w") as e:
+    train.check_guidance(c, GoogleMaskGIT)
+  assert "fake_cfg_drop_ratio" in str(e.value)
+  c.update(true_cfg=1.0, cfg_w=0.0, fake_cfg_drop_ratio=0.0)
+  train.check_guidance(c, GoogleMaskGIT)
+  c.true_cfg = 3.0
+  train.check_guidance(c, GoogleMaskGIT, keys=("cfg_w",))  # what sampling alone checks

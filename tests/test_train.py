@@ -57,7 +57,8 @@ def restore_latest(workdir, config, teacher_path):
   from dimo_jax import distill
   abstract = jax.tree_util.tree_map(
       ocp.utils.to_shape_dtype_struct,
-      distill.create_state(config, teacher.variables, jax.random.PRNGKey(0)))
+      distill.create_state(config, teacher.variables, jax.random.PRNGKey(0),
+                           distill.FROZEN_WITH_EMB))
   manager = train.checkpoint_manager(workdir, config)
   return manager.latest_step(), manager.restore(manager.latest_step(),
                                                 args=ocp.args.StandardRestore(abstract))
@@ -110,7 +111,8 @@ _SHARDED = textwrap.dedent("""
       rep = parallel.replicated(mesh)
       params = parallel.replicate(teacher.variables, mesh)
       state = parallel.replicate(
-          distill.create_state(config, params, jax.random.PRNGKey(7)), mesh)
+          distill.create_state(config, params, jax.random.PRNGKey(7), distill.FROZEN_WITH_EMB),
+          mesh)
       step = jax.jit(distill.make_train_step(
           config, teacher.model, parallel.batch_constraint(mesh, config.train_batch_size)),
           in_shardings=(rep, rep), out_shardings=(rep, rep))

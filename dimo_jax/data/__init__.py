@@ -3,14 +3,16 @@
 Each gives what pretraining, the sample grids and the final evaluation need:
   sizes:        num_classes, seq_len, codebook_size
   train_batch:  (np.random.Generator, batch) -> (tokens int32[B, L], labels int32[B])
-  images:       tokens int[N, L] -> float32[N, h, w] in [0, 1] for the grids
+  images:       tokens int[N, L] -> float32[N, h, w] (grey) or [N, H, W, 3] (RGB) in [0, 1]
   make_scorer:  () -> (tokens, labels) -> {metric: float}; digits: fd and accuracy in a trained
-                classifier's features, synthetic: true_nll, mode_coverage and in_mode.
+                classifier's features, synthetic: true_nll, mode_coverage and in_mode,
+                imagenet256: none yet (an empty dict).
 """
 
 import dataclasses
+import functools
 import math
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, Tuple
 
 import ml_collections
 import numpy as np
@@ -80,11 +82,75 @@ class Synthetic:
     return self.distribution.synthetic_metrics
 
 
+# The range a tokenizer kind decodes to when its model.json gives no `value_range`: taming's
+# VQGAN works in [-1, 1], Google's MaskGIT VQGAN in [0, 1].
+_KIND_VALUE_RANGE = {"taming-vqgan": (-1.0, 1.0), "google-vqgan": (0.0, 1.0)}
+
+
+def value_range(description: Dict[str, Any]) -> Tuple[float, float]:
+  """(low, high) of a tokenizer's images: model.json's `value_range`, else by kind, else [-1, 1]."""
+  low, high = description.get("value_range",
+                              _KIND_VALUE_RANGE.get(description.get("kind"), (-1.0, 1.0)))
+  return float(low), float(high)
+
+
+def decode_images(tokenizer, tokens, batch_size: int = 16) -> np.ndarray:
+  """Codes as pictures: int[N, L] (L a square) -> float32[N, H, W, 3] in [0, 1].
+
+  `tokenizer` is a `dimo_jax.tokenizers.Tokenizer`; decoding goes `batch_size` images at a time
+  (padded to one compiled shape) so a large grid does not hold every activation at once.
+  """
+  tokens = np.asarray(tokens, np.int32)
+  side = math.isqrt(tokens.shape[-1])
+  if tokens.ndim != 2 or side * side != tokens.shape[1]:
+    raise ValueError(f"expected codes of shape [N, h*w] with h == w, got {tokens.shape}")
+  low, high = value_range(tokenizer.description)
+  out = []
+  for start in range(0, len(tokens), batch_size):
+    chunk = tokens[start:start + batch_size]
+    padded = np.pad(chunk, ((0, batch_size - len(chunk)), (0, 0)))
+    images = np.asarray(tokenizer.decode(padded.reshape(batch_size, side, side)))[: len(chunk)]
+    out.append(np.clip((images - low) / (high - low), 0.0, 1.0))
+  return np.concatenate(out).astype(np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageNet256:
+  """ImageNet at 256x256 as 16x16 codes of a 1024-code VQGAN; pictures via that tokenizer.
+
+  Di[M]O draws its labels itself, so no image data is read; pretraining a teacher on it is not
+  offered (convert the released one).
+  """
+  tokenizer_path: str
+  num_classes: int = 1000
+  seq_len: int = 256
+  codebook_size: int = 1024
+
+  @functools.cached_property
+  def tokenizer(self):
+    from dimo_jax import tokenizers
+    return tokenizers.load(self.tokenizer_path)
+
+  def train_batch(self, rng: np.random.Generator, batch: int):
+    raise NotImplementedError("imagenet256 holds no training tokens: Di[M]O needs none, and "
+                              "its teacher comes from `python -m dimo_jax.convert`")
+
+  def images(self, tokens) -> np.ndarray:
+    """int[N, 256] -> float32[N, 256, 256, 3] in [0, 1], decoded by the tokenizer."""
+    return decode_images(self.tokenizer, tokens)
+
+  def make_scorer(self) -> Scorer:
+    return lambda tokens, labels: {}
+
+
 def get(config: ml_collections.ConfigDict):
-  """The dataset a config names: 'digits' or 'synthetic' (with `config.synthetic`)."""
+  """The dataset a config names: 'digits', 'synthetic' (with `config.synthetic`) or
+  'imagenet256' (with `config.tokenizer_path`)."""
   name = config.get("dataset", "digits")
   if name == "digits":
     return Digits()
   if name == "synthetic":
     return Synthetic(config.synthetic)
-  raise ValueError(f"unknown dataset {name!r}; known: 'digits', 'synthetic'")
+  if name == "imagenet256":
+    return ImageNet256(config.tokenizer_path)
+  raise ValueError(f"unknown dataset {name!r}; known: 'digits', 'synthetic', 'imagenet256'")

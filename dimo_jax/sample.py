@@ -1,0 +1,179 @@
+"""Sample grids from a teacher (multi-step MaskGIT decoding) or a Di[M]O generator (one step).
+
+  python -m dimo_jax.sample --teacher checkpoints/halton_maskgit --tokenizer checkpoints/vqgan \
+      --steps 8 --cfg 3 --labels 1,7,282 --out teacher.png
+  python -m dimo_jax.sample --generator runs/imagenet256 --teacher checkpoints/halton_maskgit \
+      --tokenizer checkpoints/vqgan --labels 1,7,282 --out generator.png
+
+The PNG holds one row per label and --samples-per-label columns of decoded images. --teacher
+names the module (and, without --generator, the weights). --generator is a Di[M]O workdir, its
+`checkpoints/` directory (latest step) or one `checkpoints/<step>`; its EMA parameters are used
+unless --params generator, with the run's own config.json for x_init (fixed_ratio), the
+embedding noise at that step and the sampling temperature. Images are mapped from the
+tokenizer's value range to [0, 1] (`data.value_range`: model.json's "value_range" if present).
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from dimo_jax import data, defaults, modeldir, teachers, tokenizers, train, visualize
+
+_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+# --params -> the field of distill.DistillState that holds those parameters.
+_STATE_FIELDS = {"ema": "ema_params", "generator": "gen_params"}
+# Teacher decoding flags and their defaults (those of configs/maskgit_imagenet256.py).
+_TEACHER_DEFAULTS = {"steps": 8, "cfg": 3.0, "temperature": 4.5, "sched": "arccos"}
+
+
+def parse_labels(text: str, num_classes: int) -> np.ndarray:
+  """'1,7,282' -> int32[3], each checked against the teacher's `num_classes`."""
+  labels = []
+  for item in text.split(","):
+    try:
+      label = int(item)
+    except ValueError:
+      raise ValueError(f"--labels: {item.strip()!r} is not an integer class label") from None
+    if not 0 <= label < num_classes:
+      raise ValueError(f"--labels: label {label} is out of range: the teacher has "
+                       f"{num_classes} classes (0 to {num_classes - 1})")
+    labels.append(label)
+  return np.asarray(labels, np.int32)
+
+
+def find_checkpoint(path: str) -> Tuple[str, int]:
+  """(checkpoints directory, step) for a workdir, its checkpoints/ or a checkpoints/<step>."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"--generator: {path} does not exist")
+  candidates = [(os.path.join(path, "checkpoints"), None), (path, None)]
+  if os.path.basename(path).isdigit():
+    candidates.append((os.path.dirname(path), int(os.path.basename(path))))
+  for root, step in candidates:
+    if not os.path.isfile(os.path.join(root, "config.json")):
+      continue
+    steps = ocp.CheckpointManager(root).all_steps()
+    if step is None and steps:
+      step = max(steps)
+    if step in steps:
+      return root, step
+  raise FileNotFoundError(
+      f"--generator: {path} is not a Di[M]O workdir, its checkpoints/ or a checkpoints/<step> "
+      "(expected checkpoints/config.json next to saved steps)")
+
+
+def load_generator(path: str, model, which: str):
+  """(params, run config, step) of the Di[M]O checkpoint at `path`.
+
+  Args:
+    path: see `find_checkpoint`.
+    model: the teacher module; its parameter tree is the generator's.
+    which: 'ema' or 'generator' (the raw parameters).
+  """
+  root, step = find_checkpoint(path)
+  with open(os.path.join(root, "config.json")) as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  abstract = jax.eval_shape(lambda: model.init(
+      {"params": jax.random.PRNGKey(0)},
+      jnp.zeros((1, model.seq_len), jnp.int32), jnp.zeros((1,), jnp.int32)))
+  # Only the one parameter tree is read, not the optimizer states and the other networks.
+  field = _STATE_FIELDS[which]
+  item = {field: abstract}
+  restored = ocp.CheckpointManager(root).restore(step, args=ocp.args.PyTreeRestore(
+      item=item, partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+  return jax.device_put(restored[field]), config, step
+
+
+def sample_grid(args: argparse.Namespace) -> np.ndarray:
+  """The grid the flags ask for: uint8[rows*(H+1)+1, cols*(W+1)+1, 3]."""
+  for flag, path in (("--teacher", args.teacher), ("--tokenizer", args.tokenizer)):
+    if not os.path.isdir(path):
+      raise FileNotFoundError(f"{flag}: {path} does not exist")
+  dtype = _DTYPES[args.dtype]
+  description = modeldir.read_description(args.teacher, "teacher")
+  model = teachers.build_model(description, dtype)
+  labels = parse_labels(args.labels, model.num_classes)
+  tokenizer = tokenizers.load(args.tokenizer)
+  # Label l in row l: image_grid fills columns first, so the labels repeat as a block.
+  all_labels = np.tile(labels, args.samples_per_label)
+  rng = jax.random.PRNGKey(args.seed)
+
+  if args.generator is None:
+    flags = {name: _TEACHER_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
+             for name in _TEACHER_DEFAULTS}
+    if args.cfg is None and not getattr(model, "supports_guidance", True):
+      flags["cfg"] = 0.0  # google-maskgit has no unconditional token
+    config = defaults.reference_config()
+    config.update(cfg_w=flags["cfg"], r_temp=flags["temperature"], sched_mode=flags["sched"],
+                  eval_batch_size=min(args.batch_size, len(all_labels)))
+    train.check_guidance(config, model, keys=("cfg_w",))
+    samplers = train.Samplers(config, teachers.load(args.teacher, dtype))
+    codes = samplers.teacher(rng, all_labels, flags["steps"])
+  else:
+    params, config, step = load_generator(args.generator, model, args.params)
+    config.eval_batch_size = min(args.batch_size, len(all_labels))
+    # Only the module is needed: the generator's parameters replace the teacher's.
+    samplers = train.Samplers(config, teachers.Teacher(model, None, description))
+    codes = samplers.generator(params, rng, all_labels, train.generator_noise(config, step))
+  images = data.decode_images(tokenizer, codes, config.eval_batch_size)
+  return visualize.image_grid(images, rows=len(labels), scale=1)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m dimo_jax.sample", description=__doc__.splitlines()[0])
+  parser.add_argument("--teacher", required=True, help="teacher directory (dimo_jax.convert)")
+  parser.add_argument("--tokenizer", required=True, help="tokenizer directory (dimo_jax.convert)")
+  parser.add_argument("--generator", default=None,
+                      help="Di[M]O workdir or checkpoint: sample its generator in one step")
+  parser.add_argument("--params", choices=sorted(_STATE_FIELDS), default="ema",
+                      help="with --generator: the EMA or the raw generator parameters")
+  parser.add_argument("--labels", required=True, help="comma-separated class labels, one a row")
+  parser.add_argument("--samples-per-label", type=int, default=4, help="images a row")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--steps", type=int, default=None,
+                      help=f"teacher decoding steps (default {_TEACHER_DEFAULTS['steps']})")
+  parser.add_argument("--cfg", type=float, default=None,
+                      help=f"teacher guidance cfg_w (default {_TEACHER_DEFAULTS['cfg']})")
+  parser.add_argument("--temperature", type=float, default=None,
+                      help="teacher confidence-noise temperature r_temp "
+                           f"(default {_TEACHER_DEFAULTS['temperature']})")
+  parser.add_argument("--sched", default=None,
+                      help=f"teacher unmasking schedule (default {_TEACHER_DEFAULTS['sched']})")
+  parser.add_argument("--batch-size", type=int, default=32, help="images sampled at once")
+  parser.add_argument("--dtype", choices=sorted(_DTYPES), default="f32",
+                      help="compute dtype of the transformer")
+  parser.add_argument("--out", required=True, help="the PNG to write")
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  if args.generator is not None:
+    given = [f"--{name}" for name in _TEACHER_DEFAULTS if getattr(args, name) is not None]
+    if given:
+      parser.error(f"{', '.join(given)} set the teacher's decoding; with --generator "
+                   "sampling is one step")
+  if args.samples_per_label < 1 or args.batch_size < 1:
+    parser.error("--samples-per-label and --batch-size must be at least 1")
+  try:
+    grid = sample_grid(args)
+  except (FileNotFoundError, ValueError) as e:
+    parser.exit(1, f"{parser.prog}: error: {e}\n")
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  visualize.save_png(grid, args.out)
+  print(f"wrote {args.out}: {grid.shape[1]}x{grid.shape[0]} pixels", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  main()
