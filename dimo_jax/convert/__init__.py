@@ -1,6 +1,7 @@
 """Converters from released teacher and tokenizer checkpoints to `dimo_jax.modeldir` directories.
 
-  python -m dimo_jax.convert KIND --src SRC --dst DST [--num-heads 16]
+  python -m dimo_jax.convert KIND --src SRC --dst DST
+      [--num-heads 16] [--codebook-size 1024 | --num-classes 1000]   (halton-maskgit)
 
 KIND                 SRC                                            DST loads with
 halton-maskgit       .pth with model_state_dict (valeoai/Halton-MaskGIT v1.0)   teachers.load
