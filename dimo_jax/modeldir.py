@@ -10,6 +10,7 @@ that exists is complete: a conversion that fails half-way leaves nothing behind.
 """
 
 import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -29,6 +30,25 @@ def module_config(module: nn.Module) -> Dict[str, Any]:
   skip = {"parent", "name", "dtype", "param_dtype"}
   return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
           if f.init and f.name not in skip}
+
+
+def module_class(registry: Dict[str, str], kind: str, what: str):
+  """The Flax module class that `registry` ({kind: "module:Class"}) names for `kind`.
+
+  Registries name classes by import path so that a kind's dependencies load only when used.
+  """
+  if kind not in registry:
+    raise ValueError(f"unknown {what} kind {kind!r}; known: {sorted(registry)}")
+  module, name = registry[kind].split(":")
+  return getattr(importlib.import_module(module), name)
+
+
+def describe(registry: Dict[str, str], module: nn.Module, what: str) -> Dict[str, Any]:
+  """{"kind", "config"} of a module instance whose class `registry` names."""
+  for kind in registry:
+    if type(module) is module_class(registry, kind, what):
+      return {"kind": kind, "config": module_config(module)}
+  raise ValueError(f"{type(module).__name__} is not a registered {what} module")
 
 
 def write(dst: str, description: Dict[str, Any], variables: Any) -> None:

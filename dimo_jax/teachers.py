@@ -10,7 +10,6 @@ one module with three parameter trees).
 """
 
 import dataclasses
-import importlib
 from typing import Any, Dict, Optional
 
 import flax.linen as nn
@@ -26,22 +25,13 @@ _KINDS = {
 }
 
 
-def _module_class(kind: str):
-  if kind not in _KINDS:
-    raise ValueError(f"unknown teacher kind {kind!r}; known: {sorted(_KINDS)}")
-  module, name = _KINDS[kind].split(":")
-  return getattr(importlib.import_module(module), name)
-
-
 def model_description(model: nn.Module) -> Dict[str, Any]:
-  for kind in _KINDS:
-    if type(model) is _module_class(kind):
-      return {"kind": kind, "config": modeldir.module_config(model)}
-  raise ValueError(f"{type(model).__name__} is not a registered teacher module")
+  return modeldir.describe(_KINDS, model, "teacher")
 
 
 def build_model(description: Dict[str, Any], dtype=jnp.float32) -> nn.Module:
-  return _module_class(description.get("kind"))(**description["config"], dtype=dtype)
+  cls = modeldir.module_class(_KINDS, description.get("kind"), "teacher")
+  return cls(**description["config"], dtype=dtype)
 
 
 def save(dst: str, model: nn.Module, variables: Any,

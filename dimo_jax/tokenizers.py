@@ -9,7 +9,6 @@ every parameter at init), and a `downsample_factor` property (H / h).
 """
 
 import dataclasses
-import importlib
 from typing import Any, Dict
 
 import flax.linen as nn
@@ -24,18 +23,8 @@ _KINDS = {
 }
 
 
-def _module_class(kind: str):
-  if kind not in _KINDS:
-    raise ValueError(f"unknown tokenizer kind {kind!r}; known: {sorted(_KINDS)}")
-  module, name = _KINDS[kind].split(":")
-  return getattr(importlib.import_module(module), name)
-
-
 def model_description(model: nn.Module) -> Dict[str, Any]:
-  for kind in _KINDS:
-    if type(model) is _module_class(kind):
-      return {"kind": kind, "config": modeldir.module_config(model)}
-  raise ValueError(f"{type(model).__name__} is not a registered tokenizer module")
+  return modeldir.describe(_KINDS, model, "tokenizer")
 
 
 def save(dst: str, model: nn.Module, variables: Any, extra: Dict[str, Any] = None) -> None:
@@ -68,7 +57,8 @@ class Tokenizer:
 def load(src: str, dtype=jnp.float32) -> Tokenizer:
   """Reads a tokenizer directory written by `python -m dimo_jax.convert`."""
   description = modeldir.read_description(src, "tokenizer")
-  model = _module_class(description.get("kind"))(**description["config"], dtype=dtype)
+  cls = modeldir.module_class(_KINDS, description.get("kind"), "tokenizer")
+  model = cls(**description["config"], dtype=dtype)
   f = model.downsample_factor
   variables = modeldir.restore(src, lambda: model.init(
       jax.random.PRNGKey(0), jnp.zeros((1, f, f, 3), jnp.float32)))
