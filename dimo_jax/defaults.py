@@ -12,6 +12,10 @@ def reference_config() -> ml_collections.ConfigDict:
   c.global_seed = 3407
   # Global batch (the reference's per-device batch times the number of devices).
   c.train_batch_size = 4
+  # Device mesh (dimo_jax/parallel.py): every device carries a slice of the batch; parameters,
+  # EMA and optimizer states (and the teacher) are split over `fsdp`. -1: the rest of the
+  # devices (those `num_devices` picks, all by default).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.mixed_precision = "bf16"  # 'no' | 'bf16': compute dtype of the three networks
   c.max_grad_norm = 1.0
   c.lr_scheduler_type = "constant_with_warmup"

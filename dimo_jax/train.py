@@ -9,6 +9,7 @@
   events.out.tfevents.* TensorBoard scalars and images (clu metric writers)
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -52,20 +53,23 @@ def _write_json(path: str, obj: Any) -> None:
   os.replace(tmp, path)
 
 
-def global_batch_size(config: ml_collections.ConfigDict, data_devices: int) -> int:
-  """The step's batch: `train_batch_size`, or `per_device_batch` x `data_devices` when set.
+def global_batch_size(config: ml_collections.ConfigDict, batch_devices: int) -> int:
+  """The step's batch: `train_batch_size`, or `per_device_batch` x `batch_devices` when set.
 
   A config gives one of the two (the other -1 or absent), so a per-device recipe such as
   configs/maskgit_imagenet256.py scales with the mesh it runs on.
+
+  `batch_devices` is every device of the mesh (`parallel.batch_devices`): with FSDP the
+  `fsdp` axis carries batch slices too.
   """
   per_device = config.get("per_device_batch", -1)
   if per_device is None or per_device <= 0:
     return config.train_batch_size
-  if config.train_batch_size not in (-1, per_device * data_devices):
-    raise ValueError(f"per_device_batch {per_device} on {data_devices} devices and "
+  if config.train_batch_size not in (-1, per_device * batch_devices):
+    raise ValueError(f"per_device_batch {per_device} on {batch_devices} devices and "
                      f"train_batch_size {config.train_batch_size} disagree; set one of them "
                      "to -1")
-  return per_device * data_devices
+  return per_device * batch_devices
 
 
 # Config keys that guide the teacher or drop the condition, with their unguided values.
@@ -198,35 +202,60 @@ def evaluate(config: ml_collections.ConfigDict, samplers: Samplers, gen_params, 
   return metrics
 
 
+def initial_state(config: ml_collections.ConfigDict, model, teacher_params, mesh,
+                  manager: ocp.CheckpointManager) -> distill.DistillState:
+  """The latest checkpoint of `manager`, else a fresh state; placed by `parallel.param_sharding`.
+
+  Neither path holds a whole replicated copy anywhere: the fresh state is built inside `jit`
+  straight into its shardings, and orbax reads a checkpoint's shards into place.
+  """
+  init = functools.partial(distill.create_state, config, frozen=distill.frozen_prefixes(model))
+  rng = jax.random.PRNGKey(config.global_seed)
+  shapes = jax.eval_shape(init, teacher_params, rng)
+  sharding = parallel.param_sharding(mesh, shapes)
+  if manager.latest_step() is None:
+    return jax.jit(init, out_shardings=sharding)(teacher_params, rng)
+  abstract = jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, sharding)
+  return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+
+
+def jit_train_step(config: ml_collections.ConfigDict, model, mesh, state, teacher_params
+                   ) -> Callable:
+  """`distill.make_train_step` jitted to keep `state` and `teacher_params` where they are.
+
+  The state's buffers are donated: the step updates them in place.
+  """
+  where = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)
+  return jax.jit(
+      distill.make_train_step(config, model,
+                              parallel.batch_constraint(mesh, config.train_batch_size)),
+      in_shardings=(where(state), where(teacher_params)),
+      out_shardings=(where(state), parallel.replicated(mesh)),
+      donate_argnums=0)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Distills the teacher at `config.teacher_path`; returns (and writes) metrics.json."""
   if config.eval_params not in ("ema", "generator"):
     raise ValueError(f"eval_params must be 'ema' or 'generator', got {config.eval_params!r}")
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-  mesh = parallel.make_mesh(config.num_devices)
+  mesh = parallel.make_mesh(config.num_devices, config.mesh.data, config.mesh.fsdp)
   config = config.copy_and_resolve_references()
-  config.train_batch_size = global_batch_size(config, mesh.shape[parallel.DATA])
+  config.train_batch_size = global_batch_size(config, parallel.batch_devices(mesh))
   teacher = teachers.load(config.teacher_path, compute_dtype(config))
   model = teacher.model
   check_guidance(config, model)
-  replicated = parallel.replicated(mesh)
-  teacher_params = parallel.replicate(teacher.variables, mesh)
+  teacher_params = parallel.shard_params(teacher.variables, mesh)
+  # The samplers use the placed copy, so no whole teacher stays on one device.
+  teacher = dataclasses.replace(teacher, variables=teacher_params)
 
   manager = checkpoint_manager(workdir, config)
   _write_json(os.path.join(workdir, "checkpoints", "config.json"), json.loads(config.to_json()))
-  state = distill.create_state(config, teacher_params, jax.random.PRNGKey(config.global_seed),
-                               distill.frozen_prefixes(model))
-  if manager.latest_step() is not None:
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+  state = initial_state(config, model, teacher_params, mesh, manager)
+  if int(state.step):
     logging.info("resumed from step %d", int(state.step))
-  state = parallel.replicate(state, mesh)
-
-  step_fn = jax.jit(
-      distill.make_train_step(config, model,
-                              parallel.batch_constraint(mesh, config.train_batch_size)),
-      in_shardings=(replicated, replicated), out_shardings=(replicated, replicated),
-      donate_argnums=0)
+  step_fn = jit_train_step(config, model, mesh, state, teacher_params)
   samplers = Samplers(config, teacher)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   dataset = data.get(config)
