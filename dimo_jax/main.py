@@ -3,7 +3,9 @@
   python -m dimo_jax.main --config configs/digits.py --workdir runs/digits \
       [--config.max_train_steps=200 ...]
 
-Rerunning with the same workdir resumes from its latest checkpoint.
+Rerunning with the same workdir resumes from its latest checkpoint. Every process of a
+multi-host run (launch/tpu_pod.sh, launch/slurm.sbatch) runs this same command; see
+dimo_jax/distributed.py for how a process finds the others.
 """
 
 import json
@@ -11,7 +13,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from dimo_jax import train
+from dimo_jax import distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, samples, logs and metrics.json.")
@@ -20,6 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, samples, logs and 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  distributed.initialize()  # before any JAX computation, in every process
   metrics = train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
   print(json.dumps(metrics, indent=2))
 

@@ -46,7 +46,12 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
 
 
 def _write_json(path: str, obj: Any) -> None:
-  """Writes `obj` as JSON through a temporary file, so `path` is never half-written."""
+  """Writes `obj` as JSON through a temporary file, so `path` is never half-written.
+
+  Only process 0 writes: every process of a multi-process run shares the workdir.
+  """
+  if jax.process_index() > 0:
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
@@ -198,7 +203,8 @@ def evaluate(config: ml_collections.ConfigDict, samplers: Samplers, gen_params, 
     metrics[name] = {**score(codes, labels), "sec_per_image": seconds / len(labels)}
     panels[name.replace("_", " ")] = class_rows(dataset, codes, labels, 10, classes)
     logging.info("%s: %s", name, metrics[name])
-  visualize.side_by_side(panels, os.path.join(workdir, "samples", "comparison.png"))
+  if jax.process_index() == 0:
+    visualize.side_by_side(panels, os.path.join(workdir, "samples", "comparison.png"))
   return metrics
 
 
@@ -267,7 +273,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
   start_step = int(state.step)
   progress = tqdm(range(start_step, config.max_train_steps), initial=start_step,
-                  total=config.max_train_steps, desc="Di[M]O", mininterval=2.0)
+                  total=config.max_train_steps, desc="Di[M]O", mininterval=2.0,
+                  disable=jax.process_index() > 0)
   for step in progress:
     state, metrics = step_fn(state, teacher_params)
     done = step + 1
@@ -280,7 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
       sigma = generator_noise(config, done)
       codes = samplers.generator(state.ema_params, jax.random.PRNGKey(0), grid_labels, sigma)
       grid = class_rows(dataset, codes, grid_labels, 8, classes)
-      visualize.save_png(grid, os.path.join(workdir, "samples", f"ema_step{done:06d}.png"))
+      if jax.process_index() == 0:
+        visualize.save_png(grid, os.path.join(workdir, "samples", f"ema_step{done:06d}.png"))
       writer.write_images(done, {"ema_one_step": grid[None]})
       if config.validation_metrics:
         for name, params in (("ema", state.ema_params), ("generator", state.gen_params)):
