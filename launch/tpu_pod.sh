@@ -2,7 +2,7 @@
 # Runs Di[M]O on every worker of a Cloud TPU VM pod slice, from a workstation, in one command.
 #
 #   TPU_NAME=my-v4-32 ZONE=us-central2-b CONFIG=configs/maskgit_imagenet256.py \
-#     WORKDIR=gs://my-bucket/runs/imagenet launch/tpu_pod.sh [--config.key=value ...]
+#     WORKDIR=/mnt/bucket/runs/imagenet launch/tpu_pod.sh [--config.key=value ...]
 #   DRY_RUN=1 ... launch/tpu_pod.sh    # print the gcloud command instead of running it
 #
 # Variables (the first four are required):
@@ -10,7 +10,8 @@
 #   ZONE      its zone
 #   CONFIG    the config file, a path inside REPO_DIR on the workers
 #   WORKDIR   checkpoints, samples and metrics; every worker writes its shards of each
-#             checkpoint there, so it must be shared: a gs:// bucket
+#             checkpoint there, so it must be shared: a bucket mounted with gcsfuse at the
+#             same path on every worker (metrics and grids use local file APIs, not gs://)
 #   PROJECT   the Google Cloud project (default: gcloud's configured one)
 #   REPO_DIR  where this repository is checked out on every worker (default: ~/dimo_jax); it is
 #             expanded by the workers' shell, so `~` and `$HOME` work
@@ -23,7 +24,7 @@ set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME to the TPU VM pod slice name}"
 : "${ZONE:?set ZONE to the zone of the TPU VM}"
 : "${CONFIG:?set CONFIG to the config file (a path inside REPO_DIR)}"
-: "${WORKDIR:?set WORKDIR to a directory every worker can write, e.g. gs://bucket/run}"
+: "${WORKDIR:?set WORKDIR to a directory every worker can write, e.g. a gcsfuse mount}"
 repo_dir="${REPO_DIR:-~/dimo_jax}"
 
 train=("${PYTHON:-python3}" -m dimo_jax.main --config "${CONFIG}" --workdir "${WORKDIR}" "$@")
