@@ -1,7 +1,7 @@
 """What every converter shares: its error type and the checks that name file, key and shapes."""
 
 import os
-from typing import Any, Dict, Iterable, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Tuple
 
 import numpy as np
 
@@ -101,3 +101,30 @@ def unflatten(flat: Mapping[str, Any], sep: str = "/") -> Dict[str, Any]:
       node = node.setdefault(part, {})
     node[leaf] = value
   return out
+
+
+def params_from_torch(path: str, state: Mapping[str, np.ndarray], expected: Mapping[str, Any],
+                      torch_name: Callable[[str], str],
+                      torch_shape: Callable[[str, Tuple[int, ...]], Tuple[int, ...]],
+                      to_flax: Callable[[str, np.ndarray], np.ndarray]) -> Dict[str, Any]:
+  """A Flax parameter tree from a torch state dict, every key and shape checked first.
+
+  Args:
+    path: the source file, for error messages.
+    state: torch name -> float32 array.
+    expected: flat Flax path ('a/b/kernel') -> shape-carrying leaf (from `jax.eval_shape`).
+    torch_name: Flax path -> the torch key that holds it.
+    torch_shape: (Flax leaf name, Flax shape) -> the shape torch stores.
+    to_flax: (Flax leaf name, torch array) -> the Flax array (e.g. a transposed kernel).
+
+  Returns:
+    The nested parameter dict, shaped as `expected`.
+  """
+  names = {torch_name(p): p for p in expected}
+  check_keys(path, names, state)
+  params = {}
+  for name, flax_path in names.items():
+    leaf = flax_path.rsplit("/", 1)[-1]
+    array = check_shape(path, name, state[name], torch_shape(leaf, expected[flax_path].shape))
+    params[flax_path] = to_flax(leaf, array)
+  return unflatten(params)

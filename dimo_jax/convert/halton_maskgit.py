@@ -154,13 +154,8 @@ def convert(src: str, dst: str, num_heads: int = 16, codebook_size: Optional[int
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
                             jnp.zeros((1, model.seq_len), jnp.int32), jnp.zeros((1,), jnp.int32))
   expected = common.flatten(abstract["params"])
-  names = {torch_name(path): path for path in expected}
-  common.check_keys(src, names, state)
-
-  params: Dict[str, np.ndarray] = {}
-  for name, path in names.items():
-    leaf = path.rsplit("/", 1)[-1]
-    array = common.check_shape(src, name, state[name], _torch_shape(leaf, expected[path].shape))
-    params[path] = array.T if leaf == "kernel" else array
-  teachers.save(dst, model, {"params": common.unflatten(params)},
+  params = common.params_from_torch(
+      src, state, expected, torch_name, _torch_shape,
+      lambda leaf, array: array.T if leaf == "kernel" else array)
+  teachers.save(dst, model, {"params": params},
                 extra={"source": {"format": "halton-maskgit", "checkpoint": os.path.abspath(src)}})

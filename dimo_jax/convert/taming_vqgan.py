@@ -11,11 +11,10 @@ the shape the yaml implies. The key mapping is documented in that module.
 
 import os
 import re
-from typing import Any, Dict, Tuple
+from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dimo_jax import tokenizers
 from dimo_jax.convert import common
@@ -113,16 +112,10 @@ def convert(src: str, dst: str) -> None:
   images = jnp.zeros((1, f, f, model.in_channels), jnp.float32)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
   expected = common.flatten(abstract["params"])
-  names = {torch_name(path): path for path in expected}
-  common.check_keys(ckpt_path, names, state)
-
-  params: Dict[str, np.ndarray] = {}
-  for name, path in names.items():
-    leaf = path.rsplit("/", 1)[-1]
-    array = common.check_shape(ckpt_path, name, state[name],
-                               _torch_shape(leaf, expected[path].shape))
-    params[path] = array.transpose(2, 3, 1, 0) if leaf == "kernel" else array
-  tokenizers.save(dst, model, {"params": common.unflatten(params)},
+  params = common.params_from_torch(
+      ckpt_path, state, expected, torch_name, _torch_shape,
+      lambda leaf, array: array.transpose(2, 3, 1, 0) if leaf == "kernel" else array)
+  tokenizers.save(dst, model, {"params": params},
                   extra={"source": {"format": "taming-transformers",
                                     "config": os.path.abspath(config_path),
                                     "checkpoint": os.path.abspath(ckpt_path)}})
