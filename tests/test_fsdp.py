@@ -10,30 +10,16 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dimo_jax import parallel
+from tests.test_train import tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name: (num_devices, data, fsdp)
 MESHES = {"one": (1, -1, 1), "data8": (8, 8, 1), "data2_fsdp4": (8, 2, 4),
           "fsdp8": (8, 1, -1)}
-
-
-def tiny_teacher(path: str) -> str:
-  """A digits-shaped teacher whose widths (32, 64, 96) divide by 4 and by 8."""
-  from dimo_jax import teachers
-  from dimo_jax.data import digits
-  from dimo_jax.models.maskgit import MaskTransformer
-  model = MaskTransformer(codebook_size=digits.CODEBOOK_SIZE, num_classes=digits.NUM_CLASSES,
-                          seq_len=digits.SEQ_LEN, hidden_dim=32, depth=1, num_heads=4,
-                          mlp_dim=64, dropout=0.1)
-  variables = model.init({"params": jax.random.PRNGKey(0)},
-                         jnp.zeros((1, digits.SEQ_LEN), jnp.int32), jnp.zeros((1,), jnp.int32))
-  teachers.save(path, model, variables)
-  return path
 
 
 def device0_share(tree, min_size: int = parallel.MIN_SHARD_SIZE) -> float:
@@ -85,7 +71,9 @@ def _child(teacher_path: str, workdir: str) -> None:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-  teacher = tiny_teacher(str(tmp_path_factory.mktemp("teacher") / "digits"))
+  # Widths (32, 64, 96) that divide by 4 and by 8.
+  teacher = tiny_teacher(str(tmp_path_factory.mktemp("teacher") / "digits"),
+                         hidden_dim=32, num_heads=4, mlp_dim=64)
   workdir = str(tmp_path_factory.mktemp("runs"))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")

@@ -20,11 +20,11 @@ from dimo_jax.models.maskgit import MaskTransformer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_teacher(path: str) -> str:
+def tiny_teacher(path: str, hidden_dim: int = 16, num_heads: int = 2, mlp_dim: int = 32) -> str:
   """A random-weight digits-shaped teacher: the real layout at a toy size."""
   model = MaskTransformer(codebook_size=digits.CODEBOOK_SIZE, num_classes=digits.NUM_CLASSES,
-                          seq_len=digits.SEQ_LEN, hidden_dim=16, depth=1, num_heads=2,
-                          mlp_dim=32, dropout=0.1)
+                          seq_len=digits.SEQ_LEN, hidden_dim=hidden_dim, depth=1,
+                          num_heads=num_heads, mlp_dim=mlp_dim, dropout=0.1)
   variables = model.init({"params": jax.random.PRNGKey(0)},
                          jnp.zeros((1, digits.SEQ_LEN), jnp.int32), jnp.zeros((1,), jnp.int32))
   teachers.save(path, model, variables)
