@@ -20,6 +20,7 @@ from dimo_jax import modeldir
 _KINDS = {
     "taming-vqgan": "dimo_jax.models.taming_vqgan:VQModel",
     "google-vqgan": "dimo_jax.models.google_vqgan:VQGAN",
+    "diffusers-vq": "dimo_jax.models.diffusers_vq:VQModel",
 }
 
 

@@ -8,6 +8,8 @@ halton-maskgit       .pth with model_state_dict (valeoai/Halton-MaskGIT v1.0)   
 taming-vqgan         folder with model.yaml + last.ckpt (taming-transformers)   tokenizers.load
 google-maskgit       flax msgpack maskgit_imagenet256_checkpoint                teachers.load
 google-vqgan         flax msgpack tokenizer_imagenet256_checkpoint              tokenizers.load
+diffusers-vq         folder with config.json + diffusion_pytorch_model.safetensors
+                     (diffusers VQModel: Meissonic's vqvae/, or the release root)  tokenizers.load
 
 Every converter checks each key and shape of the source against the Flax module it builds and
 stops with a `ConversionError` naming the file, the key and both shapes; DST is written
@@ -23,6 +25,7 @@ CONVERTERS = {
     "taming-vqgan": "dimo_jax.convert.taming_vqgan:convert",
     "google-maskgit": "dimo_jax.convert.google_maskgit:convert",
     "google-vqgan": "dimo_jax.convert.google_vqgan:convert",
+    "diffusers-vq": "dimo_jax.convert.diffusers_vq:convert",
 }
 
 
