@@ -10,6 +10,9 @@ google-maskgit       flax msgpack maskgit_imagenet256_checkpoint                
 google-vqgan         flax msgpack tokenizer_imagenet256_checkpoint              tokenizers.load
 diffusers-vq         folder with config.json + diffusion_pytorch_model.safetensors
                      (diffusers VQModel: Meissonic's vqvae/, or the release root)  tokenizers.load
+fid-inception        pytorch-fid pt_inception-2015-12-05-6726825d.pth (state dict)   models.fid_inception.load
+clip                 folder with config.json + model.safetensors + vocab.json + merges.txt
+                     (transformers CLIPModel, for CLIP score)       convert.clip.load_clip
 
 Every converter checks each key and shape of the source against the Flax module it builds and
 stops with a `ConversionError` naming the file, the key and both shapes; DST is written
@@ -26,6 +29,8 @@ CONVERTERS = {
     "google-maskgit": "dimo_jax.convert.google_maskgit:convert",
     "google-vqgan": "dimo_jax.convert.google_vqgan:convert",
     "diffusers-vq": "dimo_jax.convert.diffusers_vq:convert",
+    "fid-inception": "dimo_jax.convert.fid_inception:convert",
+    "clip": "dimo_jax.convert.clip:convert",
 }
 
 

@@ -1,7 +1,7 @@
 """What every converter shares: its error type and the checks that name file, key and shapes."""
 
 import os
-from typing import Any, Callable, Dict, Iterable, Mapping, Tuple
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -38,13 +38,15 @@ def check_shape(path: str, key: str, array: Any, expected: Tuple[int, ...]) -> n
   return array.astype(np.float32)
 
 
-def load_torch_state(path: str, key: str) -> Dict[str, np.ndarray]:
-  """The tensors under `key` of a torch checkpoint file, as float32 numpy arrays.
+def load_torch_state(path: str, key: Optional[str] = None,
+                     what: str = "a PyTorch checkpoint") -> Dict[str, np.ndarray]:
+  """The tensors of a torch checkpoint file (those under `key`, or the whole file when None),
+  as float32 numpy arrays.
 
   Needs PyTorch (conversion only: `pip install torch`). Loads with `weights_only=True`, which
   reads plain tensor dicts and refuses arbitrary pickled objects.
   """
-  require_file(path, "a PyTorch checkpoint")
+  require_file(path, what)
   try:
     import torch
   except ImportError as e:
@@ -53,14 +55,20 @@ def load_torch_state(path: str, key: str) -> Dict[str, np.ndarray]:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises many types for a file that is not a checkpoint
     raise ConversionError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
-  if not isinstance(checkpoint, Mapping) or key not in checkpoint:
-    found = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
-    raise ConversionError(f"{path}: expected a dict with key {key!r}, found {found}")
-  state = checkpoint[key]
+  if key is None:
+    if not isinstance(checkpoint, Mapping):
+      raise ConversionError(f"{path}: expected a state dict, found a {type(checkpoint).__name__}")
+    state = checkpoint
+  else:
+    if not isinstance(checkpoint, Mapping) or key not in checkpoint:
+      found = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+      raise ConversionError(f"{path}: expected a dict with key {key!r}, found {found}")
+    state = checkpoint[key]
   out = {}
   for name, tensor in state.items():
     if not hasattr(tensor, "detach"):
-      raise ConversionError(f"{path}: {key}[{name!r}] is a {type(tensor).__name__}, not a tensor")
+      where = f"{key}[{name!r}]" if key else repr(name)
+      raise ConversionError(f"{path}: {where} is a {type(tensor).__name__}, not a tensor")
     out[name] = tensor.detach().float().cpu().numpy()
   return out
 
@@ -128,3 +136,21 @@ def params_from_torch(path: str, state: Mapping[str, np.ndarray], expected: Mapp
     array = check_shape(path, name, state[name], torch_shape(leaf, expected[flax_path].shape))
     params[flax_path] = to_flax(leaf, array)
   return unflatten(params)
+
+
+def load_safetensors(path: str, what: str = "safetensors weights") -> Dict[str, np.ndarray]:
+  """The tensors of a .safetensors file as float32 numpy arrays (no PyTorch needed)."""
+  require_file(path, what)
+  import safetensors.numpy  # conversion-only dependency (requirements-convert.txt)
+  try:
+    try:
+      state = safetensors.numpy.load_file(path)
+    except TypeError:
+      # numpy has no bfloat16; the flax reader (ml_dtypes) has, on the host.
+      import jax
+      import safetensors.flax
+      with jax.default_device(jax.devices("cpu")[0]):
+        state = safetensors.flax.load_file(path)
+  except Exception as e:  # safetensors raises several types for a file that is not one
+    raise ConversionError(f"{path} is not a readable safetensors file: {e}") from e
+  return {name: np.asarray(array, np.float32) for name, array in state.items()}

@@ -84,23 +84,6 @@ def model_from_config(path: str) -> VQModel:
     raise ConversionError(f"{path}: a config value has the wrong type: {e}") from e
 
 
-def load_safetensors(path: str) -> Dict[str, np.ndarray]:
-  """The tensors of a .safetensors file as float32 numpy arrays (no PyTorch needed)."""
-  common.require_file(path, "the diffusers safetensors weights")
-  import safetensors.numpy  # conversion-only dependency (requirements-convert.txt)
-  try:
-    try:
-      state = safetensors.numpy.load_file(path)
-    except TypeError:
-      # numpy has no bfloat16; the flax reader (ml_dtypes) has, on the host.
-      import safetensors.flax
-      with jax.default_device(jax.devices("cpu")[0]):
-        state = safetensors.flax.load_file(path)
-  except Exception as e:  # safetensors raises several types for a file that is not one
-    raise ConversionError(f"{path} is not a readable safetensors file: {e}") from e
-  return {name: np.asarray(array, np.float32) for name, array in state.items()}
-
-
 def torch_name(path: str) -> str:
   """Flax path -> diffusers key (decoder/up_blocks_1/resnets_0/conv1/kernel ->
   decoder.up_blocks.1.resnets.0.conv1.weight)."""
@@ -137,7 +120,7 @@ def vqvae_from_folder(folder: str) -> Tuple[VQModel, Dict[str, Any]]:
   """The Flax VQModel and its variables {"params": ...} from a diffusers VQModel folder."""
   config_path, weights_path = _release_files(folder)
   model = model_from_config(config_path)
-  state = load_safetensors(weights_path)
+  state = common.load_safetensors(weights_path, "the diffusers safetensors weights")
   f = model.downsample_factor
   images = jnp.zeros((1, f, f, model.in_channels), jnp.float32)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
