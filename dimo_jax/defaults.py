@@ -17,6 +17,11 @@ def reference_config() -> ml_collections.ConfigDict:
   # devices (those `num_devices` picks, all by default).
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
   c.mixed_precision = "bf16"  # 'no' | 'bf16': compute dtype of the three networks
+  # Storage of the frozen teacher's parameters: 'bf16' halves its memory (the generator,
+  # auxiliary model, EMA and Adam states stay float32 whatever this says).
+  c.teacher_dtype = "fp32"  # 'fp32' | 'bf16'
+  # Recompute each transformer block in the backward pass instead of storing its activations.
+  c.gradient_checkpointing = False
   c.max_grad_norm = 1.0
   c.lr_scheduler_type = "constant_with_warmup"
   c.lr_warmup_steps = 100

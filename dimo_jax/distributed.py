@@ -81,3 +81,28 @@ def initialize(env: Mapping[str, str] = os.environ) -> None:
     jax.distributed.initialize()
   logging.info("process %d of %d (%s), %d local devices of %d", jax.process_index(),
                jax.process_count(), reason, jax.local_device_count(), jax.device_count())
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+  """Waits until every process reaches the barrier `name` (a no-op with one process).
+
+  It is the coordination service's barrier, not a collective over devices, so it may wait as
+  long as `timeout_s`. Collectives cannot: gloo gives a process group's first collective 30 s
+  for every member to arrive, less than two processes' compile times can differ on a loaded
+  machine.
+  """
+  if jax.process_count() == 1:
+    return
+  from orbax.checkpoint import multihost
+  multihost.sync_global_processes(name, timeout=timeout_s,
+                                  processes=set(range(jax.process_count())))
+
+
+def compile_together(fn, *args, name: str):
+  """`fn` (a jitted function) compiled for `args`; with several processes, returned only once
+  every process has compiled it, so that its first collective finds them all there."""
+  if jax.process_count() == 1:
+    return fn
+  compiled = fn.lower(*args).compile()
+  barrier(f"dimo_jax/compiled/{name}")
+  return compiled

@@ -26,8 +26,8 @@ PARAMS_DIR = "params"
 
 
 def module_config(module: nn.Module) -> Dict[str, Any]:
-  """The constructor fields of a Flax module that define its weights (not dtype, name, parent)."""
-  skip = {"parent", "name", "dtype", "param_dtype"}
+  """The constructor fields of a Flax module that define its weights (not dtype, remat, ...)."""
+  skip = {"parent", "name", "dtype", "param_dtype", "remat"}
   return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
           if f.init and f.name not in skip}
 

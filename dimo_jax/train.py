@@ -14,27 +14,38 @@ import functools
 import json
 import os
 import time
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 from absl import logging
 from clu import metric_writers
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from dimo_jax import data, distill, masking, parallel, sampling, teachers, visualize
+from dimo_jax import data, distill, distributed, masking, parallel, sampling, teachers, visualize
 
 _DTYPES = {"no": jnp.float32, "fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
+def _dtype(config: ml_collections.ConfigDict, key: str):
+  if config[key] not in _DTYPES:
+    raise ValueError(f"{key} must be one of {sorted(_DTYPES)}, got {config[key]!r}")
+  return _DTYPES[config[key]]
+
+
 def compute_dtype(config: ml_collections.ConfigDict):
-  if config.mixed_precision not in _DTYPES:
-    raise ValueError(f"mixed_precision must be one of {sorted(_DTYPES)}, "
-                     f"got {config.mixed_precision!r}")
-  return _DTYPES[config.mixed_precision]
+  """The dtype the networks compute in (`mixed_precision`); parameters stay float32."""
+  return _dtype(config, "mixed_precision")
+
+
+def hold_teacher(config: ml_collections.ConfigDict, teacher_params):
+  """The frozen teacher's parameters in `teacher_dtype`, each leaf where it was placed."""
+  dtype = _dtype(config, "teacher_dtype")
+  return jax.tree_util.tree_map(lambda x: x.astype(dtype), teacher_params)
 
 
 def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
@@ -45,7 +56,7 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
                                options=options)
 
 
-def _write_json(path: str, obj: Any) -> None:
+def write_json(path: str, obj: Any) -> None:
   """Writes `obj` as JSON through a temporary file, so `path` is never half-written.
 
   Only process 0 writes: every process of a multi-process run shares the workdir.
@@ -99,23 +110,33 @@ def generator_noise(config: ml_collections.ConfigDict, step: int) -> float:
 
 
 class Samplers:
-  """Jitted eval-mode samplers of the teacher (multi-step) and of a generator (one step)."""
+  """Jitted eval-mode samplers of the teacher (multi-step) and of a generator (one step).
 
-  def __init__(self, config: ml_collections.ConfigDict, teacher: teachers.Teacher):
+  A batch of labels is split over every device of `mesh` (all local devices when None) and the
+  codes come back replicated, so every process of a multi-process run holds all of them.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, teacher: teachers.Teacher,
+               mesh: Optional[Mesh] = None):
     self.config = config
     self.teacher_variables = teacher.variables
     model = teacher.model
+    mesh = parallel.make_mesh() if mesh is None else mesh
+    self._replicated = parallel.replicated(mesh)
+    self._labels = (parallel.batch_sharded(mesh)
+                    if config.eval_batch_size % parallel.batch_devices(mesh) == 0
+                    else self._replicated)
 
     def teacher_fn(variables):
       return lambda tokens, labels, drop: model.apply(variables, tokens, labels, drop)
 
-    @functools.partial(jax.jit, static_argnames="steps")
+    @functools.partial(jax.jit, static_argnames="steps", out_shardings=self._replicated)
     def teacher_sample(variables, rng, labels, steps):
       return sampling.maskgit_sample(
           teacher_fn(variables), rng, labels, model.seq_len, model.mask_id, steps,
           config.cfg_w, config.r_temp, config.sm_temp, config.sched_mode)
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=self._replicated)
     def generator_sample(params, rng, labels, sigma):
       def gen_fn(tokens, labels_, noise_rng):
         return model.apply(params, tokens, labels_, emb_noise=sigma, rngs={"noise": noise_rng})
@@ -132,7 +153,9 @@ class Samplers:
     for start in range(0, len(labels), size):
       chunk = labels[start:start + size]
       padded = np.pad(chunk, (0, size - len(chunk)))  # one compiled shape for every batch
-      codes = sample_fn(jax.random.fold_in(rng, start), jnp.asarray(padded))
+      # Host values placed on the mesh: every process passes the same, as jit requires.
+      key = jax.device_put(np.asarray(jax.random.fold_in(rng, start)), self._replicated)
+      codes = sample_fn(key, jax.device_put(padded.astype(np.int32), self._labels))
       out.append(np.asarray(codes)[: len(chunk)])
     return np.concatenate(out)
 
@@ -143,8 +166,8 @@ class Samplers:
 
   def generator(self, params, rng, labels, sigma: float) -> np.ndarray:
     """int32[N, L] codes from a generator in one step."""
-    return self._batched(
-        lambda r, l: self._generator_sample(params, r, l, jnp.float32(sigma)), rng, labels)
+    sigma = jax.device_put(np.float32(sigma), self._replicated)
+    return self._batched(lambda r, l: self._generator_sample(params, r, l, sigma), rng, labels)
 
 
 def timed(sample: Callable[[], np.ndarray]):
@@ -250,19 +273,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   config = config.copy_and_resolve_references()
   config.train_batch_size = global_batch_size(config, parallel.batch_devices(mesh))
   teacher = teachers.load(config.teacher_path, compute_dtype(config))
-  model = teacher.model
+  model = teacher.model.clone(remat=config.gradient_checkpointing)
   check_guidance(config, model)
   teacher_params = parallel.shard_params(teacher.variables, mesh)
-  # The samplers use the placed copy, so no whole teacher stays on one device.
-  teacher = dataclasses.replace(teacher, variables=teacher_params)
 
   manager = checkpoint_manager(workdir, config)
-  _write_json(os.path.join(workdir, "checkpoints", "config.json"), json.loads(config.to_json()))
+  write_json(os.path.join(workdir, "checkpoints", "config.json"), json.loads(config.to_json()))
+  # theta, psi and the EMA start from the float32 teacher before it is (maybe) cast down.
   state = initial_state(config, model, teacher_params, mesh, manager)
+  teacher_params = hold_teacher(config, teacher_params)
+  # The samplers use the placed copy, so no whole teacher stays on one device.
+  teacher = dataclasses.replace(teacher, variables=teacher_params)
   if int(state.step):
     logging.info("resumed from step %d", int(state.step))
-  step_fn = jit_train_step(config, model, mesh, state, teacher_params)
-  samplers = Samplers(config, teacher)
+  step_fn = distributed.compile_together(
+      jit_train_step(config, model, mesh, state, teacher_params), state, teacher_params,
+      name="train_step")
+  samplers = Samplers(config, teacher, mesh)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   dataset = data.get(config)
   classes = grid_classes(config, dataset.num_classes)
@@ -305,5 +332,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     return {}
   params = state.ema_params if config.eval_params == "ema" else state.gen_params
   metrics = evaluate(config, samplers, params, int(state.step), workdir, dataset, score)
-  _write_json(os.path.join(workdir, "metrics.json"), metrics)
+  write_json(os.path.join(workdir, "metrics.json"), metrics)
   return metrics

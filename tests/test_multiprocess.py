@@ -4,9 +4,11 @@ Each process is `python -m dimo_jax.main` with 2 simulated CPU devices, joined t
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (dimo_jax/distributed.py) and gloo
 collectives: a 4-device mesh over two processes. They stop after 2 steps, checkpoint from both
 processes into one workdir, and resume to step 4; the result must match one process with one
-device and the same global batch.
+device and the same global batch. Sample grids and the final evaluation sample with the batch
+split over both processes: the metrics must match too.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -22,10 +24,11 @@ from dimo_jax import train
 from tests.test_train import restore_latest, tiny_config, tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The run both sides make: global batch 8, checkpoints every 2 steps, no sampling.
+# The run both sides make: global batch 8, checkpoints and a one-step grid every 2 steps, a
+# final evaluation on 16 samples in batches of 8 (2 per device).
 OVERRIDES = dict(train_batch_size=8, max_train_steps=4, lr_warmup_steps=2, log_every=1,
-                 validation_steps=1000, validation_metrics=False, checkpointing_steps=2,
-                 final_eval=False)
+                 validation_steps=2, validation_metrics=False, checkpointing_steps=2,
+                 final_eval=True, eval_samples=16, eval_batch_size=8)
 
 
 def free_port() -> int:
@@ -65,10 +68,9 @@ def wait_all(procs, logs, timeout: float):
   return outputs
 
 
-def run_two_processes(teacher_path: str, workdir: str, max_train_steps: int,
-                      attempts: int = 2) -> None:
+def run_two_processes(teacher_path: str, workdir: str, attempts: int = 2, **overrides) -> None:
   """Runs `python -m dimo_jax.main` as processes 0 and 1 of one run, on 2 CPU devices each."""
-  flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "max_train_steps": max_train_steps,
+  flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, **overrides,
                                              "teacher_path": teacher_path}.items()]
   cmd = [sys.executable, "-m", "dimo_jax.main", "--config",
          os.path.join(REPO, "configs", "digits.py"), "--workdir", workdir] + flags
@@ -83,12 +85,14 @@ def run_two_processes(teacher_path: str, workdir: str, max_train_steps: int,
       logs.append(tempfile.TemporaryFile("w+"))
       procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=logs[-1],
                                     stderr=subprocess.STDOUT))
-    outputs = wait_all(procs, logs, timeout=180)
+    outputs = wait_all(procs, logs, timeout=420)
     failed = any(p.returncode for p in procs)
     if not (failed and attempt + 1 < attempts and any(_GLOO_TIMEOUT in o for o in outputs)):
       break
+  report = "\n".join(f"process {rank} (exit {p.returncode}):\n{out[-3000:]}"
+                     for rank, (p, out) in enumerate(zip(procs, outputs)))
   for rank, (p, out) in enumerate(zip(procs, outputs)):
-    assert p.returncode == 0, f"process {rank}:\n{out[-4000:]}"
+    assert p.returncode == 0, report
     assert f"process {rank} of 2" in out, out[-4000:]  # it joined the other one
 
 
@@ -99,10 +103,20 @@ def teacher_path(tmp_path_factory):
 
 def test_two_processes_with_a_resume_match_one(teacher_path, tmp_path):
   together, alone = str(tmp_path / "together"), str(tmp_path / "alone")
-  run_two_processes(teacher_path, together, max_train_steps=2)
+  run_two_processes(teacher_path, together, max_train_steps=2, final_eval=False)
   run_two_processes(teacher_path, together, max_train_steps=4)  # resumes at step 2
   config = tiny_config(teacher_path, **OVERRIDES)
-  train.train_and_evaluate(config, alone)
+  metrics_alone = train.train_and_evaluate(config, alone)
+
+  for name in ("samples/ema_step000002.png", "samples/ema_step000004.png",
+               "samples/comparison.png"):
+    assert os.path.isfile(os.path.join(together, name)), name
+  with open(os.path.join(together, "metrics.json")) as f:
+    metrics_together = json.load(f)
+  assert sorted(metrics_together) == sorted(metrics_alone)
+  for run, values in metrics_alone.items():
+    for key in ("fd", "accuracy"):
+      assert metrics_together[run][key] == pytest.approx(values[key], abs=1e-4), (run, key)
 
   step_a, a = restore_latest(together, config, teacher_path)
   step_b, b = restore_latest(alone, config, teacher_path)

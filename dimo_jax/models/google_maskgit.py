@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dimo_jax.models.maskgit import remat_layer
+
 Dtype = Any
 
 # BERT's LayerNorm epsilon, used by every LayerNorm of the release.
@@ -145,6 +147,7 @@ class GoogleMaskGIT(nn.Module):
       3072 in maskgit/configs/maskgit_class_cond_config.py).
     dropout: hidden and attention-probability dropout rate (0.1 in the release).
     dtype: compute dtype; parameters stay float32.
+    remat: gradient checkpointing of every TransformerLayer (values and parameters unchanged).
   """
   codebook_size: int
   num_classes: int
@@ -155,6 +158,7 @@ class GoogleMaskGIT(nn.Module):
   intermediate_size: int = 3072
   dropout: float = 0.1
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   # The release has no unconditional token: a guidance scale other than 1 has no meaning.
   supports_guidance = False
@@ -215,8 +219,9 @@ class GoogleMaskGIT(nn.Module):
     embed = Embed(self.vocab_size, self.seq_len + 1, self.hidden_size, self.dropout, self.dtype,
                   name="Embed_0")
     x = embed(ids, emb_noise, deterministic)
+    layer = remat_layer(TransformerLayer, self.remat)
     for i in range(self.num_layers):
-      x = TransformerLayer(self.num_heads, self.intermediate_size, self.dropout, self.dtype,
+      x = layer(self.num_heads, self.intermediate_size, self.dropout, self.dtype,
                            name=f"TransformerLayer_{i}")(x, deterministic)
     table = embed.variables["params"]["word_embeddings"]["embedding"]
     logits = MlmLayer(self.codebook_size, self.dtype, name="MlmLayer_0")(x[:, 1:], table)

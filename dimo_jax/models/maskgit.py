@@ -137,6 +137,8 @@ class MaskTransformer(nn.Module):
     hidden_dim, depth, num_heads, mlp_dim: transformer sizes (768, 24, 16, 3072 in the release).
     dropout: dropout rate everywhere (0.1 in the release).
     dtype: compute dtype; parameters stay float32.
+    remat: recompute each transformer layer's activations in the backward pass instead of
+      keeping them (gradient checkpointing); the parameter tree and the values are unchanged.
   """
   codebook_size: int
   num_classes: int
@@ -147,6 +149,7 @@ class MaskTransformer(nn.Module):
   mlp_dim: int = 3072
   dropout: float = 0.1
   dtype: Dtype = jnp.float32
+  remat: bool = False
 
   @property
   def mask_id(self) -> int:
@@ -205,7 +208,7 @@ class MaskTransformer(nn.Module):
 
     x = _Projection(self.hidden_dim, True, self.dropout, self.dtype, name="first_layer")(
         x, deterministic)
-    x = _Layers(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+    x = _Layers(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.remat,
                 name="transformer")(x, deterministic)
     x = _Projection(self.hidden_dim, False, self.dropout, self.dtype, name="last_layer")(
         x, deterministic)
@@ -225,10 +228,20 @@ class _Layers(nn.Module):
   mlp_dim: int
   dropout: float
   dtype: Dtype
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, deterministic):
+    layer = remat_layer(TransformerLayer, self.remat)
     for i in range(self.depth):
-      x = TransformerLayer(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
-                           name=f"layers_{i}")(x, deterministic)
+      x = layer(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+                name=f"layers_{i}")(x, deterministic)
     return x
+
+
+def remat_layer(layer_class, remat: bool):
+  """`layer_class`, wrapped in `nn.remat` when `remat` (its `deterministic` flag static).
+
+  Flax counts the module itself as argument 0, so `(x, deterministic)` are 1 and 2.
+  """
+  return nn.remat(layer_class, static_argnums=(2,)) if remat else layer_class
