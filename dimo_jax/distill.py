@@ -12,8 +12,10 @@ which is what one generator step of the reference's loop does:
               generator's probabilities)                              -> Adam step on psi
   EMA:        ema <- rate * ema + (1 - rate) * theta, rate = min(ema_decay, (1 + s) / (10 + s))
 
-The step takes no data: conditions are drawn from the state's key, so a run is a pure function
-of (config, teacher, seed) and a resumed run repeats an uninterrupted one exactly.
+A class-conditional step takes no data: labels are drawn from the state's key, so a run is a
+pure function of (config, teacher, seed) and a resumed run repeats an uninterrupted one exactly.
+A text-to-image step is fed its conditions (prompt encodings, see
+models/meissonic.TextConditioned) by the host: `train_step(state, teacher, conditions)`.
 """
 
 from typing import Any, Callable, Tuple
@@ -165,9 +167,11 @@ def make_train_step(config: ml_collections.ConfigDict, model: MaskTransformer,
     batch_constraint: applied to every batch-shaped array; on a mesh, a sharding constraint
       that splits the batch over the data axis.
   """
-  if config.mask_value != model.mask_id:
+  # Ours is V (the codebook size); a release with its own mask id may also be named by that.
+  mask_values = {model.mask_id, getattr(model, "reference_mask_value", model.mask_id)}
+  if config.mask_value not in mask_values:
     raise ValueError(f"mask_value {config.mask_value} does not match the model's mask id "
-                     f"{model.mask_id} (its codebook size)")
+                     f"({' or '.join(map(str, sorted(mask_values)))})")
   batch, seq_len, codebook = config.train_batch_size, model.seq_len, model.codebook_size
   mask_id = model.mask_id
   train = config.distill_dropout
@@ -195,19 +199,26 @@ def make_train_step(config: ml_collections.ConfigDict, model: MaskTransformer,
         config.gen_temp, config.top_k, config.top_p)
     return jax.lax.stop_gradient(codes), logits
 
-  def draw_labels(rng):
+  def draw_labels(rng, fed):
+    """The condition of a batch: `fed` (placed on the batch axis), else random class labels."""
+    if fed is not None:
+      return jax.tree_util.tree_map(batch_constraint, fed)
     return batch_constraint(
         jax.random.randint(rng, (batch,), 0, model.num_classes, dtype=jnp.int32))
 
-  def generator_loss(gen_params, aux_params, teacher_params, rng, sigma):
+  # What the teacher's unconditional branch sees may differ from the auxiliary model's (Di[M]O
+  # guides Meissonic with a negative prompt but drops the auxiliary condition to "").
+  teacher_condition = getattr(model, "teacher_condition", lambda labels: labels)
+
+  def generator_loss(gen_params, aux_params, teacher_params, rng, sigma, fed):
     label_rng, gen_rng, mask_rng, t_rng, f_rng = jax.random.split(rng, 5)
-    labels = draw_labels(label_rng)
+    labels = draw_labels(label_rng, fed)
     codes, gen_logits = generate(gen_params, gen_rng, labels, sigma)
     noisy, mask, ratio = masking.forward_mask(mask_rng, batch_constraint(codes),
                                               config.ratio_mode, mask_id)
     true_cfg = 1.0 + (config.true_cfg - 1.0) * ratio if config.adaptive_cfg else config.true_cfg
-    teacher_logits = sampling.guided_logits(logits_fn(teacher_params, t_rng), noisy, labels,
-                                            true_cfg)
+    teacher_logits = sampling.guided_logits(logits_fn(teacher_params, t_rng), noisy,
+                                            teacher_condition(labels), true_cfg)
     aux_logits = sampling.guided_logits(logits_fn(aux_params, f_rng), noisy, labels,
                                         config.fake_cfg_eval)
     teacher_logits, aux_logits = jax.lax.stop_gradient((teacher_logits, aux_logits))
@@ -223,9 +234,9 @@ def make_train_step(config: ml_collections.ConfigDict, model: MaskTransformer,
     return config.dm_loss_weight * loss, {"loss_dm": loss, "score_diff": jnp.mean(p_diff),
                                           "tv_masked": tv_masked}
 
-  def aux_loss(aux_params, gen_params, rng, sigma):
+  def aux_loss(aux_params, gen_params, rng, sigma, fed):
     label_rng, gen_rng, drop_rng, mask_rng, f_rng = jax.random.split(rng, 5)
-    labels = draw_labels(label_rng)
+    labels = draw_labels(label_rng, fed)
     codes, gen_logits = generate(gen_params, gen_rng, labels, sigma)
     gen_logits = jax.lax.stop_gradient(gen_logits)
     drop = (jax.random.uniform(drop_rng, (batch,)) < fake_drop
@@ -245,29 +256,38 @@ def make_train_step(config: ml_collections.ConfigDict, model: MaskTransformer,
       loss = config.alpha_fake * soft + (1.0 - config.alpha_fake) * hard
     return loss, {"loss_fake_hard": hard}
 
-  def train_step(state: DistillState, teacher_params: Params):
+  def train_step(state: DistillState, teacher_params: Params, conditions=None):
+    """One generator update and `fake_rounds` auxiliary updates.
+
+    `conditions`: None (class labels drawn from the state's key), or the fed conditions
+    {"generator": cond with leading axis B, "auxiliary": the same with leading axes
+    [fake_rounds, B]}, every leaf batch-leading as `model.apply` takes it.
+    """
     gen_tx, aux_tx = optimizers(config, state.gen_params, frozen_prefixes(model))
     rng, gen_rng, aux_rng = jax.random.split(state.rng, 3)
     iteration = state.step * config.fake_rounds
     sigma = masking.noise_level(config.noise_emb_perturb, iteration)
+    gen_fed, aux_fed = ((None, None) if conditions is None
+                        else (conditions["generator"], conditions["auxiliary"]))
 
     (loss_g, gen_metrics), grads = jax.value_and_grad(generator_loss, has_aux=True)(
-        state.gen_params, state.aux_params, teacher_params, gen_rng, sigma)
+        state.gen_params, state.aux_params, teacher_params, gen_rng, sigma, gen_fed)
     gen_params, gen_opt_state, gen_norm, gen_ok = _apply_if_finite(
         gen_tx, grads, state.gen_opt_state, state.gen_params, loss_g)
 
-    def aux_round(carry, round_index):
+    def aux_round(carry, inputs):
+      round_index, fed = inputs
       aux_params, aux_opt_state, skipped = carry
       round_sigma = masking.noise_level(config.noise_emb_perturb, iteration + round_index)
       (loss_f, _), grads = jax.value_and_grad(aux_loss, has_aux=True)(
-          aux_params, gen_params, jax.random.fold_in(aux_rng, round_index), round_sigma)
+          aux_params, gen_params, jax.random.fold_in(aux_rng, round_index), round_sigma, fed)
       aux_params, aux_opt_state, norm, ok = _apply_if_finite(
           aux_tx, grads, aux_opt_state, aux_params, loss_f)
       return (aux_params, aux_opt_state, skipped + (~ok).astype(jnp.int32)), (loss_f, norm)
 
     (aux_params, aux_opt_state, aux_skipped), (loss_f, aux_norm) = jax.lax.scan(
         aux_round, (state.aux_params, state.aux_opt_state, state.skipped[1]),
-        jnp.arange(config.fake_rounds))
+        (jnp.arange(config.fake_rounds), aux_fed))
 
     rate = ema_rate(config.ema_decay, state.step)
     do_ema = (state.step % config.ema_freq) == 0

@@ -103,8 +103,13 @@ def forward_mask(
   return jnp.where(mask, mask_id, tokens), mask, ratio
 
 
-def parse_fixed_ratio(fixed_ratio: str) -> Tuple[float, float]:
-  """`fix_0.6` -> (0.6, 0.6); `random_0.1_0.9` -> (0.1, 0.9): the range of r_init."""
+def parse_fixed_ratio(fixed_ratio) -> Tuple[float, float]:
+  """`fix_0.6` -> (0.6, 0.6); `random_0.1_0.9` -> (0.1, 0.9): the range of r_init.
+
+  A bare number (the Meissonic recipe writes `fixed_ratio: 0.5`) means `fix_<number>`.
+  """
+  if isinstance(fixed_ratio, (int, float)) and not isinstance(fixed_ratio, bool):
+    return float(fixed_ratio), float(fixed_ratio)
   parts = str(fixed_ratio).split("_")
   try:
     if parts[0] == "fix" and len(parts) == 2:
@@ -113,10 +118,11 @@ def parse_fixed_ratio(fixed_ratio: str) -> Tuple[float, float]:
       return float(parts[1]), float(parts[2])
   except ValueError:
     pass
-  raise ValueError(f"fixed_ratio must look like 'fix_0.6' or 'random_0.1_0.9', got {fixed_ratio!r}")
+  raise ValueError("fixed_ratio must look like 'fix_0.6', 'random_0.1_0.9' or 0.6, "
+                   f"got {fixed_ratio!r}")
 
 
-def sample_init_ratio(rng: jax.Array, fixed_ratio: str) -> jax.Array:
+def sample_init_ratio(rng: jax.Array, fixed_ratio) -> jax.Array:
   """r_init for one batch (the reference draws one value per batch): float32[]."""
   low, high = parse_fixed_ratio(fixed_ratio)
   if low == high:

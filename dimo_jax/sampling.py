@@ -1,11 +1,13 @@
 """Samplers: the teacher's multi-step confidence-based decoding and the one-step generator.
 
-A `LogitsFn` is `(tokens int32[B, L], labels int32[B], drop bool[B]) -> float32[B, L, V]`; the
-teacher, the generator and the auxiliary model all reduce to one with `functools.partial`.
+A `LogitsFn` is `(tokens int32[B, L], labels, drop bool[B]) -> float32[B, L, V]`; the teacher,
+the generator and the auxiliary model all reduce to one with `functools.partial`. `labels` is
+the condition: int32[B] class labels, or any pytree of batch-leading arrays (a text-to-image
+model's prompt encodings, see models/meissonic.TextConditioned).
 """
 
 import math
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -14,7 +16,16 @@ import numpy as np
 
 from dimo_jax import masking
 
-LogitsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
+LogitsFn = Callable[[jax.Array, Any, jax.Array], jax.Array]
+
+
+def condition_batch(labels: Any) -> int:
+  """B of a condition: the leading size of its (first) array."""
+  return jax.tree_util.tree_leaves(labels)[0].shape[0]
+
+
+def _twice(labels: Any) -> Any:
+  return jax.tree_util.tree_map(lambda x: jnp.concatenate([x, x]), labels)
 
 
 def guided_logits(logits_fn: LogitsFn, tokens: jax.Array, labels: jax.Array, cfg,
@@ -23,7 +34,7 @@ def guided_logits(logits_fn: LogitsFn, tokens: jax.Array, labels: jax.Array, cfg
 
   Args:
     logits_fn: see module docstring.
-    tokens: int32[B, L]; labels: int32[B].
+    tokens: int32[B, L]; labels: the condition (int32[B] or a pytree, see module docstring).
     cfg: guidance scale w, a Python float or float32[B] (adaptive guidance). A Python 1.0 skips
       the unconditional pass altogether.
     drop: bool[B], rows whose conditional branch is itself unconditional (condition dropout).
@@ -36,7 +47,7 @@ def guided_logits(logits_fn: LogitsFn, tokens: jax.Array, labels: jax.Array, cfg
     drop = jnp.zeros((batch,), bool)
   if isinstance(cfg, (int, float)) and cfg == 1:
     return logits_fn(tokens, labels, drop)
-  both = logits_fn(jnp.concatenate([tokens, tokens]), jnp.concatenate([labels, labels]),
+  both = logits_fn(jnp.concatenate([tokens, tokens]), _twice(labels),
                    jnp.concatenate([drop, jnp.ones((batch,), bool)]))
   cond, uncond = both[:batch], both[batch:]
   w = jnp.reshape(jnp.asarray(cfg, jnp.float32), (-1, 1, 1))
@@ -127,7 +138,7 @@ def maskgit_sample(
   Args:
     logits_fn: see module docstring.
     rng: PRNG key.
-    labels: int32[B].
+    labels: int32[B] or a condition pytree (module docstring).
     seq_len, mask_id: L and the mask token id.
     steps, cfg_w, r_temp, sm_temp, sched_mode: the reference's `sampling_step`, `cfg_w`,
       `r_temp`, `sm_temp` (a multiplier of the logits) and `sched_mode`.
@@ -135,7 +146,7 @@ def maskgit_sample(
   Returns:
     int32[B, L] codes, no mask left.
   """
-  batch = labels.shape[0]
+  batch = condition_batch(labels)
   schedule = jnp.asarray(unmask_schedule(steps, seq_len, sched_mode))
   ramp_den = max(steps - 1, 1)
 
@@ -181,7 +192,7 @@ def generator_sample(
     gen_logits_fn: `(tokens, labels, noise_rng) -> float32[B, L, V]`, the generator with its
       embedding noise already bound (the noise needs its own rng).
     rng: PRNG key.
-    labels: int32[B].
+    labels: int32[B] or a condition pytree (module docstring).
     seq_len, codebook_size, mask_id: L, V, M.
     fixed_ratio: r_init spec (`fix_0.6`, `random_0.1_0.9`).
     gen_temp, top_k, top_p: sampling of the generator's categorical.
@@ -191,6 +202,7 @@ def generator_sample(
   """
   ratio_rng, init_rng, noise_rng, sample_rng = jax.random.split(rng, 4)
   ratio = masking.sample_init_ratio(ratio_rng, fixed_ratio)
-  x_init = masking.init_tokens(init_rng, labels.shape[0], seq_len, codebook_size, ratio, mask_id)
+  x_init = masking.init_tokens(init_rng, condition_batch(labels), seq_len, codebook_size, ratio,
+                               mask_id)
   logits = gen_logits_fn(x_init, labels, noise_rng)
   return sample_tokens(sample_rng, logits, gen_temp, top_k, top_p), logits

@@ -32,6 +32,7 @@ Token ids are the release's: codebook ids in [0, codebook_size) and the mask id
 vocab_size - 1 (8255 in the release, whose table has vocab_size = 8256 rows).
 """
 
+import dataclasses
 import math
 from typing import Any, Optional, Sequence, Tuple
 
@@ -495,3 +496,80 @@ class MeissonicTransformer(nn.Module):
                        f"{height}x{width_tokens} token grid to {x.shape[1]}x{x.shape[2]}")
     logits = ConvMlmLayer(self.codebook_size, dt, name="mlm_layer")(x)
     return logits.reshape(batch, height * width_tokens, self.codebook_size).astype(jnp.float32)
+
+
+# Di[M]O's `fix_emb_layer` freezes these submodules of Meissonic's generator and auxiliary model.
+FROZEN_WITH_EMB = ("embed", "mlm_layer")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConditioned:
+  """A MeissonicTransformer behind the call the Di[M]O step and samplers make of every teacher.
+
+    apply(variables, tokens int32[B, L] (mask = V), cond, drop_label bool[B] | None,
+          emb_noise=..., deterministic=..., rngs=...) -> float32[B, L, V]
+
+  `cond` is a dict of batch-leading arrays: `hidden` float[B, T, joint_attention_dim] and
+  `pooled` float[B, P] (the prompt's text encoding), `uncond_hidden` / `uncond_pooled` (what a
+  dropped condition becomes: the empty prompt's encoding, or the negative prompt's for a guided
+  teacher) and `micro_conds` float32[B, 5]. Our mask id V (= codebook_size) is mapped to the
+  release's (vocab_size - 1); the timestep is Di[M]O's constant (see MeissonicTransformer).
+  The transformer has no dropout: `deterministic` is accepted and has no effect.
+  """
+  transformer: MeissonicTransformer
+  height: int
+  width: int
+  timestep: float = 0.0
+
+  supports_guidance = True
+  FROZEN_WITH_EMB = FROZEN_WITH_EMB
+
+  @property
+  def codebook_size(self) -> int:
+    return self.transformer.codebook_size
+
+  @property
+  def mask_id(self) -> int:
+    return self.codebook_size
+
+  @property
+  def seq_len(self) -> int:
+    return self.height * self.width
+
+  @property
+  def reference_mask_value(self) -> int:
+    """The release's mask id, what the reference's config calls `mask_value` (8255)."""
+    return self.transformer.mask_id
+
+  @staticmethod
+  def teacher_condition(cond):
+    """`cond` as the guided teacher sees it: its unconditional branch is the negative prompt
+    (`neg_hidden` / `neg_pooled`, when `cond` carries them: Di[M]O's `distil_neg_prompt`)."""
+    if "neg_hidden" not in cond:
+      return cond
+    return {**cond, "uncond_hidden": cond["neg_hidden"], "uncond_pooled": cond["neg_pooled"]}
+
+  def clone(self, **updates) -> "TextConditioned":
+    """A copy whose transformer has `updates` (e.g. remat=True)."""
+    return dataclasses.replace(self, transformer=self.transformer.clone(**updates))
+
+  def init(self, rngs, tokens, cond, drop_label=None, **kwargs):
+    return self._call(self.transformer.init, rngs, tokens, cond, drop_label, **kwargs)
+
+  def apply(self, variables, tokens, cond, drop_label=None, **kwargs):
+    return self._call(self.transformer.apply, variables, tokens, cond, drop_label, **kwargs)
+
+  def _call(self, fn, first, tokens, cond, drop_label, *, emb_noise=None, deterministic=True,
+            rngs=None):
+    del deterministic
+    batch = tokens.shape[0]
+    tokens = tokens.reshape(batch, self.height, self.width).astype(jnp.int32)
+    tokens = jnp.where(tokens == self.mask_id, self.transformer.mask_id, tokens)
+    hidden, pooled = cond["hidden"], cond["pooled"]
+    if drop_label is not None:
+      hidden = jnp.where(drop_label[:, None, None], cond["uncond_hidden"], hidden)
+      pooled = jnp.where(drop_label[:, None], cond["uncond_pooled"], pooled)
+    timestep = jnp.full((batch,), self.timestep, jnp.float32)
+    kwargs = {} if rngs is None else {"rngs": rngs}
+    return fn(first, tokens, hidden, pooled, cond["micro_conds"], timestep, emb_noise=emb_noise,
+              **kwargs)
