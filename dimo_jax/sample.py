@@ -4,8 +4,16 @@
       --steps 8 --cfg 3 --labels 1,7,282 --out teacher.png
   python -m dimo_jax.sample --generator runs/imagenet256 --teacher checkpoints/halton_maskgit \
       --tokenizer checkpoints/vqgan --labels 1,7,282 --out generator.png
+  python -m dimo_jax.sample --teacher checkpoints/meissonic --prompt "a red ball on a blue cube" \
+      --prompt "a boat in a cup of water" --out meissonic.png
+  python -m dimo_jax.sample --generator runs/meissonic --teacher checkpoints/meissonic \
+      --prompt-file prompts.txt --out generator.png
 
-The PNG holds one row per label and --samples-per-label columns of decoded images. --teacher
+The PNG holds one row per label (or prompt) and --samples-per-label columns of decoded images.
+A text-to-image teacher (a `meissonic` directory, whose VQ-VAE is the default --tokenizer) is
+sampled with the release's own sampler (`text_to_image.meissonic_sample`: 64 steps, guidance 9
+with --negative-prompt, the release's negative prompt unless given, Gumbel temperature 2 -> 0,
+the scheduler config's masking schedule); a generator distilled from it in one step. --teacher
 names the module (and, without --generator, the weights). --generator is a Di[M]O workdir, its
 `checkpoints/` directory (latest step) or one `checkpoints/<step>`; its EMA parameters are used
 unless --params generator, with the run's own config.json for x_init (fixed_ratio), the
@@ -17,7 +25,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -25,13 +33,21 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dimo_jax import data, defaults, modeldir, teachers, tokenizers, train, visualize
+from dimo_jax import (data, defaults, modeldir, teachers, text_to_image, tokenizers, train,
+                      visualize)
+from dimo_jax.data import prompts as prompt_files
+from dimo_jax.models.meissonic import TextConditioned
 
 _DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 # --params -> the field of distill.DistillState that holds those parameters.
 _STATE_FIELDS = {"ema": "ema_params", "generator": "gen_params"}
 # Teacher decoding flags and their defaults (those of configs/maskgit_imagenet256.py).
 _TEACHER_DEFAULTS = {"steps": 8, "cfg": 3.0, "temperature": 4.5, "sched": "arccos"}
+# The same flags for a text-to-image teacher: the release's sampler (its inference.py); the
+# temperature is where the Gumbel scale starts (it falls linearly to 0); the schedule, when not
+# given, is the one the scheduler config names.
+_TEXT_DEFAULTS = {"steps": text_to_image.SAMPLING_STEPS, "cfg": text_to_image.GUIDANCE_SCALE,
+                  "temperature": text_to_image.TEMPERATURE[0], "sched": None}
 
 
 def parse_labels(text: str, num_classes: int) -> np.ndarray:
@@ -75,15 +91,19 @@ def load_generator(path: str, model, which: str):
 
   Args:
     path: see `find_checkpoint`.
-    model: the teacher module; its parameter tree is the generator's.
+    model: the teacher module (a `TextConditioned` for a text-to-image teacher); its parameter
+      tree is the generator's.
     which: 'ema' or 'generator' (the raw parameters).
   """
   root, step = find_checkpoint(path)
   with open(os.path.join(root, "config.json")) as f:
     config = ml_collections.ConfigDict(json.load(f))
-  abstract = jax.eval_shape(lambda: model.init(
-      {"params": jax.random.PRNGKey(0)},
-      jnp.zeros((1, model.seq_len), jnp.int32), jnp.zeros((1,), jnp.int32)))
+  if isinstance(model, TextConditioned):
+    abstract = jax.eval_shape(lambda: text_to_image.init_variables(model))
+  else:
+    abstract = jax.eval_shape(lambda: model.init(
+        {"params": jax.random.PRNGKey(0)},
+        jnp.zeros((1, model.seq_len), jnp.int32), jnp.zeros((1,), jnp.int32)))
   # Only the one parameter tree is read, not the optimizer states and the other networks.
   field = _STATE_FIELDS[which]
   item = {field: abstract}
@@ -93,13 +113,75 @@ def load_generator(path: str, model, which: str):
   return jax.device_put(restored[field]), config, step
 
 
+def read_prompts(args: argparse.Namespace) -> List[str]:
+  """The prompts of --prompt (in order) then of --prompt-file (one a line)."""
+  prompts = list(args.prompt or [])
+  if args.prompt_file is not None:
+    prompts += prompt_files.read_prompt_file(args.prompt_file)
+  return prompts
+
+
+def _chunks(items: Sequence[str], size: int):
+  """(start, items[start:start + size] padded with its last item to `size`, real count)."""
+  for start in range(0, len(items), size):
+    chunk = list(items[start:start + size])
+    yield start, chunk + chunk[-1:] * (size - len(chunk)), len(chunk)
+
+
+def prompt_grid(args: argparse.Namespace, prompts: List[str]) -> np.ndarray:
+  """The grid of a text-to-image teacher or of its generator: one row a prompt."""
+  dtype = _DTYPES[args.dtype]
+  teacher = teachers.load(args.teacher, dtype)
+  tokenizer = tokenizers.load(args.tokenizer or args.teacher)
+  negative = (text_to_image.NEGATIVE_PROMPT if args.negative_prompt is None
+              else args.negative_prompt)
+  all_prompts = prompts * args.samples_per_label  # a block per column, as the labels
+  batch = min(args.batch_size, len(all_prompts))
+  rng = jax.random.PRNGKey(args.seed)
+
+  if args.generator is None:
+    flags = {name: _TEXT_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
+             for name in _TEXT_DEFAULTS}
+    schedule = flags["sched"] or teacher.masking_schedule
+    if schedule not in text_to_image.MASKING_SCHEDULES:
+      raise ValueError(f"--sched: the text-to-image sampler knows "
+                       f"{list(text_to_image.MASKING_SCHEDULES)}, got {schedule!r}")
+    sample = lambda key, cond: teacher.sample(key, cond, flags["steps"], flags["cfg"],
+                                              (flags["temperature"], 0.0), schedule)
+  else:
+    adapter = teacher.conditioned()
+    params, config, step = load_generator(args.generator, adapter, args.params)
+    sigma = np.float32(train.generator_noise(config, step))
+    sample = lambda key, cond: text_to_image.one_step_sample(
+        adapter, params, key, cond, config.fixed_ratio, sigma, config.gen_temp, config.top_k,
+        config.top_p)
+
+  codes = []
+  for start, chunk, count in _chunks(all_prompts, batch):
+    cond = teacher.condition(chunk, negative)
+    codes.append(np.asarray(sample(jax.random.fold_in(rng, start), cond))[:count])
+  images = data.decode_images(tokenizer, np.concatenate(codes), batch)
+  return visualize.image_grid(images, rows=len(prompts), scale=1)
+
+
 def sample_grid(args: argparse.Namespace) -> np.ndarray:
   """The grid the flags ask for: uint8[rows*(H+1)+1, cols*(W+1)+1, 3]."""
   for flag, path in (("--teacher", args.teacher), ("--tokenizer", args.tokenizer)):
-    if not os.path.isdir(path):
+    if path is not None and not os.path.isdir(path):
       raise FileNotFoundError(f"{flag}: {path} does not exist")
   dtype = _DTYPES[args.dtype]
   description = modeldir.read_description(args.teacher, "teacher")
+  prompts = read_prompts(args)
+  if description["kind"] == text_to_image.KIND:
+    if not prompts:
+      raise ValueError(f"--teacher {args.teacher} is a text-to-image teacher: give --prompt or "
+                       "--prompt-file, not --labels")
+    return prompt_grid(args, prompts)
+  if prompts:
+    raise ValueError(f"--prompt: --teacher {args.teacher} is a class-conditional "
+                     f"{description['kind']!r} teacher; give --labels")
+  if args.tokenizer is None:
+    raise ValueError("--tokenizer is required with a class-conditional teacher")
   model = teachers.build_model(description, dtype)
   labels = parse_labels(args.labels, model.num_classes)
   tokenizer = tokenizers.load(args.tokenizer)
@@ -132,23 +214,37 @@ def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m dimo_jax.sample", description=__doc__.splitlines()[0])
   parser.add_argument("--teacher", required=True, help="teacher directory (dimo_jax.convert)")
-  parser.add_argument("--tokenizer", required=True, help="tokenizer directory (dimo_jax.convert)")
+  parser.add_argument("--tokenizer", default=None,
+                      help="tokenizer directory (dimo_jax.convert); a text-to-image teacher's "
+                           "own VQ-VAE by default")
   parser.add_argument("--generator", default=None,
                       help="Di[M]O workdir or checkpoint: sample its generator in one step")
   parser.add_argument("--params", choices=sorted(_STATE_FIELDS), default="ema",
                       help="with --generator: the EMA or the raw generator parameters")
-  parser.add_argument("--labels", required=True, help="comma-separated class labels, one a row")
-  parser.add_argument("--samples-per-label", type=int, default=4, help="images a row")
+  parser.add_argument("--labels", default=None, help="comma-separated class labels, one a row")
+  parser.add_argument("--prompt", action="append", default=None,
+                      help="a prompt, one a row (text-to-image teacher; repeat the flag)")
+  parser.add_argument("--prompt-file", default=None,
+                      help="a file of prompts, one a line (after the --prompt ones)")
+  parser.add_argument("--negative-prompt", default=None,
+                      help="the text-to-image teacher's guidance prompt (default: the "
+                           "release's negative prompt; '' for none)")
+  parser.add_argument("--samples-per-label", type=int, default=4,
+                      help="images a row (a label's or a prompt's)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--steps", type=int, default=None,
-                      help=f"teacher decoding steps (default {_TEACHER_DEFAULTS['steps']})")
+                      help=f"teacher decoding steps (default {_TEACHER_DEFAULTS['steps']}; "
+                           f"text-to-image {_TEXT_DEFAULTS['steps']})")
   parser.add_argument("--cfg", type=float, default=None,
-                      help=f"teacher guidance cfg_w (default {_TEACHER_DEFAULTS['cfg']})")
+                      help=f"teacher guidance cfg_w (default {_TEACHER_DEFAULTS['cfg']}; "
+                           f"text-to-image {_TEXT_DEFAULTS['cfg']})")
   parser.add_argument("--temperature", type=float, default=None,
                       help="teacher confidence-noise temperature r_temp "
-                           f"(default {_TEACHER_DEFAULTS['temperature']})")
+                           f"(default {_TEACHER_DEFAULTS['temperature']}; text-to-image: the "
+                           f"starting Gumbel scale, {_TEXT_DEFAULTS['temperature']})")
   parser.add_argument("--sched", default=None,
-                      help=f"teacher unmasking schedule (default {_TEACHER_DEFAULTS['sched']})")
+                      help=f"teacher unmasking schedule (default {_TEACHER_DEFAULTS['sched']}; "
+                           "text-to-image: cosine or linear, the scheduler config's)")
   parser.add_argument("--batch-size", type=int, default=32, help="images sampled at once")
   parser.add_argument("--dtype", choices=sorted(_DTYPES), default="f32",
                       help="compute dtype of the transformer")
@@ -166,6 +262,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    "sampling is one step")
   if args.samples_per_label < 1 or args.batch_size < 1:
     parser.error("--samples-per-label and --batch-size must be at least 1")
+  has_prompts = args.prompt is not None or args.prompt_file is not None
+  if (args.labels is None) == (not has_prompts):
+    parser.error("give either --labels (class-conditional teacher) or --prompt / --prompt-file "
+                 "(text-to-image teacher)")
   try:
     grid = sample_grid(args)
   except (FileNotFoundError, ValueError) as e:

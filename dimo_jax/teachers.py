@@ -52,9 +52,15 @@ class Teacher:
     return self.model.apply(self.variables, tokens, labels, drop, deterministic=True)
 
 
-def load(src: str, dtype=jnp.float32) -> Teacher:
-  """Reads a teacher directory written by `save` (or by `python -m dimo_jax.convert`)."""
+def load(src: str, dtype=jnp.float32) -> Any:
+  """Reads a teacher directory written by `save` (or by `python -m dimo_jax.convert`).
+
+  A `meissonic` directory is a text-to-image teacher: `dimo_jax.text_to_image.TextTeacher`.
+  """
   description = modeldir.read_description(src, "teacher")
+  if description.get("kind") == "meissonic":
+    from dimo_jax import text_to_image
+    return text_to_image.load(src, dtype)
   model = build_model(description, dtype)
   variables = modeldir.restore(src, lambda: model.init(
       {"params": jax.random.PRNGKey(0)},

@@ -9,6 +9,7 @@ every parameter at init), and a `downsample_factor` property (H / h).
 """
 
 import dataclasses
+import os
 from typing import Any, Dict
 
 import flax.linen as nn
@@ -56,8 +57,11 @@ class Tokenizer:
 
 
 def load(src: str, dtype=jnp.float32) -> Tokenizer:
-  """Reads a tokenizer directory written by `python -m dimo_jax.convert`."""
+  """Reads a tokenizer directory written by `python -m dimo_jax.convert`, or the VQ-VAE inside
+  a `meissonic` model directory."""
   description = modeldir.read_description(src, "tokenizer")
+  if description.get("kind") == "meissonic":
+    return load(os.path.join(src, description["vqvae"]), dtype)
   cls = modeldir.module_class(_KINDS, description.get("kind"), "tokenizer")
   model = cls(**description["config"], dtype=dtype)
   f = model.downsample_factor

@@ -10,6 +10,8 @@ google-maskgit       flax msgpack maskgit_imagenet256_checkpoint                
 google-vqgan         flax msgpack tokenizer_imagenet256_checkpoint              tokenizers.load
 diffusers-vq         folder with config.json + diffusion_pytorch_model.safetensors
                      (diffusers VQModel: Meissonic's vqvae/, or the release root)  tokenizers.load
+meissonic            Meissonic release root (transformer/, vqvae/, text_encoder/, tokenizer/,
+                     scheduler/; diffusers layout) [--resolution 1024]   teachers.load, tokenizers.load
 fid-inception        pytorch-fid pt_inception-2015-12-05-6726825d.pth (state dict)   models.fid_inception.load
 clip                 folder with config.json + model.safetensors + vocab.json + merges.txt
                      (transformers CLIPModel, for CLIP score)       convert.clip.load_clip
@@ -29,6 +31,7 @@ CONVERTERS = {
     "google-maskgit": "dimo_jax.convert.google_maskgit:convert",
     "google-vqgan": "dimo_jax.convert.google_vqgan:convert",
     "diffusers-vq": "dimo_jax.convert.diffusers_vq:convert",
+    "meissonic": "dimo_jax.convert.meissonic:convert",
     "fid-inception": "dimo_jax.convert.fid_inception:convert",
     "clip": "dimo_jax.convert.clip:convert",
 }

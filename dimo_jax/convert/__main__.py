@@ -20,10 +20,13 @@ def main(argv=None) -> int:
                            "1024 + 1000")
   parser.add_argument("--num-classes", type=int, default=None,
                       help="halton-maskgit: classes C (see --codebook-size)")
+  parser.add_argument("--resolution", type=int, default=None,
+                      help="meissonic: image side in pixels (default 1024, the release's)")
   args = parser.parse_args(argv)
   options = {name: value for name, value in (("num_heads", args.num_heads),
                                              ("codebook_size", args.codebook_size),
-                                             ("num_classes", args.num_classes))
+                                             ("num_classes", args.num_classes),
+                                             ("resolution", args.resolution))
              if value is not None}
   try:
     converter(args.kind)(args.src, args.dst, **options)

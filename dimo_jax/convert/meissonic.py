@@ -10,18 +10,37 @@ the config implies; the key mapping is documented in that module.
 Config values that would make the release's code compute something the Flax module does not are
 refused: `guidance_embeds` true (a guidance embedding), `patch_size` other than 1.
 `in_channels` is stored by the release but unused by its forward, so it is ignored.
+
+`convert(src, dst)` (`python -m dimo_jax.convert meissonic --src SNAPSHOT --dst DST`) reads every
+sub-folder of the release and writes one model directory (`dimo_jax.modeldir`):
+
+  DST/model.json      kind "meissonic": the transformer's config, the token grid and image
+                      resolution, the scheduler's masking rule, provenance
+  DST/params/         the transformer's variables
+  DST/text_encoder/   model directory of the CLIP text tower (kind "clip-text")
+  DST/tokenizer/      the CLIP tokenizer files, copied (vocab.json, merges.txt, ...)
+  DST/vqvae/          tokenizer directory of the VQ-VAE (kind "diffusers-vq")
+
+`dimo_jax.teachers.load(DST)` returns the text-to-image teacher (`dimo_jax.text_to_image`) and
+`dimo_jax.tokenizers.load(DST)` the VQ-VAE. Everything is read and checked before anything is
+written; DST appears whole or not at all.
 """
 
 import json
 import os
 import re
+import shutil
+import tempfile
 from typing import Any, Dict, Iterable, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dimo_jax.convert import common
+from dimo_jax import clip_tokenizer, modeldir, tokenizers
+from dimo_jax.text_to_image import KIND, MASKING_SCHEDULES, PROMPT_LENGTH
+from dimo_jax.convert import clip as convert_clip
+from dimo_jax.convert import common, diffusers_vq
 from dimo_jax.convert.common import ConversionError
 from dimo_jax.models.meissonic import MeissonicTransformer
 
@@ -29,6 +48,19 @@ TRANSFORMER_SUBFOLDER = "transformer"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 INDEX_FILE = WEIGHTS_FILE + ".index.json"
+
+TEXT_ENCODER_KIND = "clip-text"
+# The release's sub-folders (diffusers layout); the model directory keeps the names of the three
+# it carries over.
+RELEASE_SUBFOLDERS = (TRANSFORMER_SUBFOLDER, diffusers_vq.RELEASE_SUBFOLDER,
+                      convert_clip.TEXT_ENCODER_SUBFOLDER, clip_tokenizer.RELEASE_SUBFOLDER,
+                      "scheduler")
+TEXT_ENCODER_DIR = convert_clip.TEXT_ENCODER_SUBFOLDER
+TOKENIZER_DIR = clip_tokenizer.RELEASE_SUBFOLDER
+VQVAE_DIR = diffusers_vq.RELEASE_SUBFOLDER
+SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
+# The pipeline's default image side in pixels (1024: 64 x 64 codes of the f16 VQ-VAE).
+DEFAULT_RESOLUTION = 1024
 
 # Transformer2DModel.__init__ defaults, for keys a config.json leaves out.
 _DEFAULTS = {
@@ -169,3 +201,111 @@ def transformer_from_folder(folder: str) -> Tuple[MeissonicTransformer, Dict[str
   weights_path, files = _weight_files(folder)
   state = load_safetensors(files)
   return model, {"params": params_from_state(weights_path, model, state)}
+
+
+def scheduler_from_config(path: str, mask_id: int) -> Dict[str, Any]:
+  """{"mask_token_id", "masking_schedule"} of `scheduler/scheduler_config.json`, checked against
+  the transformer's mask id (its last token row)."""
+  common.require_file(path, "the Meissonic scheduler config")
+  with open(path) as f:
+    try:
+      config = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ConversionError(f"{path} is not valid JSON: {e}") from e
+  if not isinstance(config, dict) or "mask_token_id" not in config:
+    raise ConversionError(f"{path}: expected a JSON object with 'mask_token_id'")
+  schedule = config.get("masking_schedule", "cosine")
+  if schedule not in MASKING_SCHEDULES:
+    raise ConversionError(f"{path}: masking_schedule {schedule!r} is not one of "
+                          f"{list(MASKING_SCHEDULES)}")
+  if config["mask_token_id"] != mask_id:
+    raise ConversionError(f"{path}: mask_token_id {config['mask_token_id']!r} is not the "
+                          f"transformer's mask id {mask_id} (vocab_size - 1)")
+  return {"mask_token_id": mask_id, "masking_schedule": schedule}
+
+
+def _check_parts(src: str, model: MeissonicTransformer, text, tokenizer, vqvae,
+                 resolution: int) -> Tuple[int, int]:
+  """Checks that the release's parts fit together; returns the token grid (h, w)."""
+  text_config = os.path.join(src, TEXT_ENCODER_DIR, CONFIG_FILE)
+  if text.hidden_size != model.joint_attention_dim:
+    raise ConversionError(f"{text_config}: hidden_size {text.hidden_size} is not the "
+                          f"transformer's joint_attention_dim {model.joint_attention_dim}")
+  if text.projection_dim != model.pooled_projection_dim:
+    raise ConversionError(f"{text_config}: projection_dim {text.projection_dim} is not the "
+                          f"transformer's pooled_projection_dim {model.pooled_projection_dim}")
+  if text.max_position_embeddings < PROMPT_LENGTH:
+    raise ConversionError(f"{text_config}: max_position_embeddings "
+                          f"{text.max_position_embeddings} is below the pipeline's prompt "
+                          f"length {PROMPT_LENGTH}")
+  largest_id = max(tokenizer.vocab.values())
+  if largest_id >= text.vocab_size:
+    raise ConversionError(f"{os.path.join(src, TOKENIZER_DIR)}: token id {largest_id} is beyond "
+                          f"the text encoder's vocab_size {text.vocab_size}")
+  vq_config = os.path.join(src, VQVAE_DIR, CONFIG_FILE)
+  if vqvae.num_vq_embeddings != model.codebook_size:
+    raise ConversionError(f"{vq_config}: num_vq_embeddings {vqvae.num_vq_embeddings} is not the "
+                          f"transformer's codebook_size {model.codebook_size}")
+  factor = vqvae.downsample_factor
+  side = resolution // factor
+  if resolution % factor or side < 1 or (model.downsample and side % 2):
+    raise ConversionError(f"resolution {resolution} must be a multiple of the VQ-VAE's "
+                          f"downsampling {factor}" + (", with an even number of codes a side "
+                                                      "(the transformer downsamples)"
+                                                      if model.downsample else ""))
+  return side, side
+
+
+def convert(src: str, dst: str, resolution: int = DEFAULT_RESOLUTION) -> None:
+  """Converts the Meissonic release at `src` (diffusers layout) into the model directory `dst`
+  (module docstring), for images of `resolution` x `resolution` pixels."""
+  for name in RELEASE_SUBFOLDERS:
+    if not os.path.isdir(os.path.join(src, name)):
+      raise ConversionError(f"{os.path.join(src, name)}: no such folder (a Meissonic release "
+                            f"holds {', '.join(n + '/' for n in RELEASE_SUBFOLDERS)})")
+  model, variables = transformer_from_folder(os.path.join(src, TRANSFORMER_SUBFOLDER))
+  scheduler = scheduler_from_config(os.path.join(src, SCHEDULER_CONFIG), model.mask_id)
+  text, text_variables = convert_clip.text_encoder_from_folder(
+      os.path.join(src, TEXT_ENCODER_DIR))
+  tokenizer_src = os.path.join(src, TOKENIZER_DIR)
+  try:
+    tokenizer = clip_tokenizer.load(tokenizer_src, max_length=PROMPT_LENGTH)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConversionError(str(e)) from e
+  vqvae, vqvae_variables = diffusers_vq.vqvae_from_folder(os.path.join(src, VQVAE_DIR))
+  grid = _check_parts(src, model, text, tokenizer, vqvae, resolution)
+
+  source = os.path.abspath(src)
+  description = {
+      "kind": KIND, "config": modeldir.module_config(model),
+      "resolution": resolution, "token_grid": list(grid), "scheduler": scheduler,
+      "text_encoder": TEXT_ENCODER_DIR, "tokenizer": TOKENIZER_DIR, "vqvae": VQVAE_DIR,
+      "source": {"format": "diffusers (Meissonic)", "folder": source},
+  }
+  dst = os.path.abspath(dst)
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+  try:
+    # Each part is written into one staging directory that becomes `dst` in a single rename.
+    inner = os.path.join(staging, "model")
+    modeldir.write(inner, description, variables)
+    modeldir.write(os.path.join(inner, TEXT_ENCODER_DIR),
+                   {"kind": TEXT_ENCODER_KIND, "config": modeldir.module_config(text),
+                    "source": {"format": "transformers CLIPTextModelWithProjection",
+                               "folder": os.path.join(source, TEXT_ENCODER_DIR)}},
+                   text_variables)
+    tokenizers.save(os.path.join(inner, VQVAE_DIR), vqvae, vqvae_variables,
+                    extra={"value_range": list(diffusers_vq.VALUE_RANGE),
+                           "source": {"format": "diffusers",
+                                      "folder": os.path.join(source, VQVAE_DIR)}})
+    os.makedirs(os.path.join(inner, TOKENIZER_DIR))
+    for name in convert_clip.TOKENIZER_FILES + convert_clip.OPTIONAL_TOKENIZER_FILES:
+      if os.path.isfile(os.path.join(tokenizer_src, name)):
+        shutil.copyfile(os.path.join(tokenizer_src, name),
+                        os.path.join(inner, TOKENIZER_DIR, name))
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    os.replace(inner, dst)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
