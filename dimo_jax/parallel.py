@@ -63,6 +63,11 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH))
 
 
+def batch_sharded_at(mesh: Mesh, axis: int) -> NamedSharding:
+  """Arrays whose axis `axis` is the batch (e.g. [rounds, B, ...] with axis 1), split there."""
+  return NamedSharding(mesh, P(*([None] * axis), BATCH))
+
+
 def batch_constraint(mesh: Mesh, batch_size: int) -> Callable[[jax.Array], jax.Array]:
   """Constrains a batch-shaped array to be split over every device of the mesh inside `jit`."""
   if batch_size % batch_devices(mesh):

@@ -117,10 +117,15 @@ class Samplers:
   """
 
   def __init__(self, config: ml_collections.ConfigDict, teacher: teachers.Teacher,
-               mesh: Optional[Mesh] = None):
+               mesh: Optional[Mesh] = None, model=None,
+               condition: Callable[[np.ndarray], Any] = lambda labels: labels):
+    """`model`: what the samplers call (default `teacher.model`; a text teacher's
+    `conditioned()` adapter); `condition`: labels int32[B] -> the model's condition (the labels
+    themselves, or a text dataset's prompt encodings)."""
     self.config = config
     self.teacher_variables = teacher.variables
-    model = teacher.model
+    self.condition = condition
+    model = teacher.model if model is None else model
     mesh = parallel.make_mesh() if mesh is None else mesh
     self._replicated = parallel.replicated(mesh)
     self._labels = (parallel.batch_sharded(mesh)
@@ -129,11 +134,14 @@ class Samplers:
 
     def teacher_fn(variables):
       return lambda tokens, labels, drop: model.apply(variables, tokens, labels, drop)
+    # Guided as in distillation (a text teacher against the negative prompt).
+    teacher_condition = getattr(model, "teacher_condition", lambda labels: labels)
 
     @functools.partial(jax.jit, static_argnames="steps", out_shardings=self._replicated)
     def teacher_sample(variables, rng, labels, steps):
       return sampling.maskgit_sample(
-          teacher_fn(variables), rng, labels, model.seq_len, model.mask_id, steps,
+          teacher_fn(variables), rng, teacher_condition(labels), model.seq_len, model.mask_id,
+          steps,
           config.cfg_w, config.r_temp, config.sm_temp, config.sched_mode)
 
     @functools.partial(jax.jit, out_shardings=self._replicated)
@@ -155,7 +163,9 @@ class Samplers:
       padded = np.pad(chunk, (0, size - len(chunk)))  # one compiled shape for every batch
       # Host values placed on the mesh: every process passes the same, as jit requires.
       key = jax.device_put(np.asarray(jax.random.fold_in(rng, start)), self._replicated)
-      codes = sample_fn(key, jax.device_put(padded.astype(np.int32), self._labels))
+      cond = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), self._labels),
+                                    self.condition(padded.astype(np.int32)))
+      codes = sample_fn(key, cond)
       out.append(np.asarray(codes)[: len(chunk)])
     return np.concatenate(out)
 
@@ -249,19 +259,44 @@ def initial_state(config: ml_collections.ConfigDict, model, teacher_params, mesh
   return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
 
 
-def jit_train_step(config: ml_collections.ConfigDict, model, mesh, state, teacher_params
-                   ) -> Callable:
-  """`distill.make_train_step` jitted to keep `state` and `teacher_params` where they are.
+def jit_train_step(config: ml_collections.ConfigDict, model, mesh, state, teacher_params,
+                   conditions=None) -> Callable:
+  """`distill.make_train_step` jitted to keep `state`, `teacher_params` (and the fed
+  `conditions` of a text-to-image run, see `place_conditions`) where they are.
 
   The state's buffers are donated: the step updates them in place.
   """
   where = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)
+  in_shardings = (where(state), where(teacher_params))
+  if conditions is not None:
+    in_shardings += (where(conditions),)
   return jax.jit(
       distill.make_train_step(config, model,
                               parallel.batch_constraint(mesh, config.train_batch_size)),
-      in_shardings=(where(state), where(teacher_params)),
+      in_shardings=in_shardings,
       out_shardings=(where(state), parallel.replicated(mesh)),
       donate_argnums=0)
+
+
+def place_conditions(conditions, indices: Dict[str, np.ndarray], mesh) -> Dict[str, Any]:
+  """The step's fed conditions on the mesh, each process gathering only its devices' rows.
+
+  Args:
+    conditions: a `data.prompts.PromptConditions` (`condition(indices) -> cond dict`).
+    indices: {"generator": int[B], "auxiliary": int[rounds, B]} prompt indices, the same in
+      every process (`PromptConditions.draw`).
+  """
+  row = {k: v.shape[1:] for k, v in conditions.condition(np.zeros((1,), np.int64)).items()}
+
+  def place(idx: np.ndarray) -> Dict[str, jax.Array]:
+    sharding = parallel.batch_sharded_at(mesh, idx.ndim - 1)
+    def leaf(key):
+      return jax.make_array_from_callback(
+          idx.shape + row[key], sharding,
+          lambda where: conditions.condition(idx[where[:idx.ndim]])[key])
+    return {key: leaf(key) for key in row}
+
+  return {name: place(np.asarray(idx)) for name, idx in indices.items()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -273,9 +308,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   config = config.copy_and_resolve_references()
   config.train_batch_size = global_batch_size(config, parallel.batch_devices(mesh))
   teacher = teachers.load(config.teacher_path, compute_dtype(config))
-  model = teacher.model.clone(remat=config.gradient_checkpointing)
+  dataset = data.get(config)
+  # A text-to-image teacher is called through its adapter, with prompt encodings fed per step.
+  text = hasattr(teacher, "conditioned")
+  if text and not hasattr(dataset, "conditions"):
+    raise ValueError(f"{config.teacher_path} is a text-to-image teacher: config.dataset must "
+                     f"name prompts ('prompts' or 'digits_text'), not {config.get('dataset')!r}")
+  plain_model = teacher.conditioned() if text else teacher.model
+  model = plain_model.clone(remat=config.gradient_checkpointing)
   check_guidance(config, model)
   teacher_params = parallel.shard_params(teacher.variables, mesh)
+
+  def fed(step: int):
+    """The conditions step `step` is fed (a text-to-image run), placed on the mesh."""
+    if not text:
+      return ()
+    indices = dataset.train_conditions(step, config.train_batch_size, config.fake_rounds)
+    return (place_conditions(dataset.conditions, indices, mesh),)
 
   manager = checkpoint_manager(workdir, config)
   write_json(os.path.join(workdir, "checkpoints", "config.json"), json.loads(config.to_json()))
@@ -286,12 +335,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   teacher = dataclasses.replace(teacher, variables=teacher_params)
   if int(state.step):
     logging.info("resumed from step %d", int(state.step))
+  example = fed(int(state.step))
   step_fn = distributed.compile_together(
-      jit_train_step(config, model, mesh, state, teacher_params), state, teacher_params,
-      name="train_step")
-  samplers = Samplers(config, teacher, mesh)
+      jit_train_step(config, model, mesh, state, teacher_params, *example),
+      state, teacher_params, *example, name="train_step")
+  samplers = Samplers(config, teacher, mesh, model=plain_model,
+                      condition=dataset.condition if text else (lambda labels: labels))
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  dataset = data.get(config)
   classes = grid_classes(config, dataset.num_classes)
   grid_labels = np.repeat(classes, 8)
   labels = eval_labels(config, dataset.num_classes)
@@ -303,7 +353,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
                   total=config.max_train_steps, desc="Di[M]O", mininterval=2.0,
                   disable=jax.process_index() > 0)
   for step in progress:
-    state, metrics = step_fn(state, teacher_params)
+    state, metrics = step_fn(state, teacher_params, *fed(step))
     done = step + 1
     if done % config.log_every == 0 or done == config.max_train_steps:
       scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -6,7 +6,11 @@ Each gives what pretraining, the sample grids and the final evaluation need:
   images:       tokens int[N, L] -> float32[N, h, w] (grey) or [N, H, W, 3] (RGB) in [0, 1]
   make_scorer:  () -> (tokens, labels) -> {metric: float}; digits: fd and accuracy in a trained
                 classifier's features, synthetic: true_nll, mode_coverage and in_mode,
-                imagenet256: none yet (an empty dict).
+                imagenet256: none (an empty dict: FID is dimo_jax/evaluate.py's).
+Text-to-image datasets ('prompts', 'digits_text') add what their teacher is conditioned on:
+  conditions:        data.prompts.PromptConditions (the prompts' encodings)
+  condition:         labels int[N] -> the cond dict of models/meissonic.TextConditioned
+  train_conditions:  (step, batch, rounds) -> the prompt indices the step is fed
 """
 
 import dataclasses
@@ -144,6 +148,63 @@ class ImageNet256:
     return lambda tokens, labels: {}
 
 
+@dataclasses.dataclass(frozen=True)
+class TextPrompts:
+  """The prompts a text-to-image teacher is distilled on (`config.prompts`, see
+  data/prompts.config_prompts), encoded once by the teacher's own text encoder.
+
+  A "label" is a prompt's index: `condition(indices)` is what the step and the samplers are
+  conditioned on, `train_conditions(step, ...)` the prompts step `step` draws. Pictures are the
+  teacher's VQ-VAE decodes; there is no image metric in the run (see dimo_jax/evaluate.py).
+  """
+  config: ml_collections.ConfigDict
+
+  @functools.cached_property
+  def teacher(self):
+    from dimo_jax import text_to_image
+    return text_to_image.load(self.config.teacher_path)
+
+  @functools.cached_property
+  def conditions(self):
+    from dimo_jax.data import prompts
+    c, teacher = self.config, self.teacher
+    texts = prompts.config_prompts(c) + [""]
+    encoder = (teacher.text_encoder, teacher.text_variables)
+    negative = c.negative_prompt if c.distil_neg_prompt else ""
+    if c.get("prompt_cache"):
+      embeddings = prompts.cached_prompt_embeddings(c.prompt_cache, encoder, teacher.tokenizer,
+                                                    texts, negative)
+    else:
+      embeddings = prompts.encode_prompts(encoder, teacher.tokenizer, texts, negative)
+    return prompts.PromptConditions(embeddings, tuple(c.micro_conds), c.distil_neg_prompt,
+                                    c.global_seed)
+
+  @property
+  def num_classes(self) -> int:
+    return self.conditions.num_prompts
+
+  @property
+  def seq_len(self) -> int:
+    return self.teacher.seq_len
+
+  @property
+  def codebook_size(self) -> int:
+    return self.teacher.codebook_size
+
+  def condition(self, indices) -> Dict[str, np.ndarray]:
+    return self.conditions.condition(indices)
+
+  def train_conditions(self, step: int, batch: int, rounds: int) -> Dict[str, np.ndarray]:
+    return self.conditions.draw(step, batch, rounds)
+
+  def images(self, tokens) -> np.ndarray:
+    from dimo_jax import tokenizers
+    return decode_images(tokenizers.load(self.config.teacher_path), tokens)
+
+  def make_scorer(self) -> Scorer:
+    return lambda tokens, labels: {}
+
+
 def get(config: ml_collections.ConfigDict):
   """The dataset a config names: 'digits', 'synthetic' (with `config.synthetic`) or
   'imagenet256' (with `config.tokenizer_path`)."""
@@ -154,4 +215,10 @@ def get(config: ml_collections.ConfigDict):
     return Synthetic(config.synthetic)
   if name == "imagenet256":
     return ImageNet256(config.tokenizer_path)
-  raise ValueError(f"unknown dataset {name!r}; known: 'digits', 'synthetic', 'imagenet256'")
+  if name == "prompts":
+    return TextPrompts(config)
+  if name == "digits_text":
+    from dimo_jax.data import digit_prompts
+    return digit_prompts.from_config(config)
+  raise ValueError(f"unknown dataset {name!r}; known: 'digits', 'synthetic', 'imagenet256', "
+                   "'prompts', 'digits_text'")

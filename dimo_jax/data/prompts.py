@@ -20,7 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import flax
 import flax.linen as nn
@@ -335,3 +335,53 @@ def cached_prompt_embeddings(cache_path: str, text_encoder: TextEncoder, tokeniz
   if jax.process_index() == 0:
     _write_cache(cache_path, key, embeddings)
   return embeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptConditions:
+  """The conditions a text-to-image Di[M]O run feeds its step and samplers, from encodings.
+
+  Built from the encodings of N prompts plus the empty prompt as their LAST row (what a dropped
+  condition becomes) and the negative prompt (`embeddings.neg_*`, what the guided teacher's
+  unconditional branch sees when `distil_neg_prompt`; else the empty prompt's).
+
+  Attributes:
+    embeddings: PromptEmbeddings of prompts + [""] (host numpy arrays).
+    micro_conds: float32[5], the release's (resolution, resolution, 0, 0, 6).
+    distil_neg_prompt: guide the teacher against the negative prompt (else against "").
+    seed: the stream of prompt draws; step s always draws the same prompts.
+  """
+  embeddings: PromptEmbeddings
+  micro_conds: Tuple[float, ...]
+  distil_neg_prompt: bool = True
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.embeddings.prompts[-1:] != ("",):
+      raise ValueError("PromptConditions needs the empty prompt as the last encoded prompt")
+
+  @property
+  def num_prompts(self) -> int:
+    """N, the prompts that can be drawn (the empty prompt is not one of them)."""
+    return len(self.embeddings.prompts) - 1
+
+  def condition(self, indices) -> Dict[str, np.ndarray]:
+    """The `TextConditioned` cond dict of the prompts `indices` int[...]: arrays [..., ...]."""
+    indices = np.asarray(indices)
+    if indices.size and (indices.min() < 0 or indices.max() >= self.num_prompts):
+      raise ValueError(f"prompt indices must be in [0, {self.num_prompts}), got "
+                       f"[{indices.min()}, {indices.max()}]")
+    e = self.embeddings
+    like = lambda row: np.broadcast_to(row, indices.shape + row.shape)
+    neg_hidden, neg_pooled = ((e.neg_hidden, e.neg_pooled) if self.distil_neg_prompt
+                              else (e.hidden[-1], e.pooled[-1]))
+    return {"hidden": e.hidden[indices], "pooled": e.pooled[indices],
+            "uncond_hidden": like(e.hidden[-1]), "uncond_pooled": like(e.pooled[-1]),
+            "neg_hidden": like(neg_hidden), "neg_pooled": like(neg_pooled),
+            "micro_conds": like(np.asarray(self.micro_conds, np.float32))}
+
+  def draw(self, step: int, batch: int, rounds: int) -> Dict[str, np.ndarray]:
+    """Prompt indices of step `step`: {"generator": int[B], "auxiliary": int[rounds, B]}."""
+    rng = np.random.default_rng((self.seed, step))
+    return {"generator": rng.integers(0, self.num_prompts, batch),
+            "auxiliary": rng.integers(0, self.num_prompts, (rounds, batch))}

@@ -1,0 +1,111 @@
+"""configs/meissonic_1024.py, and a text-to-image Di[M]O run from a converted tiny release."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import meissonic_1024
+from dimo_jax import train
+from dimo_jax.convert import meissonic
+from dimo_jax.models.meissonic import MeissonicTransformer
+from tests.test_text_to_image import RESOLUTION, V, _write_snapshot
+
+# Issue #4's list: the reference configs/DIMO_Meissonic.yaml and train_DIMO_Meissonic.py.
+RECIPE = {
+    "generator_lr": 1e-6, "fake_lr": 1e-6, "fixed_ratio": "fix_0.5",
+    "noise_emb_perturb": "fix_0.3", "distil_loss_type": "Jeffreys_0.", "ratio_mode": "cosine",
+    "ratio_mode_fake": "cosine", "true_cfg": 4.0, "distil_neg_prompt": True,
+    "micro_conds": (1024.0, 1024.0, 0.0, 0.0, 6.0), "ema_decay": 0.9999,
+    "mixed_precision": "bf16", "gradient_checkpointing": True, "per_device_batch": 4,
+    "max_train_steps": 20000, "lr_warmup_steps": 100, "max_grad_norm": 1.0,
+    "loss_reduction": "sum", "fix_emb_layer": True, "mask_value": 8255, "dataset": "prompts",
+}
+
+
+def test_the_config_is_the_reference_recipe():
+  config = meissonic_1024.get_config()
+  assert {key: config[key] for key in RECIPE} == RECIPE
+  assert config.negative_prompt.startswith("worst quality, low quality, low res, blurry")
+  # 1024 x 1024 pictures: 64 x 64 tokens over 8192 codes, the release's mask id 8255.
+  release = MeissonicTransformer()
+  assert (release.codebook_size, release.mask_id) == (8192, 8255)
+  assert config.micro_conds[:2] == (1024.0, 1024.0)
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+  root = tmp_path_factory.mktemp("meissonic")
+  _write_snapshot(str(root / "release"))
+  meissonic.convert(str(root / "release"), str(root / "converted"), resolution=RESOLUTION)
+  return str(root / "converted")
+
+
+def tiny_config(teacher_path, workdir, **overrides):
+  c = meissonic_1024.get_config()
+  with open(os.path.join(workdir, "prompts.txt"), "w") as f:
+    f.write("a red ball\n\na blue cube on a table\na boat\nthe sea at night\n")
+  c.teacher_path = teacher_path
+  c.prompts.file = os.path.join(workdir, "prompts.txt")
+  c.prompt_cache = os.path.join(workdir, "prompt_embeddings.npz")
+  c.mask_value = V
+  c.per_device_batch = -1
+  c.train_batch_size = 4
+  c.max_train_steps = 2
+  c.generator_lr = c.fake_lr = 1e-3
+  c.lr_warmup_steps = 0
+  c.log_every = 1
+  c.validation_steps = 2
+  c.checkpointing_steps = 2
+  c.sampling_step = 2
+  c.grid_classes = (0, 1)
+  c.final_eval = True
+  c.update(overrides)
+  return c
+
+
+def test_a_text_run_trains_samples_and_checkpoints(teacher_path, tmp_path):
+  workdir = str(tmp_path)
+  config = tiny_config(teacher_path, workdir)
+  metrics = train.train_and_evaluate(config, workdir)
+  assert sorted(metrics) == ["generator_1step", "teacher_1step", "teacher_2step"]
+  assert all(m["sec_per_image"] > 0 for m in metrics.values())
+  for name in ("samples/ema_step000002.png", "samples/comparison.png", "prompt_embeddings.npz",
+               "metrics.json"):
+    assert os.path.isfile(os.path.join(workdir, name)), name
+  step, state = restore(workdir, config)
+  assert step == 2
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))),
+                                 state["gen_params"], state["ema_params"])
+  assert max(jax.tree_util.tree_leaves(moved)) > 0  # the generator trained, the EMA lags it
+  assert max(jax.tree_util.tree_leaves(jax.tree_util.tree_map(
+      lambda a, b: float(np.max(np.abs(a - b))), state["gen_params"]["params"]["embed"],
+      state["ema_params"]["params"]["embed"]))) == 0  # fix_emb_layer: embed frozen
+
+
+def restore(workdir, config):
+  """The latest checkpoint as a plain tree (no abstract state needed)."""
+  manager = train.checkpoint_manager(workdir, config)
+  step = manager.latest_step()
+  return step, manager.restore(step)
+
+
+def test_fed_conditions_are_split_over_the_batch_axis(teacher_path, tmp_path):
+  from dimo_jax import data, parallel
+  config = tiny_config(teacher_path, str(tmp_path))
+  dataset = data.get(config)
+  mesh = parallel.make_mesh(1)
+  indices = dataset.train_conditions(5, 4, 2)
+  placed = train.place_conditions(dataset.conditions, indices, mesh)
+  expected = {name: dataset.condition(idx) for name, idx in indices.items()}
+  for name in ("generator", "auxiliary"):
+    for key, value in expected[name].items():
+      np.testing.assert_array_equal(np.asarray(placed[name][key]), value)
+  assert placed["auxiliary"]["hidden"].shape[:2] == (2, 4)
+  assert dataset.num_classes == 4  # the blank line is not a prompt
+  # The empty prompt is what a dropped condition becomes, the negative prompt the teacher's.
+  cond = dataset.condition(np.array([0]))
+  assert not np.allclose(cond["uncond_hidden"], cond["neg_hidden"])
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+      lambda x: x.shape[0] == 1, cond))
