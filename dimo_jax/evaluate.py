@@ -1,18 +1,23 @@
-"""Sample-quality evaluation as the papers report it: N samples, FID, IS and PRDC (issue #5).
+"""Sample-quality evaluation as the papers report it: N samples, FID, IS, PRDC and CLIP score
+(issue #5).
 
   python -m dimo_jax.evaluate --config configs/maskgit_imagenet256.py --workdir runs/imagenet256 \
       --inception checkpoints/fid_inception --ref VIRTUAL_imagenet256_labeled.npz \
       [--checkpoint runs/imagenet256/checkpoints/50000] [--params ema|generator] \
       [--teacher_steps 8 --config.cfg_w=3] [--num_samples 50000] [--save_npz] [--save_png]
+  python -m dimo_jax.evaluate --config configs/meissonic_1024.py --workdir runs/meissonic \
+      --clip checkpoints/clip --prompts coco_prompts.txt [--teacher_steps 64 [--cfg 9]] \
+      [--inception checkpoints/fid_inception --ref coco_ref.npz] [--num_samples 30000]
   python -m dimo_jax.evaluate stats --inception checkpoints/fid_inception \
       (--images DIR | --tfds imagenet2012:validation) --image_size 256 --out ref.npz
 
-Evaluation draws `num_samples` class-balanced labels (N / C of each class, in the order
-0, 1, ..., C-1, 0, 1, ... so every contiguous split of the Inception Score is balanced too) and
-samples them with the Di[M]O generator of `--checkpoint` (default: the workdir) in one step, or
-with the teacher at `--teacher_steps` decoding steps and the config's guidance (`cfg_w`,
-`r_temp`, `sched_mode`). Every global batch is split over all devices of all processes (the
-config's mesh); sample i always gets the same random numbers, whatever the device count.
+Class-conditional evaluation draws `num_samples` (default 50 000) class-balanced labels (N / C
+of each class, in the order 0, 1, ..., C-1, 0, 1, ... so every contiguous split of the Inception
+Score is balanced too) and samples them with the Di[M]O generator of `--checkpoint` (default:
+the workdir) in one step, or with the teacher at `--teacher_steps` decoding steps and the
+config's guidance (`cfg_w` or --cfg, `r_temp`, `sched_mode`). Every global batch is split over
+all devices of all processes (the config's mesh); sample i always gets the same random numbers,
+whatever the device count.
 
   imagenet256: codes are decoded by the config's tokenizer, quantized to uint8 (the images a
       saved .npz holds, so ADM's evaluation suite on that file sees the same pictures) and fed
@@ -20,6 +25,19 @@ config's mesh); sample i always gets the same random numbers, whatever the devic
       precision, recall, density and coverage (k = 5) against the reference features.
   digits, synthetic: the dataset's own scorer on the codes (fd and accuracy; true_nll,
       mode_coverage and in_mode).
+
+Text-to-image evaluation (dataset 'prompts', a `meissonic` teacher) draws one sample per prompt
+of the prompt set: the config's `prompts` (data/prompts.config_prompts), or the file --prompts
+names (one prompt a line) in their place; with --num_samples, the prompts repeat round-robin
+(sample i has prompt i mod P) up to that count. Each process builds the prompt encodings of its
+own devices' rows only. The generator samples in one step (its run's x_init ratio, embedding
+noise and temperature); the teacher with the release's sampler (`text_to_image.meissonic_sample`,
+--teacher_steps steps, guidance --cfg, default the release's 9, against the config's
+`negative_prompt`). Codes are decoded by the teacher's VQ-VAE and quantized to uint8. Reported:
+clip_score, the mean over samples of 100 * max(cos, 0) between the CLIP image embedding of the
+sample (the uint8 image, CLIP's own preprocessing) and the text embedding of its prompt, with
+the model --clip names (`python -m dimo_jax.convert clip`); and fid, is and PRDC as above when
+--inception and --ref are given.
 
 --ref is an .npz with `mu` and `sigma` (pool-feature statistics), as ADM's reference batches
 (VIRTUAL_imagenet256_labeled.npz) and `stats` write. PRDC uses its `features` when present
@@ -30,7 +48,9 @@ images too.
 Results go to W/eval_<tag>.json (tag: the checkpoint step, `<step>_generator` for the raw
 parameters, `teacher_<n>step` for the teacher), to TensorBoard under `eval_<tag>/`, and as a
 table row on stdout. --save_npz writes W/samples_<tag>.npz (`arr_0` uint8[N, H, W, 3] and
-`arr_1` int32[N] labels, ADM's layout) and --save_png W/samples_<tag>/<index>.png.
+`arr_1` int32[N] labels, ADM's layout; for text, prompt indices) and --save_png
+W/samples_<tag>/<index>.png; for text, either also writes W/samples_<tag>_prompts.txt, the
+prompt of sample i on line i + 1 (line breaks inside a prompt written as spaces).
 """
 
 import dataclasses
@@ -39,7 +59,7 @@ import math
 import os
 import time
 import zipfile
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 from clu import metric_writers
@@ -53,8 +73,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dimo_jax import (data, distributed, metrics, modeldir, parallel, sample, sampling, teachers,
-                      train, visualize)
+                      text_to_image, tokenizers, train, visualize)
 from dimo_jax.data.digits import class_balanced_labels
+from dimo_jax.models import clip as clip_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PARAMS = ("ema", "generator")  # --params: the EMA or the raw generator parameters
@@ -64,10 +85,11 @@ PARAMS = ("ema", "generator")  # --params: the EMA or the raw generator paramete
 class Sampler:
   """What is sampled: parameters placed on the mesh, the jittable sampling function, names.
 
-  `fn(params, rng, labels int32[B]) -> codes int32[B, L]`.
+  `fn(params, rng, cond) -> codes int32[B, L]`; cond: labels int32[B], or for a text-to-image
+  teacher the `TextConditioned` cond dict of batch-leading arrays.
   """
   params: Any
-  fn: Callable[[Any, jax.Array, jax.Array], jax.Array]
+  fn: Callable[[Any, jax.Array, Any], jax.Array]
   tag: str  # names the output files
   description: str  # names the row of the table
   steps: int
@@ -91,9 +113,32 @@ def teacher_sampler(config: ml_collections.ConfigDict, teacher: teachers.Teacher
                  f"teacher, {steps} steps, cfg_w {config.cfg_w:g}", steps, 0)
 
 
+def text_teacher_sampler(teacher: text_to_image.TextTeacher, model, steps: int,
+                         cfg: float) -> Sampler:
+  """The release's sampler (`text_to_image.meissonic_sample`) at `steps` steps and guidance
+  `cfg`, against the negative prompt the cond dict carries (`neg_hidden`, `neg_pooled`), with
+  the release's Gumbel temperature and the scheduler config's masking schedule.
+
+  model: the teacher's `TextConditioned` adapter in the compute dtype.
+  """
+  schedule = teacher.masking_schedule
+
+  def fn(variables, rng, cond):
+    return text_to_image.meissonic_sample(
+        text_to_image.adapter_logits_fn(model, variables), rng, model.teacher_condition(cond),
+        model.seq_len, model.mask_id, steps, cfg, text_to_image.TEMPERATURE, schedule)
+
+  return Sampler(teacher.variables, fn, f"teacher_{steps}step",
+                 f"teacher, {steps} steps, cfg {cfg:g}", steps, 0)
+
+
 def generator_sampler(checkpoint: str, model, which: str) -> Sampler:
   """The Di[M]O generator at `checkpoint` (see `sample.find_checkpoint`) in one step, with its
-  run's x_init ratio, embedding noise at that step and sampling temperature."""
+  run's x_init ratio, embedding noise at that step and sampling temperature.
+
+  model: the teacher's module (a `TextConditioned` adapter for a text-to-image teacher, whose
+  generator ignores the cond dict's unconditional and negative entries: it is never guided).
+  """
   params, run, step = sample.load_generator(checkpoint, model, which)
   sigma = train.generator_noise(run, step)
 
@@ -126,6 +171,24 @@ def sharded_batch(values: np.ndarray, size: int, mesh) -> jax.Array:
                                       lambda index: padded[index])
 
 
+def sharded_condition(condition: Callable[[np.ndarray], Dict[str, np.ndarray]],
+                      labels: np.ndarray, size: int, mesh) -> Dict[str, jax.Array]:
+  """The cond dict of labels[B <= size] (padded with label 0 to `size` rows), split over the
+  mesh's devices like `sharded_batch`: each process calls `condition` on its devices' rows only.
+
+  condition: labels int[n] -> {name: array[n, ...]} (e.g. `PromptConditions.condition`).
+  """
+  padded = np.concatenate([labels, np.zeros((size - len(labels),), labels.dtype)])
+  shapes = {name: value.shape[1:] for name, value in condition(padded[:1]).items()}
+  sharding = parallel.batch_sharded(mesh)
+
+  def leaf(name):
+    return jax.make_array_from_callback(
+        (size,) + shapes[name], sharding, lambda index: condition(padded[index[:1]])[name])
+
+  return {name: leaf(name) for name in shapes}
+
+
 def gather(tree: Any, count: int) -> Any:
   """The first `count` rows of every batch-sharded leaf, as numpy arrays on every process."""
   return jax.tree_util.tree_map(lambda x: np.asarray(x)[:count],
@@ -147,20 +210,22 @@ def features_fn(extractor) -> Callable[[Any, jax.Array], Tuple[jax.Array, jax.Ar
       variables, images.astype(jnp.float32) / 255.0)
 
 
-def make_pipeline(sampler: Sampler, mesh, tokenizer=None, extractor=None) -> Callable:
-  """The jitted batch: (params, aux, seed, index, labels) -> {"codes"[, "images", "pool",
-  "logits"]}, every output split over the mesh like `labels`.
+def make_pipeline(sampler: Sampler, mesh, tokenizer=None, extractor=None, clip=None) -> Callable:
+  """The jitted batch: (params, aux, seed, index, cond) -> {"codes"[, "images", "pool",
+  "logits", "clip"]}, every output split over the mesh like `cond`.
 
-  aux: {"tokenizer", "extractor"} variables (or None without them). The key of batch `index`
-  is fold_in(PRNGKey(seed), index): made inside, so every process derives the same one.
+  aux: {"tokenizer", "extractor", "clip"} variables (None without them; "clip" those of the
+  CLIP vision tower of `clip`, a convert.clip.Clip). The output "clip" is the CLIP image
+  embedding float32[B, P] of each uint8 image. The key of batch `index` is
+  fold_in(PRNGKey(seed), index): made inside, so every process derives the same one.
   """
   featurize = features_fn(extractor) if extractor is not None else None
   if tokenizer is not None:
     low, high = data.value_range(tokenizer.description)
 
-  def run(params, aux, seed, index, labels):
+  def run(params, aux, seed, index, cond):
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), index)
-    codes = sampler.fn(params, rng, labels)
+    codes = sampler.fn(params, rng, cond)
     out = {"codes": codes}
     if tokenizer is not None:
       side = math.isqrt(codes.shape[1])
@@ -169,6 +234,10 @@ def make_pipeline(sampler: Sampler, mesh, tokenizer=None, extractor=None) -> Cal
       out["images"] = to_uint8((pictures.astype(jnp.float32) - low) / (high - low))
       if featurize is not None:
         out["pool"], out["logits"] = featurize(aux["extractor"], out["images"])
+      if clip is not None:
+        pixels = clip_model.preprocess(out["images"].astype(jnp.float32) / 255.0,
+                                       clip.vision.image_size)
+        out["clip"] = clip.vision.apply(aux["clip"], pixels)
     return out
 
   return jax.jit(run, out_shardings=parallel.batch_sharded(mesh))
@@ -210,40 +279,49 @@ class NpzWriter:
 
 def generate(sampler: Sampler, labels: np.ndarray, mesh, batch_size: int, seed: int,
              tokenizer=None, extractor=None,
-             sink: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None
-             ) -> Dict[str, Any]:
+             sink: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None,
+             condition: Optional[Callable[[np.ndarray], Dict[str, np.ndarray]]] = None,
+             clip=None) -> Dict[str, Any]:
   """Samples every label, a global batch at a time; gathers the results on every process.
 
   Args:
     sampler: see `Sampler`; its params already placed on `mesh`.
-    labels: int32[N].
+    labels: int32[N] (class labels, or prompt indices with `condition`).
     mesh: the device mesh; `batch_size` must be a multiple of its device count.
     seed: batch b uses the key fold_in(PRNGKey(seed), b).
     tokenizer, extractor: decode codes to images, and images to Inception features.
     sink: called on process 0 as sink(start, {"codes"[, "images" uint8[b, H, W, 3]]}) for
       every batch.
+    condition: labels -> the sampler's cond dict (`sharded_condition`); None: the labels are
+      the condition.
+    clip: a convert.clip.Clip whose image tower embeds the decoded images.
 
   Returns:
     {"codes": int32[N, L], "pool": float32[N, F], "logits": float32[N, C] (the last two with
-    an extractor), "images_per_second": rate after the first batch (which compiles; None
-    with one batch)}.
+    an extractor), "clip": float32[N, P] (with clip), "images_per_second": rate after the
+    first batch (which compiles; None with one batch)}.
   """
   if batch_size % parallel.batch_devices(mesh):
     raise ValueError(f"the batch {batch_size} does not split over the "
                      f"{parallel.batch_devices(mesh)} devices of the mesh")
-  pipeline = make_pipeline(sampler, mesh, tokenizer, extractor)
+  if (extractor is not None or clip is not None) and tokenizer is None:
+    raise ValueError("image metrics need the decoded images: pass the tokenizer")
+  pipeline = make_pipeline(sampler, mesh, tokenizer, extractor, clip)
   aux = parallel.replicate({
       "tokenizer": None if tokenizer is None else tokenizer.variables,
-      "extractor": None if extractor is None else extractor.variables}, mesh)
-  keep = ("codes",) if extractor is None else ("codes", "pool", "logits")
+      "extractor": None if extractor is None else extractor.variables,
+      "clip": None if clip is None else clip.variables["vision"]}, mesh)
+  keep = ("codes",) + (() if extractor is None else ("pool", "logits"))
+  keep += () if clip is None else ("clip",)
   parts = {name: [] for name in keep}
   progress = tqdm(total=len(labels), unit="img", desc=f"eval_{sampler.tag}", mininterval=2.0,
                   disable=jax.process_index() > 0)
   started, timed = None, 0
   for index, start in enumerate(range(0, len(labels), batch_size)):
     chunk = labels[start:start + batch_size]
-    out = pipeline(sampler.params, aux, np.uint32(seed), np.int32(index),
-                   sharded_batch(chunk, batch_size, mesh))
+    cond = (sharded_batch(chunk, batch_size, mesh) if condition is None
+            else sharded_condition(condition, chunk, batch_size, mesh))
+    out = pipeline(sampler.params, aux, np.uint32(seed), np.int32(index), cond)
     wanted = {name: out[name] for name in keep}
     if sink is not None and "images" in out:
       wanted["images"] = out["images"]
@@ -392,7 +470,7 @@ def image_metrics(pool: np.ndarray, logits: np.ndarray,
 
 
 _TABLE_COLUMNS = (("fid", "FID"), ("is", "IS"), ("precision", "Prec."), ("recall", "Rec."),
-                  ("density", "Dens."), ("coverage", "Cov."))
+                  ("density", "Dens."), ("coverage", "Cov."), ("clip_score", "CLIP"))
 
 
 def table(result: Dict[str, Any]) -> str:
@@ -407,10 +485,112 @@ def table(result: Dict[str, Any]) -> str:
                     "| " + " | ".join(row) + " |"])
 
 
+def is_text_teacher(config: ml_collections.ConfigDict) -> bool:
+  """Whether the config's teacher is a text-to-image (`meissonic`) model directory."""
+  description = modeldir.read_description(config.teacher_path, "teacher")
+  return description.get("kind") == text_to_image.KIND
+
+
+def prompt_config(config: ml_collections.ConfigDict,
+                  prompts: Optional[str] = None) -> ml_collections.ConfigDict:
+  """The config whose `prompts` dataset evaluation reads: `prompts` (a file) in place of the
+  config's own prompt source, and the teacher's unconditional branch the config's negative
+  prompt. The run's prompt cache is read only when it holds exactly these encodings; other
+  prompts are encoded afresh and not cached (an evaluation set is encoded once)."""
+  config = config.copy_and_resolve_references()
+  if prompts is not None or not config.distil_neg_prompt:
+    config.prompt_cache = None
+    config.distil_neg_prompt = True
+  if prompts is not None:
+    config.prompts.file, config.prompts.tfds, config.prompts.limit = prompts, None, None
+  return config
+
+
+def prompt_source(config: ml_collections.ConfigDict) -> str:
+  """Where `config.prompts` reads its prompts: the file, or 'tfds:name:split/field'."""
+  spec = config.prompts
+  if spec.get("file"):
+    return spec.file
+  return f"tfds:{spec.tfds}:{spec.get('tfds_split', 'train')}/{spec.get('tfds_field')}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TextEvaluation:
+  """What a text-to-image evaluation samples (module docstring).
+
+  Attributes:
+    sampler: the generator's or the teacher's (`params` not yet placed on a mesh).
+    labels: int32[N], the prompt index of each sample.
+    prompts: the P prompts.
+    condition: prompt indices int[n] -> the `TextConditioned` cond dict (host arrays).
+    tokenizer: the teacher's VQ-VAE.
+    source: where the prompts come from (a file, or a tfds field).
+  """
+  sampler: Sampler
+  labels: np.ndarray
+  prompts: Tuple[str, ...]
+  condition: Callable[[np.ndarray], Dict[str, np.ndarray]]
+  tokenizer: Any
+  source: str
+
+
+def text_evaluation(config: ml_collections.ConfigDict, checkpoint: str, params: str,
+                    teacher_steps: int = 0, cfg: Optional[float] = None,
+                    prompts: Optional[str] = None,
+                    num_samples: Optional[int] = None) -> TextEvaluation:
+  """The prompts, their conditions and the sampler of a text-to-image evaluation.
+
+  Args:
+    config: the run's config (dataset 'prompts', a `meissonic` teacher).
+    checkpoint: the Di[M]O checkpoint (see `sample.find_checkpoint`), unused for the teacher.
+    params: 'ema' or 'generator'.
+    teacher_steps: > 0 samples the teacher with the release's sampler at this many steps.
+    cfg: the teacher's guidance scale (default the release's 9).
+    prompts: a prompt file replacing the config's prompt source.
+    num_samples: N (default P, every prompt once).
+  """
+  if config.get("dataset") != "prompts":
+    raise ValueError(f"{config.teacher_path} is a text-to-image teacher: evaluation reads its "
+                     f"prompts from dataset 'prompts', not {config.get('dataset')!r}")
+  config = prompt_config(config, prompts)
+  dataset = data.get(config)
+  conditions, teacher = dataset.conditions, dataset.teacher
+  model = teacher.conditioned().clone(dtype=train.compute_dtype(config))
+  if teacher_steps:
+    sampler = text_teacher_sampler(teacher, model, teacher_steps,
+                                   text_to_image.GUIDANCE_SCALE if cfg is None else cfg)
+  else:
+    sampler = generator_sampler(checkpoint, model, params)
+  count = conditions.num_prompts
+  labels = (np.arange(num_samples or count) % count).astype(np.int32)
+  return TextEvaluation(sampler, labels, tuple(conditions.embeddings.prompts[:-1]),
+                        conditions.condition, tokenizers.load(config.teacher_path),
+                        prompt_source(config))
+
+
+def prompt_embeds(clip, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+  """float32[P, D]: the CLIP text embedding of every prompt, `batch_size` at a time (the last
+  batch padded with its last prompt, so one shape is compiled)."""
+  out = []
+  for start in range(0, len(prompts), batch_size):
+    chunk = list(prompts[start:start + batch_size])
+    padded = chunk + chunk[-1:] * (batch_size - len(chunk))
+    out.append(np.asarray(clip.text_embeds(padded), np.float32)[:len(chunk)])
+  return np.concatenate(out)
+
+
+def clip_score(image_embeds: np.ndarray, text_embeds: np.ndarray) -> float:
+  """The mean over samples of 100 * max(cos, 0): float[N, D] and float[N, D] -> float."""
+  return float(np.mean(np.asarray(clip_model.clip_score(image_embeds, text_embeds),
+                                  np.float64)))
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Optional[str] = None,
-             params: Optional[str] = None, teacher_steps: int = 0, num_samples: int = 50000,
-             seed: int = 0, batch_size: int = 0, extractor=None, reference: Optional[str] = None,
-             save_png: bool = False, save_npz: bool = False) -> Dict[str, Any]:
+             params: Optional[str] = None, teacher_steps: int = 0,
+             num_samples: Optional[int] = None, seed: int = 0, batch_size: int = 0,
+             extractor=None, reference: Optional[str] = None, save_png: bool = False,
+             save_npz: bool = False, clip=None, prompts: Optional[str] = None,
+             cfg: Optional[float] = None) -> Dict[str, Any]:
   """Samples, scores and writes one evaluation (see the module docstring); returns its result.
 
   Args:
@@ -419,52 +599,84 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
     checkpoint: a Di[M]O workdir, its checkpoints/ or one checkpoints/<step>.
     params: 'ema' or 'generator' (default: config.eval_params).
     teacher_steps: > 0 evaluates the teacher at this many steps instead of the generator.
-    num_samples, seed: N and the sampling seed.
+    num_samples: N (default 50 000; text-to-image: every prompt once).
+    seed: the sampling seed.
     batch_size: the global batch (default config.eval_batch_size), rounded up to a multiple
       of the device count.
     extractor: the FID network (`.model`, `.variables`), required on imagenet256.
     reference: the reference .npz, required on imagenet256.
     save_png, save_npz: keep the samples.
+    clip: a convert.clip.Clip (`load_clip`) for CLIP score (text-to-image).
+    prompts: a prompt file replacing the config's prompts (text-to-image).
+    cfg: the teacher's guidance scale (default: config.cfg_w; text-to-image: 9).
   """
   params = params or config.get("eval_params", "ema")
   if params not in PARAMS:
     raise ValueError(f"params must be one of {PARAMS}, got {params!r}")
-  if num_samples < 1 or teacher_steps < 0:
+  if (num_samples is not None and num_samples < 1) or teacher_steps < 0:
     raise ValueError(f"expected num_samples >= 1 and teacher_steps >= 0, found {num_samples} "
                      f"and {teacher_steps}")
-  dataset = data.get(config)
-  images_mode = isinstance(dataset, data.ImageNet256)
-  if images_mode and (extractor is None or reference is None):
-    raise ValueError(f"dataset {config.dataset!r} is scored with the FID Inception network: "
-                     "pass --inception and --ref")
+  if cfg is not None and not teacher_steps:
+    raise ValueError("cfg is the teacher's guidance: the generator samples unguided in one step "
+                     "(pass teacher_steps)")
   mesh = parallel.make_mesh(config.num_devices, config.mesh.data, config.mesh.fsdp)
   batch_size = global_batch(batch_size or config.eval_batch_size, mesh)
-  dtype = train.compute_dtype(config)
-  if teacher_steps:
-    teacher = teachers.load(config.teacher_path, dtype)
-    model, sampler = teacher.model, teacher_sampler(config, teacher, teacher_steps)
+  condition, text = None, None
+  if is_text_teacher(config):
+    if (extractor is None) != (reference is None):
+      raise ValueError("FID of text-to-image samples needs both --inception and --ref")
+    if clip is None and extractor is None:
+      raise ValueError("nothing to score text-to-image samples with: pass --clip (CLIP score) "
+                       "and/or --inception with --ref (FID)")
+    text = text_evaluation(config, checkpoint or workdir, params, teacher_steps, cfg, prompts,
+                           num_samples)
+    dataset, sampler, labels = None, text.sampler, text.labels
+    condition, tokenizer, images_mode = text.condition, text.tokenizer, extractor is not None
   else:
-    # Only the module: the checkpoint's parameters replace the teacher's.
-    model = teachers.build_model(modeldir.read_description(config.teacher_path, "teacher"),
-                                 dtype)
-    sampler = generator_sampler(checkpoint or workdir, model, params)
+    if prompts is not None or clip is not None:
+      raise ValueError(f"prompts and CLIP score are for text-to-image teachers; "
+                       f"{config.teacher_path} is class-conditional")
+    dataset = data.get(config)
+    images_mode = isinstance(dataset, data.ImageNet256)
+    if images_mode and (extractor is None or reference is None):
+      raise ValueError(f"dataset {config.dataset!r} is scored with the FID Inception network: "
+                       "pass --inception and --ref")
+    dtype = train.compute_dtype(config)
+    if teacher_steps:
+      if cfg is not None:
+        config = config.copy_and_resolve_references()
+        config.cfg_w = cfg
+      teacher = teachers.load(config.teacher_path, dtype)
+      model, sampler = teacher.model, teacher_sampler(config, teacher, teacher_steps)
+    else:
+      # Only the module: the checkpoint's parameters replace the teacher's.
+      model = teachers.build_model(modeldir.read_description(config.teacher_path, "teacher"),
+                                   dtype)
+      sampler = generator_sampler(checkpoint or workdir, model, params)
+    tokenizer = dataset.tokenizer if images_mode else None
+    labels = class_balanced_labels(num_samples or 50000, model.num_classes)
   sampler = dataclasses.replace(sampler, params=parallel.shard_params(sampler.params, mesh))
-  tokenizer = dataset.tokenizer if images_mode else None
   ref = load_reference(reference, extractor, mesh, batch_size) if images_mode else None
 
-  labels = class_balanced_labels(num_samples, model.num_classes)
   os.makedirs(workdir, exist_ok=True)
-  sink = SampleSink(workdir, sampler.tag, dataset, labels, save_png, save_npz)
+  sink = SampleSink(workdir, sampler.tag, dataset, labels, save_png, save_npz,
+                    None if text is None else [text.prompts[i] for i in labels])
   out = generate(sampler, labels, mesh, batch_size, seed, tokenizer,
-                 extractor if images_mode else None, sink if sink.active else None)
+                 extractor if images_mode else None, sink if sink.active else None,
+                 condition=condition, clip=clip)
   sink.close()
-  if images_mode:
-    scores = image_metrics(out["pool"], out["logits"], ref)
-  else:
+  scores = {}
+  if text is None and not images_mode:
     scores = dataset.make_scorer()(out["codes"], labels)
+  if images_mode:
+    scores.update(image_metrics(out["pool"], out["logits"], ref))
+  if clip is not None:
+    scores["clip_score"] = clip_score(out["clip"], prompt_embeds(clip, text.prompts)[labels])
   result = {"sampler": sampler.description, "steps": sampler.steps, "step": sampler.step,
-            "num_samples": num_samples, "seed": seed, "reference": reference,
+            "num_samples": len(labels), "seed": seed, "reference": reference,
             "images_per_second": out["images_per_second"], "metrics": scores}
+  if text is not None:
+    result.update(prompts=text.source, num_prompts=len(text.prompts))
   train.write_json(os.path.join(workdir, f"eval_{sampler.tag}.json"), result)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_scalars(sampler.step, {f"eval_{sampler.tag}/{k}": v for k, v in scores.items()})
@@ -473,14 +685,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
 
 
 class SampleSink:
-  """Keeps the samples on process 0: W/samples_<tag>/<index>.png and/or W/samples_<tag>.npz.
+  """Keeps the samples on process 0: W/samples_<tag>/<index>.png and/or W/samples_<tag>.npz,
+  and for text-to-image W/samples_<tag>_prompts.txt (sample i's prompt on line i + 1).
 
   Toy datasets have no decoder on the device: their pictures are `dataset.images(codes)`,
   grey levels repeated over three channels.
   """
 
   def __init__(self, workdir: str, tag: str, dataset, labels: np.ndarray, save_png: bool,
-               save_npz: bool):
+               save_npz: bool, prompts: Optional[List[str]] = None):
     self.dataset, self.labels = dataset, labels
     self.active = save_png or save_npz
     writer = jax.process_index() == 0
@@ -489,6 +702,9 @@ class SampleSink:
       os.makedirs(self.png_dir, exist_ok=True)
     self.npz = (NpzWriter(os.path.join(workdir, f"samples_{tag}.npz"), len(labels))
                 if save_npz and writer else None)
+    if prompts is not None and self.active and writer:
+      with open(os.path.join(workdir, f"samples_{tag}_prompts.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(" ".join(prompt.splitlines()) + "\n" for prompt in prompts))
 
   def __call__(self, start: int, batch: Dict[str, np.ndarray]) -> None:
     images = batch.get("images")
@@ -527,13 +743,22 @@ _PARAMS = flags.DEFINE_enum("params", None, PARAMS, "The EMA or the raw generato
                             "(default: the config's eval_params).")
 _TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 0, "Evaluate the teacher at this many "
                                       "decoding steps instead of the generator.")
-_NUM_SAMPLES = flags.DEFINE_integer("num_samples", 50000, "Samples to draw, class-balanced.")
+_NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Samples to draw: class-balanced "
+                                    "(default 50000), or text-to-image prompts round-robin "
+                                    "(default: every prompt once).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Global batch (default: the config's "
                                    "eval_batch_size), rounded up to a multiple of the devices.")
 _INCEPTION = flags.DEFINE_string("inception", None, "FID Inception directory "
                                  "(python -m dimo_jax.convert fid-inception).")
 _REF = flags.DEFINE_string("ref", None, "Reference .npz: mu and sigma, and features or arr_0.")
+_CFG = flags.DEFINE_float("cfg", None, "With --teacher_steps: the teacher's guidance scale "
+                          "(default: the config's cfg_w; text-to-image: the release's 9, against "
+                          "the config's negative_prompt).")
+_CLIP = flags.DEFINE_string("clip", None, "Text-to-image: CLIP model directory for CLIP score "
+                            "(python -m dimo_jax.convert clip).")
+_PROMPTS = flags.DEFINE_string("prompts", None, "Text-to-image: a prompt file (one a line) in "
+                               "place of the config's prompts.")
 _SAVE_PNG = flags.DEFINE_bool("save_png", False, "Save every sample as a PNG.")
 _SAVE_NPZ = flags.DEFINE_bool("save_npz", False, "Save the samples as one .npz (ADM's layout).")
 _IMAGES = flags.DEFINE_string("images", None, "stats: a folder of images (searched recursively).")
@@ -549,6 +774,13 @@ def load_extractor(path: Optional[str]):
     return None
   from dimo_jax.models import fid_inception  # only image datasets need the network
   return fid_inception.load(path)
+
+
+def load_clip(path: Optional[str]):
+  if path is None:
+    return None
+  from dimo_jax.convert import clip  # only text-to-image evaluation needs it
+  return clip.load_clip(path)
 
 
 def stats_main() -> None:
@@ -583,7 +815,8 @@ def main(argv) -> None:
       _CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, params=_PARAMS.value,
       teacher_steps=_TEACHER_STEPS.value, num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
       batch_size=_BATCH_SIZE.value, extractor=load_extractor(_INCEPTION.value),
-      reference=_REF.value, save_png=_SAVE_PNG.value, save_npz=_SAVE_NPZ.value)
+      reference=_REF.value, save_png=_SAVE_PNG.value, save_npz=_SAVE_NPZ.value,
+      clip=load_clip(_CLIP.value), prompts=_PROMPTS.value, cfg=_CFG.value)
   if jax.process_index() == 0:
     print(table(result))
     print(json.dumps(result, indent=2))
