@@ -179,19 +179,6 @@ def torch_name(path: str) -> str:
   return ".".join(parts + ["bias" if leaf == "bias" else "weight"])
 
 
-def _torch_shape(leaf: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
-  """The torch shape of a flax parameter: conv kernels HWIO are OIHW there, linear IO is OI."""
-  if leaf == "kernel":
-    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(shape[::-1])
-  return tuple(shape)
-
-
-def _to_flax(leaf: str, array: np.ndarray) -> np.ndarray:
-  if leaf == "kernel":
-    return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
-  return array
-
-
 def _example_input(module) -> jax.Array:
   if isinstance(module, CLIPTextEncoder):
     return jnp.zeros((1, 1), jnp.int32)
@@ -207,7 +194,8 @@ def init_variables(module) -> Any:
 def _tower_params(path: str, state: Dict[str, np.ndarray], module) -> Dict[str, Any]:
   abstract = jax.eval_shape(lambda: init_variables(module))
   expected = common.flatten(abstract["params"])
-  return common.params_from_torch(path, state, expected, torch_name, _torch_shape, _to_flax)
+  return common.params_from_torch(path, state, expected, torch_name, common.torch_shape,
+                                  common.torch_to_flax)
 
 
 def _select(state: Dict[str, np.ndarray], prefixes: Sequence[str]) -> Dict[str, np.ndarray]:

@@ -111,6 +111,21 @@ def unflatten(flat: Mapping[str, Any], sep: str = "/") -> Dict[str, Any]:
   return out
 
 
+def torch_shape(leaf: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
+  """The torch shape of a Flax parameter: conv kernels HWIO are OIHW there, linear [in, out]
+  kernels are [out, in]; every other leaf keeps its shape."""
+  if leaf == "kernel":
+    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(shape[::-1])
+  return tuple(shape)
+
+
+def torch_to_flax(leaf: str, array: np.ndarray) -> np.ndarray:
+  """A torch tensor in the Flax layout `torch_shape` describes."""
+  if leaf == "kernel":
+    return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
+  return array
+
+
 def params_from_torch(path: str, state: Mapping[str, np.ndarray], expected: Mapping[str, Any],
                       torch_name: Callable[[str], str],
                       torch_shape: Callable[[str, Tuple[int, ...]], Tuple[int, ...]],

@@ -18,7 +18,6 @@ from typing import Any, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from dimo_jax import tokenizers
 from dimo_jax.convert import common
@@ -94,19 +93,6 @@ def torch_name(path: str) -> str:
   return ".".join(parts + ["bias" if leaf == "bias" else "weight"])
 
 
-def _torch_shape(leaf: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
-  """The torch shape of a flax parameter: conv kernels HWIO are OIHW there, linear IO is OI."""
-  if leaf == "kernel":
-    return (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else tuple(shape[::-1])
-  return tuple(shape)
-
-
-def _to_flax(leaf: str, array: np.ndarray) -> np.ndarray:
-  if leaf == "kernel":
-    return array.transpose(2, 3, 1, 0) if array.ndim == 4 else array.T
-  return array
-
-
 def _release_files(folder: str) -> Tuple[str, str]:
   """(config.json, safetensors) of a VQModel folder, or of the `vqvae/` of a release root."""
   if (not os.path.isfile(os.path.join(folder, CONFIG_FILE))
@@ -125,7 +111,7 @@ def vqvae_from_folder(folder: str) -> Tuple[VQModel, Dict[str, Any]]:
   images = jnp.zeros((1, f, f, model.in_channels), jnp.float32)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
   params = common.params_from_torch(weights_path, state, common.flatten(abstract["params"]),
-                                    torch_name, _torch_shape, _to_flax)
+                                    torch_name, common.torch_shape, common.torch_to_flax)
   return model, {"params": params}
 
 

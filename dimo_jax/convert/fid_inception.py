@@ -10,10 +10,8 @@ that module. DST loads with `dimo_jax.models.fid_inception.load`.
 """
 
 import os
-from typing import Tuple
 
 import jax
-import numpy as np
 
 from dimo_jax import modeldir
 from dimo_jax.convert import common
@@ -32,30 +30,14 @@ def torch_name(path: str) -> str:
   return ".".join(modules + [_TORCH_LEAF[leaf]])
 
 
-def _torch_shape(leaf: str, shape: Tuple[int, ...]) -> Tuple[int, ...]:
-  """Conv kernels HWIO are OIHW in torch; the fc kernel [in, out] is [out, in]."""
-  if leaf == "kernel" and len(shape) == 4:
-    return (shape[3], shape[2], shape[0], shape[1])
-  if leaf == "kernel":
-    return (shape[1], shape[0])
-  return tuple(shape)
-
-
-def _to_flax(leaf: str, array: np.ndarray) -> np.ndarray:
-  if leaf == "kernel" and array.ndim == 4:
-    return array.transpose(2, 3, 1, 0)
-  if leaf == "kernel":
-    return array.T
-  return array
-
-
 def convert(src: str, dst: str) -> None:
   """Converts pytorch-fid's Inception state dict at `src` into a model directory at `dst`."""
   state = common.load_torch_state(src, what="pytorch-fid's Inception weights (a state dict)")
   state = {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIX)}
   model = fid_inception.FIDInception()
   expected = common.flatten(jax.eval_shape(lambda: fid_inception.init_variables(model)))
-  variables = common.params_from_torch(src, state, expected, torch_name, _torch_shape, _to_flax)
+  variables = common.params_from_torch(src, state, expected, torch_name, common.torch_shape,
+                                       common.torch_to_flax)
   modeldir.write(dst, {"kind": fid_inception.KIND, "config": {},
                        "source": {"format": "pytorch-fid", "checkpoint": os.path.abspath(src)}},
                  variables)
