@@ -6,12 +6,23 @@ cross-entropy on the masked tokens, and the class replaced by the "no class" tok
 probability `drop_label` so the teacher also learns the unconditional model that
 classifier-free guidance needs.
 
+On 'digits_text' (dimo_jax/data/digit_prompts.py) the teacher is a small Meissonic transformer
+behind `TextConditioned`, trained by the same loss: each digit is conditioned on the encoding of
+one of its prompts, a dropped condition is the empty prompt's, and the timestep is 0 (what
+Di[M]O passes). It is written as a `meissonic` model directory (layout in
+dimo_jax/convert/meissonic.py, without vqvae/: the tokens are the pixels) holding the toy text
+encoder and tokenizer it was trained with, so `teachers.load` returns a TextTeacher.
+
   python -m dimo_jax.pretrain --config configs/digits_teacher.py --workdir runs/teacher
+  python -m dimo_jax.pretrain --config configs/digits_text_teacher.py --workdir runs/text_teacher
 """
 
 import json
 import os
+import shutil
+import tempfile
 import time
+from typing import Any, Dict
 
 from absl import app, flags, logging
 import flax
@@ -23,9 +34,10 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dimo_jax import data, masking, parallel, teachers
+from dimo_jax import data, masking, modeldir, parallel, teachers, text_to_image
 from dimo_jax.distill import label_smoothed_ce
 from dimo_jax.models.maskgit import MaskTransformer
+from dimo_jax.models.meissonic import MeissonicTransformer, TextConditioned
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Teacher pretraining config.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the teacher is written.")
@@ -38,8 +50,51 @@ class PretrainState:
   opt_state: optax.OptState
 
 
-def build_model(config: ml_collections.ConfigDict) -> MaskTransformer:
+def build_model(config: ml_collections.ConfigDict):
+  """A MaskTransformer, or on 'digits_text' a MeissonicTransformer behind TextConditioned
+  (`config.token_grid` (h, w), timestep 0)."""
+  if config.get("dataset") == "digits_text":
+    fields = config.model.to_dict()
+    # JSON and ml_collections may hold the tuple as a list; the module is a jit static argument.
+    transformer = MeissonicTransformer(**dict(fields,
+                                              axes_dims_rope=tuple(fields["axes_dims_rope"])))
+    return TextConditioned(transformer, *config.token_grid)
   return MaskTransformer(**config.model.to_dict())
+
+
+def _check_sizes(config, model, dataset) -> None:
+  """The model must fit the dataset (and on 'digits_text' the text encoder's widths)."""
+  if isinstance(model, TextConditioned):
+    encoder = dataset.text.encoder
+    sizes = (model.seq_len, model.codebook_size, model.transformer.joint_attention_dim,
+             model.transformer.pooled_projection_dim)
+    expected = (dataset.seq_len, dataset.codebook_size, encoder.hidden_size,
+                encoder.projection_dim)
+    what = "(tokens, codes, joint_attention_dim, pooled_projection_dim)"
+    source = f"the {config.dataset} dataset's and its text encoder's (hidden_size, projection_dim)"
+  else:
+    sizes = (model.num_classes, model.seq_len, model.codebook_size)
+    expected = (dataset.num_classes, dataset.seq_len, dataset.codebook_size)
+    what, source = "(classes, tokens, codes)", f"the {config.dataset} dataset's"
+  if sizes != expected:
+    raise ValueError(f"config.model {what} = {sizes} does not fit {source} {expected}")
+
+
+def init_variables(model, rng: jax.Array) -> Any:
+  """Fresh variables {"params": ...} of a MaskTransformer or a TextConditioned transformer."""
+  tokens = jnp.zeros((1, model.seq_len), jnp.int32)
+  if isinstance(model, TextConditioned):
+    return model.init({"params": rng}, tokens, text_to_image.example_condition(model.transformer))
+  return model.init({"params": rng}, tokens, jnp.zeros((1,), jnp.int32))
+
+
+def train_batch(dataset, rng: np.random.Generator, batch: int):
+  """(tokens int32[B, L], condition): the labels int32[B], or on a text dataset the
+  `TextConditioned` cond dict of each example's prompt."""
+  tokens, labels = dataset.train_batch(rng, batch)
+  if hasattr(dataset, "conditions"):
+    return tokens, dataset.conditions.condition(labels)
+  return tokens, labels
 
 
 def make_optimizer(config):
@@ -51,9 +106,10 @@ def make_optimizer(config):
 
 def make_train_step(config, model, tx):
   def loss_fn(params, tokens, labels, rng):
+    """`labels`: int32[B] classes or a text dataset's cond dict (dropped: the empty prompt)."""
     mask_rng, drop_rng, dropout_rng = jax.random.split(rng, 3)
     noisy, mask, _ = masking.forward_mask(mask_rng, tokens, config.ratio_mode, model.mask_id)
-    drop = jax.random.uniform(drop_rng, labels.shape) < config.drop_label
+    drop = jax.random.uniform(drop_rng, tokens.shape[:1]) < config.drop_label
     logits = model.apply(params, noisy, labels, drop, deterministic=False,
                          rngs={"dropout": dropout_rng})
     target_mask = mask if config.masked_only else jnp.ones_like(mask)
@@ -67,21 +123,45 @@ def make_train_step(config, model, tx):
   return train_step
 
 
+def save_text_teacher(dst: str, model: TextConditioned, variables: Any, dataset,
+                      extra: Dict[str, Any]) -> None:
+  """Writes a `meissonic` model directory at `dst`, completely or not at all: model.json,
+  params/, and the dataset's text_encoder/ and tokenizer/ (`DigitPrompts.save_text`)."""
+  transformer = model.transformer
+  description = {
+      "kind": text_to_image.KIND, "config": modeldir.module_config(transformer),
+      # One token a pixel: the micro-conds' "resolution" is the token grid's side.
+      "resolution": model.height, "token_grid": [model.height, model.width],
+      "prompt_length": dataset.text.tokenizer.max_length,
+      "scheduler": {"mask_token_id": transformer.mask_id, "masking_schedule": "cosine"},
+      "text_encoder": "text_encoder", "tokenizer": "tokenizer", **extra,
+  }
+  dst = os.path.abspath(dst)
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+  try:
+    inner = os.path.join(staging, "model")
+    modeldir.write(inner, description, variables)
+    dataset.save_text(inner)
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    os.replace(inner, dst)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Trains a teacher on `config.dataset` ('digits' | 'synthetic'); returns its directory."""
+  """Trains a teacher on `config.dataset` ('digits' | 'synthetic' | 'digits_text'); returns its
+  directory."""
   dataset = data.get(config)
   model = build_model(config)
-  sizes = (model.num_classes, model.seq_len, model.codebook_size)
-  expected = (dataset.num_classes, dataset.seq_len, dataset.codebook_size)
-  if sizes != expected:
-    raise ValueError(f"config.model (classes, tokens, codes) = {sizes} does not fit the "
-                     f"{config.dataset} dataset's {expected}")
+  _check_sizes(config, model, dataset)
   tx = make_optimizer(config)
   mesh = parallel.make_mesh()
   rng = jax.random.PRNGKey(config.seed)
   init_rng, rng = jax.random.split(rng)
-  variables = model.init({"params": init_rng}, jnp.zeros((1, model.seq_len), jnp.int32),
-                         jnp.zeros((1,), jnp.int32))
+  variables = init_variables(model, init_rng)
   state = parallel.replicate(PretrainState(jnp.int32(0), variables, tx.init(variables)), mesh)
   step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
   data_rng = np.random.default_rng(config.seed)
@@ -90,15 +170,18 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
   losses = []
   start = time.time()
   for step in tqdm(range(config.num_steps), desc="pretrain teacher", mininterval=2.0):
-    batch = jax.device_put(dataset.train_batch(data_rng, config.batch_size), batch_sharding)
+    batch = jax.device_put(train_batch(dataset, data_rng, config.batch_size), batch_sharding)
     state, loss = step_fn(state, *batch, jax.random.fold_in(rng, step))
     if (step + 1) % config.log_every == 0:
       losses.append(float(loss))
       logging.info("step %d loss %.4f", step + 1, losses[-1])
   dst = os.path.join(workdir, "teacher")
-  teachers.save(dst, model, state.params, extra={
-      "pretraining": {"config": json.loads(config.to_json()), "losses": losses,
-                      "seconds": round(time.time() - start, 1)}})
+  record = {"pretraining": {"config": json.loads(config.to_json()), "losses": losses,
+                            "seconds": round(time.time() - start, 1)}}
+  if isinstance(model, TextConditioned):
+    save_text_teacher(dst, model, state.params, dataset, record)
+  else:
+    teachers.save(dst, model, state.params, extra=record)
   print(f"teacher written to {dst} (final loss {losses[-1]:.4f})")
   return dst
 

@@ -212,7 +212,7 @@ def load(src: str, dtype=jnp.float32) -> TextTeacher:
   text_variables = modeldir.restore(text_dir, lambda: text_encoder.init(
       jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
   tokenizer = clip_tokenizer.load(os.path.join(src, description["tokenizer"]),
-                                  max_length=PROMPT_LENGTH)
+                                  max_length=description.get("prompt_length", PROMPT_LENGTH))
   return TextTeacher(model, variables, text_encoder, text_variables, tokenizer, description)
 
 
