@@ -39,10 +39,6 @@ from dimo_jax.distill import label_smoothed_ce
 from dimo_jax.models.maskgit import MaskTransformer
 from dimo_jax.models.meissonic import MeissonicTransformer, TextConditioned
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Teacher pretraining config.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the teacher is written.")
-
-
 @flax.struct.dataclass
 class PretrainState:
   step: jax.Array
@@ -188,9 +184,13 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
 
 def main(argv):
   del argv
-  pretrain(_CONFIG.value, _WORKDIR.value)
+  pretrain(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":
+  # Defined here, not on import: tests import this module beside dimo_jax.evaluate, whose
+  # --config flag would otherwise be defined twice.
+  config_flags.DEFINE_config_file("config", None, "Teacher pretraining config.")
+  flags.DEFINE_string("workdir", None, "Where the teacher is written.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
