@@ -9,13 +9,14 @@ writes):
 that exists is complete: a conversion that fails half-way leaves nothing behind.
 """
 
+import contextlib
 import dataclasses
 import importlib
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Iterator
 
 import flax.linen as nn
 import jax
@@ -51,24 +52,33 @@ def describe(registry: Dict[str, str], module: nn.Module, what: str) -> Dict[str
   raise ValueError(f"{type(module).__name__} is not a registered {what} module")
 
 
-def write(dst: str, description: Dict[str, Any], variables: Any) -> None:
-  """Writes `description` (JSON) and `variables` (orbax) at `dst`, completely or not at all."""
+@contextlib.contextmanager
+def staged(dst: str) -> Iterator[str]:
+  """A path to build the directory `dst` at: when the block ends without an error it replaces
+  `dst` in one rename; otherwise it is removed. `dst` is never seen half-written."""
   dst = os.path.abspath(dst)
   parent = os.path.dirname(dst)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
+  staging = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
   try:
+    inner = os.path.join(staging, "model")
+    yield inner
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    os.replace(inner, dst)
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def write(dst: str, description: Dict[str, Any], variables: Any) -> None:
+  """Writes `description` (JSON) and `variables` (orbax) at `dst`, completely or not at all."""
+  with staged(dst) as tmp:
+    os.makedirs(tmp)
     with open(os.path.join(tmp, DESCRIPTION_FILE), "w") as f:
       json.dump(description, f, indent=2)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(os.path.join(tmp, PARAMS_DIR), jax.device_get(variables))
     checkpointer.wait_until_finished()
-    if os.path.exists(dst):
-      shutil.rmtree(dst)
-    os.replace(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def read_description(src: str, what: str) -> Dict[str, Any]:

@@ -19,8 +19,6 @@ encoder and tokenizer it was trained with, so `teachers.load` returns a TextTeac
 
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Any, Dict
 
@@ -132,19 +130,9 @@ def save_text_teacher(dst: str, model: TextConditioned, variables: Any, dataset,
       "scheduler": {"mask_token_id": transformer.mask_id, "masking_schedule": "cosine"},
       "text_encoder": "text_encoder", "tokenizer": "tokenizer", **extra,
   }
-  dst = os.path.abspath(dst)
-  parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
-  try:
-    inner = os.path.join(staging, "model")
+  with modeldir.staged(dst) as inner:
     modeldir.write(inner, description, variables)
     dataset.save_text(inner)
-    if os.path.exists(dst):
-      shutil.rmtree(dst)
-    os.replace(inner, dst)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:

@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from typing import Any, Dict, List, Sequence, Tuple
 
 import jax
@@ -266,24 +265,18 @@ def convert(src: str, dst: str) -> None:
       "config": {"text": modeldir.module_config(text), "vision": modeldir.module_config(vision)},
       "source": {"format": "transformers CLIPModel", "folder": os.path.abspath(src)},
   }
-  dst = os.path.abspath(dst)
-  parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
-  try:
-    # modeldir.write is atomic on its own; building inside a staging directory keeps the
-    # tokenizer files inside the same all-or-nothing rename.
-    inner = os.path.join(staging, "model")
+  # The tokenizer files go inside the same all-or-nothing rename as the weights.
+  with modeldir.staged(dst) as inner:
     modeldir.write(inner, description, variables)
-    os.makedirs(os.path.join(inner, TOKENIZER_DIR))
-    for name in TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES:
-      if os.path.isfile(os.path.join(src, name)):
-        shutil.copyfile(os.path.join(src, name), os.path.join(inner, TOKENIZER_DIR, name))
-    if os.path.exists(dst):
-      shutil.rmtree(dst)
-    os.replace(inner, dst)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    copy_tokenizer_files(src, os.path.join(inner, TOKENIZER_DIR))
+
+
+def copy_tokenizer_files(src: str, dst: str) -> None:
+  """Copies the CLIP tokenizer files of folder `src` (those present) into a new folder `dst`."""
+  os.makedirs(dst)
+  for name in TOKENIZER_FILES + OPTIONAL_TOKENIZER_FILES:
+    if os.path.isfile(os.path.join(src, name)):
+      shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,8 +29,6 @@ written; DST appears whole or not at all.
 import json
 import os
 import re
-import shutil
-import tempfile
 from typing import Any, Dict, Iterable, Tuple
 
 import jax
@@ -282,13 +280,8 @@ def convert(src: str, dst: str, resolution: int = DEFAULT_RESOLUTION) -> None:
       "text_encoder": TEXT_ENCODER_DIR, "tokenizer": TOKENIZER_DIR, "vqvae": VQVAE_DIR,
       "source": {"format": "diffusers (Meissonic)", "folder": source},
   }
-  dst = os.path.abspath(dst)
-  parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix=os.path.basename(dst) + ".tmp-", dir=parent)
-  try:
+  with modeldir.staged(dst) as inner:
     # Each part is written into one staging directory that becomes `dst` in a single rename.
-    inner = os.path.join(staging, "model")
     modeldir.write(inner, description, variables)
     modeldir.write(os.path.join(inner, TEXT_ENCODER_DIR),
                    {"kind": TEXT_ENCODER_KIND, "config": modeldir.module_config(text),
@@ -299,13 +292,4 @@ def convert(src: str, dst: str, resolution: int = DEFAULT_RESOLUTION) -> None:
                     extra={"value_range": list(diffusers_vq.VALUE_RANGE),
                            "source": {"format": "diffusers",
                                       "folder": os.path.join(source, VQVAE_DIR)}})
-    os.makedirs(os.path.join(inner, TOKENIZER_DIR))
-    for name in convert_clip.TOKENIZER_FILES + convert_clip.OPTIONAL_TOKENIZER_FILES:
-      if os.path.isfile(os.path.join(tokenizer_src, name)):
-        shutil.copyfile(os.path.join(tokenizer_src, name),
-                        os.path.join(inner, TOKENIZER_DIR, name))
-    if os.path.exists(dst):
-      shutil.rmtree(dst)
-    os.replace(inner, dst)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
+    convert_clip.copy_tokenizer_files(tokenizer_src, os.path.join(inner, TOKENIZER_DIR))
