@@ -44,6 +44,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# diffusers' Downsample2D (downsample_padding=0: torch pads (0, 1, 0, 1) by hand, then a stride-2
+# 3x3 conv) and Upsample2D (nearest x2, 3x3 conv) compute exactly taming's, also named `conv`.
+from dimo_jax.models.taming_vqgan import Downsample as Downsample2D
+from dimo_jax.models.taming_vqgan import Upsample as Upsample2D
+
 Dtype = Any
 
 
@@ -93,25 +98,6 @@ class Attention(nn.Module):
     h = jnp.einsum("bqk,bkc->bqc", weights, v)
     h = nn.Dense(channels, dtype=self.dtype, name="to_out_0")(h)
     return x + h.reshape(batch, height, width, channels)
-
-
-class Downsample2D(nn.Module):
-  """Stride-2 3x3 conv after padding (0, 1, 0, 1): diffusers' `downsample_padding=0` encoder path."""
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return _conv(x.shape[-1], 3, self.dtype, "conv", strides=2, padding=((0, 1), (0, 1)))(x)
-
-
-class Upsample2D(nn.Module):
-  """Nearest-neighbour x2 then a 3x3 conv."""
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return _conv(x.shape[-1], 3, self.dtype, "conv")(x)
 
 
 class _Level(nn.Module):
