@@ -18,11 +18,16 @@ clip                 folder with config.json + model.safetensors + vocab.json + 
 
 Every converter checks each key and shape of the source against the Flax module it builds and
 stops with a `ConversionError` naming the file, the key and both shapes; DST is written
-completely or not at all.
+completely or not at all, and only ever replaces a model directory: a DST that holds other files,
+is a mount point, or is, contains or lies inside SRC is refused (`modeldir.DestinationError`)
+before anything is read.
 """
 
+import functools
 import importlib
 from typing import Callable
+
+from dimo_jax import modeldir
 
 # kind -> "module:function"; a converter's heavy imports (torch, yaml) load only when it runs.
 CONVERTERS = {
@@ -38,8 +43,16 @@ CONVERTERS = {
 
 
 def converter(kind: str) -> Callable[..., None]:
-  """The function `convert(src, dst, **options)` of `kind`."""
+  """The function `convert(src, dst, **options)` of `kind`, which first checks that `dst` may be
+  written (`modeldir.check_destination`, with `src` kept out of reach)."""
   if kind not in CONVERTERS:
     raise ValueError(f"unknown conversion kind {kind!r}; known: {', '.join(sorted(CONVERTERS))}")
   module, name = CONVERTERS[kind].split(":")
-  return getattr(importlib.import_module(module), name)
+  convert = getattr(importlib.import_module(module), name)
+
+  @functools.wraps(convert)
+  def checked(src: str, dst: str, **options) -> None:
+    modeldir.check_destination(dst, sources=[src])
+    convert(src, dst, **options)
+
+  return checked

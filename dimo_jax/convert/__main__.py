@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from dimo_jax import modeldir
 from dimo_jax.convert import CONVERTERS, converter
 from dimo_jax.convert.common import ConversionError
 
@@ -30,7 +31,7 @@ def main(argv=None) -> int:
              if value is not None}
   try:
     converter(args.kind)(args.src, args.dst, **options)
-  except (ConversionError, FileNotFoundError) as e:
+  except (ConversionError, modeldir.DestinationError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1
   print(f"wrote {args.dst}")
