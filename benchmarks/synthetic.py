@@ -1,14 +1,20 @@
 """Di[M]O where the data distribution is known: teacher at n steps and 1 step vs generator.
 
   python benchmarks/synthetic.py [--workdir runs/synthetic] [--steps 600]
+      [--modes 4 --corruption 0.1 --seed 0 --tokens 16 --codes 16 --classes 10]
+      [--set fixed_ratio=random_0.1_0.9 --set noise_emb_perturb=fix_0.1 ...]
 
-Pretrains a teacher on the prototype mixture of configs/synthetic_teacher.py (unless WORKDIR
-already holds one), distills it with configs/synthetic.py, and prints exact fidelity (the true
+Pretrains a teacher on the prototype mixture of that spec with configs/synthetic_teacher.py
+(unless WORKDIR/<spec>/teacher already holds one), distills it with configs/synthetic.py (each
+`--set key=value` overrides one of its keys), and prints exact fidelity (the true
 distribution's NLL per token of the samples, lower is better; the data's own entropy is the
-floor a perfect sampler reaches on average) and diversity (share of the 40 modes covered).
+floor a perfect sampler reaches on average), diversity (share of the modes covered) and the
+share of samples in a mode, for every sampler of the final evaluation, then the generator
+against the targets: NLL <= 1.25x, coverage >= 0.95x, in-mode >= 0.8x the 8-step teacher's.
 """
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -18,30 +24,90 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import synthetic, synthetic_teacher  # noqa: E402
 from dimo_jax import data, pretrain, train  # noqa: E402
 
+TARGETS = {"true_nll": ("<=", 1.25), "mode_coverage": (">=", 0.95), "in_mode": (">=", 0.8)}
+
+
+def spec_name(spec) -> str:
+  return (f"c{spec.num_classes}_k{spec.modes_per_class}_l{spec.seq_len}_v{spec.codebook_size}"
+          f"_eps{spec.corruption:g}_s{spec.seed}")
+
+
+def override(config, assignment: str) -> None:
+  """Sets `key=value` on `config` (value read as a Python literal, else as a string)."""
+  key, sep, text = assignment.partition("=")
+  if not sep or key not in config:
+    raise SystemExit(f"error: --set {assignment}: expected KEY=VALUE with a key of "
+                     f"configs/synthetic.py")
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  if isinstance(config[key], float) and isinstance(value, int):
+    value = float(value)
+  config[key] = value
+
+
+def against_teacher(metrics, teacher: str):
+  """{sampler: {metric: ratio to the teacher's}} for every generator row, and whether it meets
+  TARGETS."""
+  out = {}
+  for name, values in metrics.items():
+    if not name.startswith("generator"):
+      continue
+    ratios = {k: values[k] / max(metrics[teacher][k], 1e-12) for k in TARGETS}
+    ok = all(r <= bound if op == "<=" else r >= bound
+             for (k, (op, bound)), r in zip(TARGETS.items(), ratios.values()))
+    out[name] = {**ratios, "meets_targets": ok}
+  return out
+
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="runs/synthetic")
   parser.add_argument("--steps", type=int, default=None, help="Di[M]O generator updates")
+  default = synthetic_teacher.synthetic_spec()
+  parser.add_argument("--classes", type=int, default=default.num_classes)
+  parser.add_argument("--modes", type=int, default=default.modes_per_class,
+                      help="prototype sequences (modes) per class")
+  parser.add_argument("--tokens", type=int, default=default.seq_len)
+  parser.add_argument("--codes", type=int, default=default.codebook_size)
+  parser.add_argument("--corruption", type=float, default=default.corruption)
+  parser.add_argument("--seed", type=int, default=default.seed, help="the mixture's seed")
+  parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a key of configs/synthetic.py (repeatable)")
   args = parser.parse_args()
 
-  teacher_dir = os.path.join(args.workdir, "teacher")
+  spec = synthetic_teacher.synthetic_spec()
+  spec.update(num_classes=args.classes, modes_per_class=args.modes, seq_len=args.tokens,
+              codebook_size=args.codes, corruption=args.corruption, seed=args.seed)
+  root = os.path.join(args.workdir, spec_name(spec))
+  teacher_dir = os.path.join(root, "teacher")
   if not os.path.isdir(teacher_dir):
-    pretrain.pretrain(synthetic_teacher.get_config(), args.workdir)
-  config = synthetic.get_config()
+    pretrain.pretrain(synthetic_teacher.get_config(spec), root)
+  config = synthetic.get_config(spec)
   config.teacher_path = teacher_dir
   if args.steps is not None:
     config.max_train_steps = args.steps
-  metrics = train.train_and_evaluate(config, os.path.join(args.workdir, "dimo"))
+  for assignment in args.set:
+    override(config, assignment)
+  run = "dimo" + "".join("_" + a.replace("=", "-") for a in args.set)
+  metrics = train.train_and_evaluate(config, os.path.join(root, run))
 
   entropy = data.get(config).distribution.entropy_per_token()
-  print(f"\nsynthetic prototype mixture, {config.eval_samples} samples each; "
+  teacher = f"teacher_{config.sampling_step}step"
+  print(f"\nsynthetic prototype mixture {spec_name(spec)}, {config.eval_samples} samples each; "
         f"data entropy {entropy:.3f} nats/token")
-  print(f"{'sampler':<16}{'true_nll':>10}{'mode_coverage':>15}{'in_mode':>9}{'ms/image':>10}")
+  print(f"{'sampler':<22}{'true_nll':>10}{'mode_coverage':>15}{'in_mode':>9}{'ms/image':>10}")
   for name, values in metrics.items():
-    print(f"{name:<16}{values['true_nll']:>10.3f}{values['mode_coverage']:>15.3f}"
+    print(f"{name:<22}{values['true_nll']:>10.3f}{values['mode_coverage']:>15.3f}"
           f"{values['in_mode']:>9.3f}{values['sec_per_image'] * 1e3:>10.3f}")
-  print(json.dumps(metrics))
+  ratios = against_teacher(metrics, teacher)
+  print(f"\nagainst {teacher} (targets: nll <= 1.25x, coverage >= 0.95x, in_mode >= 0.8x)")
+  for name, r in ratios.items():
+    print(f"{name:<22}{r['true_nll']:>10.2f}{r['mode_coverage']:>15.2f}{r['in_mode']:>9.2f}"
+          f"   {'meets' if r['meets_targets'] else 'misses'}")
+  print(json.dumps({"spec": spec.to_dict(), "overrides": args.set, "metrics": metrics,
+                    "against_teacher": ratios}))
 
 
 if __name__ == "__main__":

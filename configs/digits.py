@@ -16,6 +16,7 @@ def get_config():
   c.teacher_path = "assets/teachers/digits"
   c.num_devices = -1  # every visible device on the data axis
   c.mixed_precision = "no"
+  c.adam_epsilon = 1e-8  # the reference's eps without bf16
   c.mask_value = 17  # the teacher's mask id: its codebook size
 
   c.train_batch_size = 64

@@ -1,18 +1,25 @@
 """Di[M]O on the synthetic prototype mixture, where fidelity and diversity are exact.
 
-  python benchmarks/synthetic.py        # pretrains the teacher, distills, prints the table
+  python benchmarks/synthetic.py [--modes 6 --corruption 0.05 --seed 1]   # pretrain, distill
 
-The distillation settings are those of configs/digits.py; the teacher comes from
-configs/synthetic_teacher.py.
+The distillation settings are those of configs/digits.py, with the teacher's dropout off (on a
+0.2M-parameter teacher it blurs the target: 8-step samples 71% in a mode with it, 95% without),
+and the one-step generator also scored at several sampling temperatures. The teacher comes from
+configs/synthetic_teacher.py with the same `spec`.
 """
+
+import ml_collections
 
 from configs import digits, synthetic_teacher
 
 
-def get_config():
+def get_config(spec: ml_collections.ConfigDict = None):
+  """`spec`: the mixture (default `synthetic_teacher.synthetic_spec()`)."""
   c = digits.get_config()
   c.dataset = "synthetic"
-  c.synthetic = synthetic_teacher.synthetic_spec()
+  c.synthetic = synthetic_teacher.synthetic_spec() if spec is None else spec
   c.teacher_path = "runs/synthetic/teacher"
   c.mask_value = c.synthetic.codebook_size
+  c.teacher_dropout = False
+  c.eval_gen_temps = (0.5, 0.75, 1.5)
   return c

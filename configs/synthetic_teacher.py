@@ -16,11 +16,14 @@ def synthetic_spec() -> ml_collections.ConfigDict:
       num_classes=10, modes_per_class=4, seq_len=16, codebook_size=16, corruption=0.1, seed=0))
 
 
-def get_config():
+def get_config(spec: ml_collections.ConfigDict = None):
+  """`spec`: the mixture (default `synthetic_spec()`); the model is sized to it."""
+  spec = synthetic_spec() if spec is None else spec
   c = digits_teacher.get_config()
   c.dataset = "synthetic"
-  c.synthetic = synthetic_spec()
-  c.model.update(codebook_size=16, num_classes=10, seq_len=16)
+  c.synthetic = spec
+  c.model.update(codebook_size=spec.codebook_size, num_classes=spec.num_classes,
+                 seq_len=spec.seq_len)
   c.batch_size = 128
   c.num_steps = 2000
   c.log_every = 250

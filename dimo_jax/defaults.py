@@ -22,7 +22,11 @@ def reference_config() -> ml_collections.ConfigDict:
   c.teacher_dtype = "fp32"  # 'fp32' | 'bf16'
   # Recompute each transformer block in the backward pass instead of storing its activations.
   c.gradient_checkpointing = False
+  # Clipping of the generator's gradients (the reference clips them under 16-bit mixed
+  # precision, which its recipe runs) and of the auxiliary model's (it never clips those);
+  # 0 turns clipping off.
   c.max_grad_norm = 1.0
+  c.fake_max_grad_norm = 0.0
   c.lr_scheduler_type = "constant_with_warmup"
   c.lr_warmup_steps = 100
   c.max_train_steps = 50001
@@ -33,7 +37,8 @@ def reference_config() -> ml_collections.ConfigDict:
   c.adam_beta1 = 0.9
   c.adam_beta2 = 0.999
   c.adam_weight_decay = 0.0
-  c.adam_epsilon = 1e-8
+  # The reference builds Adam with eps 1e-6 under bf16 mixed precision (1e-8 otherwise).
+  c.adam_epsilon = 1e-6
   c.validation_steps = 200
   c.checkpointing_steps = 1000
   c.checkpoints_total_limit = 5
@@ -59,6 +64,9 @@ def reference_config() -> ml_collections.ConfigDict:
   c.fake_cfg_train = 1.0
   c.fake_cfg_drop_ratio = 0.1
   c.gen_temp = 1.0
+  # The final evaluation also samples the one-step generator at these temperatures (the
+  # reference's scripts/evaluate.sh sweeps 1 to 10; its in-training FID uses 7); () for none.
+  c.eval_gen_temps = ()
   c.true_temp = 1.0
   c.fake_temp = 1.0
   c.temperature_fake = 1.0
@@ -66,8 +74,10 @@ def reference_config() -> ml_collections.ConfigDict:
   c.label_smoothing = 0.1
   c.fix_emb_layer = True
   # The reference never switches its networks to eval mode, so their dropout is active
-  # while distilling.
+  # while distilling: the generator's and auxiliary model's (`distill_dropout`) and the
+  # teacher's (`teacher_dropout`), which can be switched off on its own.
   c.distill_dropout = True
+  c.teacher_dropout = True
 
   # Teacher sampling (multi-step MaskGIT decoding).
   c.sched_mode = "arccos"

@@ -86,8 +86,10 @@ def lr_schedule(config: ml_collections.ConfigDict, lr: float) -> optax.Schedule:
 
 def make_optimizer(config: ml_collections.ConfigDict, lr: float, params: Params,
                    iterations_per_update: int = 1,
-                   frozen: Tuple[str, ...] = FROZEN_WITH_EMB) -> optax.GradientTransformation:
-  """Clip by global norm, then Adam(W); frozen leaves get zero updates.
+                   frozen: Tuple[str, ...] = FROZEN_WITH_EMB,
+                   max_grad_norm: float = 0.0) -> optax.GradientTransformation:
+  """Clip by global norm (when `max_grad_norm` > 0), then Adam(W); frozen leaves get zero
+  updates.
 
   `iterations_per_update` stretches the schedule: the reference advances the generator's LR
   scheduler once per loop iteration, of which there are `fake_rounds` per generator update.
@@ -102,8 +104,8 @@ def make_optimizer(config: ml_collections.ConfigDict, lr: float, params: Params,
   else:
     raise ValueError(f"optimizer_type must be 'adam' or 'adamw', got {config.optimizer_type!r}")
   chain = [adam]
-  if config.max_grad_norm > 0:
-    chain.insert(0, optax.clip_by_global_norm(config.max_grad_norm))
+  if max_grad_norm > 0:
+    chain.insert(0, optax.clip_by_global_norm(max_grad_norm))
   return optax.multi_transform(
       {"train": optax.chain(*chain), "frozen": optax.set_to_zero()},
       trainable_labels(params, config.fix_emb_layer, frozen))
@@ -128,8 +130,12 @@ def create_state(config: ml_collections.ConfigDict, teacher_params: Params, rng:
 
 def optimizers(config, params, frozen: Tuple[str, ...] = FROZEN_WITH_EMB
                ) -> Tuple[optax.GradientTransformation, optax.GradientTransformation]:
-  return (make_optimizer(config, config.generator_lr, params, config.fake_rounds, frozen),
-          make_optimizer(config, config.fake_lr, params, frozen=frozen))
+  """(generator, auxiliary) optimizers; each clips by its own norm (`max_grad_norm`,
+  `fake_max_grad_norm`)."""
+  return (make_optimizer(config, config.generator_lr, params, config.fake_rounds, frozen,
+                         config.max_grad_norm),
+          make_optimizer(config, config.fake_lr, params, frozen=frozen,
+                         max_grad_norm=config.fake_max_grad_norm))
 
 
 def ema_rate(decay: float, step: jax.Array) -> jax.Array:
@@ -175,18 +181,19 @@ def make_train_step(config: ml_collections.ConfigDict, model: MaskTransformer,
   batch, seq_len, codebook = config.train_batch_size, model.seq_len, model.codebook_size
   mask_id = model.mask_id
   train = config.distill_dropout
+  teacher_train = config.teacher_dropout
   # Condition dropout of the auxiliary model only matters when it is ever guided.
   fake_drop = (config.fake_cfg_drop_ratio
                if (config.fake_cfg_train != 1 or config.fake_cfg_eval != 1) else 0.0)
 
-  def logits_fn(params, rng, emb_noise=None, noise_rng=None):
+  def logits_fn(params, rng, emb_noise=None, noise_rng=None, dropout=train):
     """The model as a `sampling.LogitsFn` with its dropout (and embedding noise) bound."""
     def fn(tokens, labels, drop):
       rngs = {"dropout": rng}
       if noise_rng is not None:
         rngs["noise"] = noise_rng
       return model.apply(params, tokens, labels, drop, emb_noise=emb_noise,
-                         deterministic=not train, rngs=rngs)
+                         deterministic=not dropout, rngs=rngs)
     return fn
 
   def generate(params, rng, labels, sigma):
@@ -217,7 +224,8 @@ def make_train_step(config: ml_collections.ConfigDict, model: MaskTransformer,
     noisy, mask, ratio = masking.forward_mask(mask_rng, batch_constraint(codes),
                                               config.ratio_mode, mask_id)
     true_cfg = 1.0 + (config.true_cfg - 1.0) * ratio if config.adaptive_cfg else config.true_cfg
-    teacher_logits = sampling.guided_logits(logits_fn(teacher_params, t_rng), noisy,
+    teacher_logits = sampling.guided_logits(logits_fn(teacher_params, t_rng,
+                                                      dropout=teacher_train), noisy,
                                             teacher_condition(labels), true_cfg)
     aux_logits = sampling.guided_logits(logits_fn(aux_params, f_rng), noisy, labels,
                                         config.fake_cfg_eval)

@@ -132,25 +132,30 @@ def text_teacher_sampler(teacher: text_to_image.TextTeacher, model, steps: int,
                  f"teacher, {steps} steps, cfg {cfg:g}", steps, 0)
 
 
-def generator_sampler(checkpoint: str, model, which: str) -> Sampler:
+def generator_sampler(checkpoint: str, model, which: str,
+                      gen_temp: Optional[float] = None) -> Sampler:
   """The Di[M]O generator at `checkpoint` (see `sample.find_checkpoint`) in one step, with its
-  run's x_init ratio, embedding noise at that step and sampling temperature.
+  run's x_init ratio, embedding noise at that step and sampling temperature (or `gen_temp`).
 
   model: the teacher's module (a `TextConditioned` adapter for a text-to-image teacher, whose
   generator ignores the cond dict's unconditional and negative entries: it is never guided).
   """
   params, run, step = sample.load_generator(checkpoint, model, which)
   sigma = train.generator_noise(run, step)
+  temp = run.gen_temp if gen_temp is None else gen_temp
 
   def fn(params, rng, labels):
     def logits_fn(tokens, labels_, noise_rng):
       return model.apply(params, tokens, labels_, emb_noise=sigma, rngs={"noise": noise_rng})
     return sampling.generator_sample(
         logits_fn, rng, labels, model.seq_len, model.codebook_size, model.mask_id,
-        run.fixed_ratio, run.gen_temp, run.top_k, run.top_p)[0]
+        run.fixed_ratio, temp, run.top_k, run.top_p)[0]
 
   tag = f"{step}" if which == "ema" else f"{step}_{which}"
-  return Sampler(params, fn, tag, f"generator ({which}) step {step}, 1 step", 1, step)
+  description = f"generator ({which}) step {step}, 1 step"
+  if gen_temp is not None:
+    tag, description = f"{tag}_T{gen_temp:g}", f"{description}, gen_temp {gen_temp:g}"
+  return Sampler(params, fn, tag, description, 1, step)
 
 
 def global_batch(requested: int, mesh) -> int:
@@ -590,7 +595,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
              num_samples: Optional[int] = None, seed: int = 0, batch_size: int = 0,
              extractor=None, reference: Optional[str] = None, save_png: bool = False,
              save_npz: bool = False, clip=None, prompts: Optional[str] = None,
-             cfg: Optional[float] = None) -> Dict[str, Any]:
+             cfg: Optional[float] = None, gen_temp: Optional[float] = None) -> Dict[str, Any]:
   """Samples, scores and writes one evaluation (see the module docstring); returns its result.
 
   Args:
@@ -609,6 +614,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
     clip: a convert.clip.Clip (`load_clip`) for CLIP score (text-to-image).
     prompts: a prompt file replacing the config's prompts (text-to-image).
     cfg: the teacher's guidance scale (default: config.cfg_w; text-to-image: 9).
+    gen_temp: the generator's sampling temperature (default: its run's `gen_temp`).
   """
   params = params or config.get("eval_params", "ema")
   if params not in PARAMS:
@@ -616,6 +622,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
   if (num_samples is not None and num_samples < 1) or teacher_steps < 0:
     raise ValueError(f"expected num_samples >= 1 and teacher_steps >= 0, found {num_samples} "
                      f"and {teacher_steps}")
+  if gen_temp is not None and (teacher_steps or not gen_temp > 0):
+    raise ValueError(f"gen_temp is the one-step generator's temperature, > 0; found {gen_temp}"
+                     + (" with teacher_steps" if teacher_steps else ""))
   if cfg is not None and not teacher_steps:
     raise ValueError("cfg is the teacher's guidance: the generator samples unguided in one step "
                      "(pass teacher_steps)")
@@ -623,6 +632,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
   batch_size = global_batch(batch_size or config.eval_batch_size, mesh)
   condition, text = None, None
   if is_text_teacher(config):
+    if gen_temp is not None:
+      raise ValueError("gen_temp sweeps are for class-conditional runs so far; a text run's "
+                       "generator samples at its config's gen_temp")
     if (extractor is None) != (reference is None):
       raise ValueError("FID of text-to-image samples needs both --inception and --ref")
     if clip is None and extractor is None:
@@ -652,7 +664,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
       # Only the module: the checkpoint's parameters replace the teacher's.
       model = teachers.build_model(modeldir.read_description(config.teacher_path, "teacher"),
                                    dtype)
-      sampler = generator_sampler(checkpoint or workdir, model, params)
+      sampler = generator_sampler(checkpoint or workdir, model, params, gen_temp)
     tokenizer = dataset.tokenizer if images_mode else None
     labels = class_balanced_labels(num_samples or 50000, model.num_classes)
   sampler = dataclasses.replace(sampler, params=parallel.shard_params(sampler.params, mesh))
@@ -747,6 +759,9 @@ _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Samples to draw: class
                                     "(default 50000), or text-to-image prompts round-robin "
                                     "(default: every prompt once).")
 _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_GEN_TEMPS = flags.DEFINE_list("gen_temps", [], "The generator at each of these sampling "
+                               "temperatures (e.g. 1,2,4,7,10), one evaluation each; default: "
+                               "its run's gen_temp.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Global batch (default: the config's "
                                    "eval_batch_size), rounded up to a multiple of the devices.")
 _INCEPTION = flags.DEFINE_string("inception", None, "FID Inception directory "
@@ -811,15 +826,21 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]} (the one sub-command is 'stats')")
   if _CONFIG.value is None or _WORKDIR.value is None:
     raise app.UsageError("--config and --workdir are required")
-  result = evaluate(
-      _CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, params=_PARAMS.value,
-      teacher_steps=_TEACHER_STEPS.value, num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
-      batch_size=_BATCH_SIZE.value, extractor=load_extractor(_INCEPTION.value),
-      reference=_REF.value, save_png=_SAVE_PNG.value, save_npz=_SAVE_NPZ.value,
-      clip=load_clip(_CLIP.value), prompts=_PROMPTS.value, cfg=_CFG.value)
-  if jax.process_index() == 0:
-    print(table(result))
-    print(json.dumps(result, indent=2))
+  try:
+    temps = [float(t) for t in _GEN_TEMPS.value] or [None]
+  except ValueError:
+    raise app.UsageError(f"--gen_temps: expected numbers, found {_GEN_TEMPS.value}")
+  extractor, clip = load_extractor(_INCEPTION.value), load_clip(_CLIP.value)
+  for temp in temps:
+    result = evaluate(
+        _CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, params=_PARAMS.value,
+        teacher_steps=_TEACHER_STEPS.value, num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
+        batch_size=_BATCH_SIZE.value, extractor=extractor,
+        reference=_REF.value, save_png=_SAVE_PNG.value, save_npz=_SAVE_NPZ.value,
+        clip=clip, prompts=_PROMPTS.value, cfg=_CFG.value, gen_temp=temp)
+    if jax.process_index() == 0:
+      print(table(result))
+      print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

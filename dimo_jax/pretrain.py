@@ -91,6 +91,13 @@ def train_batch(dataset, rng: np.random.Generator, batch: int):
   return tokens, labels
 
 
+def embedding_rms(model: MaskTransformer, variables: Any) -> float:
+  """The RMS of the trained visual token embeddings (the codebook rows of `tok_emb`), which the
+  teacher records as its `emb_noise_scale` (see MaskTransformer)."""
+  table = np.asarray(jax.device_get(variables["params"]["tok_emb"]["embedding"]))
+  return round(float(np.sqrt(np.mean(table[: model.codebook_size].astype(np.float64) ** 2))), 6)
+
+
 def make_optimizer(config):
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, config.lr, config.warmup_steps, config.num_steps, config.lr * config.final_lr_ratio)
@@ -165,6 +172,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
   if isinstance(model, TextConditioned):
     save_text_teacher(dst, model, state.params, dataset, record)
   else:
+    model = model.clone(emb_noise_scale=embedding_rms(model, state.params))
     teachers.save(dst, model, state.params, extra=record)
   print(f"teacher written to {dst} (final loss {losses[-1]:.4f})")
   return dst

@@ -144,13 +144,13 @@ class Samplers:
           steps,
           config.cfg_w, config.r_temp, config.sm_temp, config.sched_mode)
 
-    @functools.partial(jax.jit, out_shardings=self._replicated)
-    def generator_sample(params, rng, labels, sigma):
+    @functools.partial(jax.jit, static_argnames="gen_temp", out_shardings=self._replicated)
+    def generator_sample(params, rng, labels, sigma, gen_temp):
       def gen_fn(tokens, labels_, noise_rng):
         return model.apply(params, tokens, labels_, emb_noise=sigma, rngs={"noise": noise_rng})
       return sampling.generator_sample(
           gen_fn, rng, labels, model.seq_len, model.codebook_size, model.mask_id,
-          config.fixed_ratio, config.gen_temp, config.top_k, config.top_p)[0]
+          config.fixed_ratio, gen_temp, config.top_k, config.top_p)[0]
 
     self._teacher_sample = teacher_sample
     self._generator_sample = generator_sample
@@ -174,10 +174,13 @@ class Samplers:
     return self._batched(
         lambda r, l: self._teacher_sample(self.teacher_variables, r, l, steps), rng, labels)
 
-  def generator(self, params, rng, labels, sigma: float) -> np.ndarray:
-    """int32[N, L] codes from a generator in one step."""
+  def generator(self, params, rng, labels, sigma: float,
+                gen_temp: Optional[float] = None) -> np.ndarray:
+    """int32[N, L] codes from a generator in one step, at `gen_temp` (default the config's)."""
     sigma = jax.device_put(np.float32(sigma), self._replicated)
-    return self._batched(lambda r, l: self._generator_sample(params, r, l, sigma), rng, labels)
+    gen_temp = float(self.config.gen_temp if gen_temp is None else gen_temp)
+    return self._batched(lambda r, l: self._generator_sample(params, r, l, sigma, gen_temp),
+                         rng, labels)
 
 
 def timed(sample: Callable[[], np.ndarray]):
@@ -218,7 +221,8 @@ def evaluate(config: ml_collections.ConfigDict, samplers: Samplers, gen_params, 
 
   Writes samples/comparison.png and returns {"teacher_<n>step"|"teacher_1step"|
   "generator_1step": {<the dataset's metrics>, "sec_per_image"}}: fd and accuracy on digits,
-  true_nll, mode_coverage and in_mode on the synthetic set, none yet on ImageNet.
+  true_nll, mode_coverage and in_mode on the synthetic set, none yet on ImageNet. With
+  `eval_gen_temps`, also "generator_1step_T<t>" for each temperature t (same labels and key).
   """
   labels = eval_labels(config, dataset.num_classes)
   classes = grid_classes(config, dataset.num_classes)
@@ -230,15 +234,24 @@ def evaluate(config: ml_collections.ConfigDict, samplers: Samplers, gen_params, 
       "teacher_1step": lambda: samplers.teacher(rng, labels, 1),
       "generator_1step": lambda: samplers.generator(gen_params, rng, labels, sigma),
   }
+  for temp in config.eval_gen_temps:
+    runs[gen_temp_name(temp)] = functools.partial(samplers.generator, gen_params, rng, labels,
+                                                  sigma, temp)
   metrics, panels = {}, {}
   for name, run in runs.items():
     codes, seconds = timed(run)
     metrics[name] = {**score(codes, labels), "sec_per_image": seconds / len(labels)}
-    panels[name.replace("_", " ")] = class_rows(dataset, codes, labels, 10, classes)
+    if not name.startswith("generator_1step_T"):  # one panel of the generator is enough
+      panels[name.replace("_", " ")] = class_rows(dataset, codes, labels, 10, classes)
     logging.info("%s: %s", name, metrics[name])
   if jax.process_index() == 0:
     visualize.side_by_side(panels, os.path.join(workdir, "samples", "comparison.png"))
   return metrics
+
+
+def gen_temp_name(temp: float) -> str:
+  """The metrics key of the one-step generator sampled at temperature `temp`."""
+  return f"generator_1step_T{float(temp):g}"
 
 
 def initial_state(config: ml_collections.ConfigDict, model, teacher_params, mesh,

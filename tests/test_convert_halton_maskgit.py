@@ -2,6 +2,7 @@
 
 import os
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -169,3 +170,39 @@ def test_distillation_starts_from_a_converted_teacher(converted):
   before = jax.tree_util.tree_leaves(start.gen_params["params"]["transformer"])
   after = jax.tree_util.tree_leaves(state.gen_params["params"]["transformer"])
   assert all(np.any(np.asarray(a) != np.asarray(b)) for a, b in zip(before, after))
+
+
+def _first_layer_input(model, variables, tokens, labels, sigma, monkeypatch, eps):
+  """The embeddings entering `first_layer` (after the perturbation and pos_emb), float32[B, L+1, D],
+  with the perturbation's eps ~ N(0, I) replaced by `eps`."""
+  monkeypatch.setattr(jax.random, "normal", lambda key, shape, dtype=jnp.float32: eps[:, :shape[1]])
+  seen = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if context.module.name == "first_layer" and context.method_name == "__call__":
+      seen.append(np.asarray(args[0]))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(interceptor):
+    model.apply(variables, tokens, labels, emb_noise=sigma, rngs={"noise": jax.random.PRNGKey(0)})
+  return seen[0]
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.3])
+def test_embedding_noise_of_a_converted_teacher_is_the_reference_formula(
+    reference, converted, monkeypatch, sigma):
+  """e <- sigma * eps + sqrt(1 - sigma^2) * e on the release's own (N(0, 1)) embeddings, as
+  the reference computes it: the converted teacher carries emb_noise_scale 1.0."""
+  teacher = teachers.load(converted)
+  assert teacher.model.emb_noise_scale == 1.0
+  tokens, labels = _inputs()
+  length = GRID * GRID
+  eps = np.random.default_rng(1).standard_normal((BATCH, length, WIDTH)).astype(np.float32)
+  got = _first_layer_input(teacher.model, teacher.variables, tokens, labels, sigma, monkeypatch,
+                           eps)
+  state = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
+  table, pos = state["tok_emb.weight"], state["pos_emb"]
+  ids = np.concatenate([tokens.reshape(BATCH, -1), labels[:, None] + CODEBOOK + 1], axis=1)
+  expected = table[ids]
+  expected[:, :length] = sigma * eps + np.sqrt(1 - sigma**2) * expected[:, :length]
+  np.testing.assert_allclose(got, expected + pos, rtol=1e-5, atol=1e-5)

@@ -1,8 +1,10 @@
 """distill.py: one jitted train step of a toy MaskTransformer, and the pieces around it."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dimo_jax import defaults, distill
@@ -114,7 +116,8 @@ def test_fix_emb_layer_freezes_embeddings_bias(frozen_run, teacher):
 
 def test_without_fix_emb_layer_everything_trains(teacher):
   """The step's generator optimizer without freezing: every leaf moves (all of them at -lr)."""
-  gen_tx, _ = distill.optimizers(_config(fix_emb_layer=False), teacher)
+  # eps 1e-8 so that a 1e-3 gradient gives an Adam step of -lr to 1e-4
+  gen_tx, _ = distill.optimizers(_config(fix_emb_layer=False, adam_epsilon=1e-8), teacher)
   grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 1e-3), teacher)
   updates, _ = jax.jit(gen_tx.update)(grads, gen_tx.init(teacher), teacher)
   for name, update in _leaves(updates).items():
@@ -228,3 +231,72 @@ def test_generator_schedule_advances_fake_rounds_per_update():
       expected = lr * _diffusers_constant_with_warmup(k * per_update, warmup)
       np.testing.assert_allclose(np.asarray(updates["w"]), -expected, rtol=1e-4, atol=1e-12)
       p = jax.tree_util.tree_map(lambda a, b: a + b, p, updates)
+
+
+# ----------------------------------------------------------------------------- the reference recipe
+
+def _call_modes(config, model, teacher):
+  """(perturbed, deterministic) of every model call of one traced train step, in call order:
+  the generator's calls carry the embedding noise, the teacher's and auxiliary model's not."""
+  calls = []
+
+  def interceptor(next_fun, args, kwargs, context):
+    if isinstance(context.module, MaskTransformer) and context.method_name == "__call__":
+      calls.append((kwargs.get("emb_noise") is not None, kwargs.get("deterministic", True)))
+    return next_fun(*args, **kwargs)
+
+  state = distill.create_state(config, teacher, jax.random.PRNGKey(0),
+                               distill.frozen_prefixes(model))
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(distill.make_train_step(config, model), state, teacher)
+  return calls
+
+
+@pytest.mark.parametrize("teacher_dropout", [True, False])
+def test_teacher_dropout_is_switched_apart_from_the_generator_and_auxiliary(
+    model, teacher, teacher_dropout):
+  calls = _call_modes(_config(distill_dropout=True, teacher_dropout=teacher_dropout, true_cfg=1.0,
+                              fake_rounds=1), model, teacher)
+  # generator loss: generator, teacher, auxiliary; auxiliary round: generator, auxiliary.
+  assert [perturbed for perturbed, _ in calls] == [True, False, False, True, False]
+  assert calls[1] == (False, not teacher_dropout)
+  assert all(not det for i, (_, det) in enumerate(calls) if i != 1)
+
+
+def test_the_reference_defaults_keep_the_teacher_in_train_mode():
+  config = defaults.reference_config()
+  assert config.distill_dropout and config.teacher_dropout
+  # Adam eps 1e-6 under bf16, the generator clipped, the auxiliary model not.
+  assert (config.mixed_precision, config.adam_epsilon) == ("bf16", 1e-6)
+  assert config.max_grad_norm == 1.0 and config.fake_max_grad_norm == 0.0
+
+
+def test_the_auxiliary_gradients_are_not_clipped_unless_asked(teacher):
+  """Two steps with gradients of norm ~100 then ~1: clipped to norm 1 both look alike to Adam,
+  unclipped they do not; the generator clips (max_grad_norm 1), the auxiliary model does not."""
+  config = _config(fix_emb_layer=False, adam_epsilon=1e-8)
+  gen_tx, aux_tx = distill.optimizers(config, teacher)
+  unit = jax.tree_util.tree_map(lambda p: jnp.ones_like(p), teacher)
+  norm = float(optax.tree.norm(unit))
+  big = jax.tree_util.tree_map(lambda g: g * 100.0 / norm, unit)
+  small = jax.tree_util.tree_map(lambda g: g / norm, unit)
+
+  def second_update(tx):
+    state = tx.init(teacher)
+    _, state = tx.update(big, state, teacher)
+    updates, _ = tx.update(small, state, teacher)
+    return jax.tree_util.tree_leaves(updates)[0]
+
+  def adam_second_update(g1, g2):
+    adam = optax.adam(config.fake_lr, config.adam_beta1, config.adam_beta2,
+                      eps=config.adam_epsilon)
+    state = adam.init(teacher)
+    _, state = adam.update(g1, state, teacher)
+    return jax.tree_util.tree_leaves(adam.update(g2, state, teacher)[0])[0]
+
+  np.testing.assert_allclose(second_update(aux_tx), adam_second_update(big, small), rtol=1e-5)
+  np.testing.assert_allclose(second_update(gen_tx), adam_second_update(small, small), rtol=1e-5)
+  clipped_aux = distill.optimizers(_config(fix_emb_layer=False, adam_epsilon=1e-8,
+                                           fake_max_grad_norm=1.0), teacher)[1]
+  np.testing.assert_allclose(second_update(clipped_aux), adam_second_update(small, small),
+                             rtol=1e-5)

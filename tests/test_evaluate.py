@@ -21,6 +21,7 @@ import pytest
 from absl import flags
 from PIL import Image
 
+from configs import digits
 from dimo_jax import distill, evaluate, parallel, teachers, train
 from tests.test_sample_cli import tiny_tokenizer
 from tests.test_train import tiny_config, tiny_teacher
@@ -256,6 +257,19 @@ def test_toy_cli_writes_results_samples_and_the_table(dirs, tmp_path):
   with np.load(os.path.join(workdir, "samples_teacher_2step.npz")) as f:
     assert f["arr_0"].shape == (12, 8, 8, 3) and f["arr_0"].dtype == np.uint8
   assert len(os.listdir(os.path.join(workdir, "samples_teacher_2step"))) == 12
+
+
+def test_the_generator_is_evaluated_at_each_gen_temp(dirs, tmp_path):
+  config = digits.get_config()
+  config.teacher_path, config.eval_batch_size = dirs["teacher"], 8
+  results = {t: evaluate.evaluate(config, str(tmp_path), checkpoint=dirs["run"], num_samples=16,
+                                  gen_temp=t) for t in (0.25, 4.0)}
+  for t, result in results.items():
+    assert f"gen_temp {t:g}" in result["sampler"]
+    assert os.path.isfile(os.path.join(tmp_path, f"eval_{result['step']}_T{t:g}.json"))
+  assert results[0.25]["metrics"] != results[4.0]["metrics"]
+  with pytest.raises(ValueError, match="gen_temp"):
+    evaluate.evaluate(config, str(tmp_path), checkpoint=dirs["run"], num_samples=4, gen_temp=0.0)
 
 
 def _child(teacher_path: str, tokenizer_path: str, run: str) -> None:

@@ -33,6 +33,13 @@ def test_pretraining_learns_and_saves_a_loadable_teacher(tmp_path):
   assert not np.allclose(logits[0], logits[1], atol=1e-3)
   assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # nothing half-written left
 
+  # The teacher records its embeddings' scale, so that Di[M]O's sigma is a share of the signal
+  # (as on the release's N(0, 1) embeddings) and not an absolute level.
+  table = np.asarray(teacher.variables["params"]["tok_emb"]["embedding"])[:spec.codebook_size]
+  scale = teacher.model.emb_noise_scale
+  np.testing.assert_allclose(scale, np.sqrt(np.mean(table.astype(np.float64) ** 2)), rtol=1e-4)
+  assert description["config"]["emb_noise_scale"] == scale and scale != 1.0
+
 
 def test_teacher_load_names_the_missing_file(tmp_path):
   try:

@@ -146,12 +146,16 @@ def test_main_writes_metrics_samples_and_checkpoints(teacher_path, tmp_path):
          "--workdir", workdir, f"--config.teacher_path={teacher_path}",
          "--config.train_batch_size=8", "--config.max_train_steps=2",
          "--config.eval_samples=20", "--config.eval_batch_size=10",
-         "--config.validation_steps=2", "--config.checkpointing_steps=2"]
+         "--config.validation_steps=2", "--config.checkpointing_steps=2",
+         "--config.eval_gen_temps=(0.25, 4.0)"]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-4000:]
   with open(os.path.join(workdir, "metrics.json")) as f:
     metrics = json.load(f)
-  assert sorted(metrics) == ["generator_1step", "teacher_1step", "teacher_8step"]
+  assert sorted(metrics) == ["generator_1step", "generator_1step_T0.25", "generator_1step_T4",
+                             "teacher_1step", "teacher_8step"]
+  # A sharper and a flatter generator are different samplers.
+  assert metrics["generator_1step_T0.25"]["fd"] != metrics["generator_1step_T4"]["fd"]
   for values in metrics.values():
     assert sorted(values) == ["accuracy", "fd", "sec_per_image"]
     assert 0.0 <= values["accuracy"] <= 1.0 and values["fd"] >= 0 and values["sec_per_image"] > 0

@@ -136,6 +136,14 @@ class MaskTransformer(nn.Module):
     seq_len: L, the number of visual tokens (16 * 16 for ImageNet-256 with an f16 VQGAN).
     hidden_dim, depth, num_heads, mlp_dim: transformer sizes (768, 24, 16, 3072 in the release).
     dropout: dropout rate everywhere (0.1 in the release).
+    emb_noise_scale: s, the scale of the visual token embeddings that Di[M]O's perturbation
+      e <- sigma * s * eps + sqrt(1 - sigma^2) * e assumes, so that sigma is the same share of
+      the signal whatever the embeddings' scale. The release's `tok_emb` is torch's default
+      `nn.Embedding` (N(0, 1)) and the reference applies the formula with s = 1: a converted
+      release keeps 1.0 and behaves exactly as the reference. Our modules initialize `tok_emb`
+      at N(0, 0.02) (LayerNorm follows, so the function does not care), and `dimo_jax.pretrain`
+      records the trained table's RMS here, so that sigma = 0.1 is a tenth of the signal there
+      too, as in the reference, and not as large as the embedding itself.
     dtype: compute dtype; parameters stay float32.
     remat: recompute each transformer layer's activations in the backward pass instead of
       keeping them (gradient checkpointing); the parameter tree and the values are unchanged.
@@ -148,6 +156,7 @@ class MaskTransformer(nn.Module):
   num_heads: int = 16
   mlp_dim: int = 3072
   dropout: float = 0.1
+  emb_noise_scale: float = 1.0
   dtype: Dtype = jnp.float32
   remat: bool = False
 
@@ -176,8 +185,8 @@ class MaskTransformer(nn.Module):
       labels: int32[B] class labels in [0, C).
       drop_label: bool[B], True replaces the class by the "no class" token (for guidance).
       emb_noise: float32[] sigma: when given, the visual token embeddings become
-        sigma * eps + sqrt(1 - sigma^2) * e with eps ~ N(0, I) drawn from the `noise` rng
-        collection (Di[M]O's perturbation of the initial tokens).
+        sigma * s * eps + sqrt(1 - sigma^2) * e with eps ~ N(0, I) drawn from the `noise` rng
+        collection and s = `emb_noise_scale` (Di[M]O's perturbation of the initial tokens).
       deterministic: False enables dropout (needs the `dropout` rng collection).
 
     Returns:
@@ -200,7 +209,8 @@ class MaskTransformer(nn.Module):
       visual = x[:, : self.seq_len]
       eps = jax.random.normal(self.make_rng("noise"), visual.shape, visual.dtype)
       sigma = jnp.asarray(emb_noise, visual.dtype)
-      visual = sigma * eps + jnp.sqrt(1.0 - sigma**2) * visual
+      scale = jnp.asarray(self.emb_noise_scale, visual.dtype)
+      visual = sigma * scale * eps + jnp.sqrt(1.0 - sigma**2) * visual
       x = jnp.concatenate([visual, x[:, self.seq_len:]], axis=1)
     pos_emb = self.param("pos_emb", nn.initializers.truncated_normal(0.02),
                          (1, self.seq_len + 1, self.hidden_dim))
