@@ -24,6 +24,9 @@ RECIPE = {
     "optimizer_type": "adam", "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_weight_decay": 0.0,
     "lr_scheduler_type": "constant_with_warmup", "lr_warmup_steps": 100,
     "max_grad_norm": 1.0, "ema_decay": 0.9999,
+    # Adam eps 1e-6 under bf16, the auxiliary model unclipped, dropout on in all three networks.
+    "adam_epsilon": 1e-6, "fake_max_grad_norm": 0.0, "distill_dropout": True,
+    "teacher_dropout": True,
     "fixed_ratio": "fix_0.6", "noise_emb_perturb": "fix_0.1", "distil_loss_type": "Jeffreys_0.",
     "ratio_mode": "arccos", "ratio_mode_fake": "arccos", "true_cfg": 2.0,
     "label_smoothing": 0.1, "fix_emb_layer": True, "loss_reduction": "sum",

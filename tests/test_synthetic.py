@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import os
 
 import numpy as np
 import pytest
@@ -128,3 +129,32 @@ def test_invalid_construction_raises():
     SyntheticTokens(prototypes=protos + 4, corruption=0.1, codebook_size=4)
   with pytest.raises(ValueError, match=r"\[C, K, L\]"):
     SyntheticTokens(prototypes=protos[0], corruption=0.1, codebook_size=4)
+
+
+def test_the_benchmark_takes_the_mixture_and_overrides_from_the_command_line():
+  import importlib.util
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                      "benchmarks", "synthetic.py")
+  spec = importlib.util.spec_from_file_location("synthetic_benchmark", path)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  from configs import synthetic as synthetic_config, synthetic_teacher
+  mixture = synthetic_teacher.synthetic_spec()
+  mixture.update(modes_per_class=6, corruption=0.05, seed=1, codebook_size=32)
+  assert bench.spec_name(mixture) == "c10_k6_l16_v32_eps0.05_s1"
+  teacher = synthetic_teacher.get_config(mixture)
+  assert (teacher.model.codebook_size, teacher.synthetic.modes_per_class) == (32, 6)
+  config = synthetic_config.get_config(mixture)
+  assert config.mask_value == 32 and config.synthetic.seed == 1
+  bench.override(config, "generator_lr=1")  # an int where a float belongs stays a float
+  bench.override(config, "fixed_ratio=random_0.1_0.9")
+  assert config.generator_lr == 1.0 and isinstance(config.generator_lr, float)
+  assert config.fixed_ratio == "random_0.1_0.9"
+  with pytest.raises(SystemExit, match="no_such_key"):
+    bench.override(config, "no_such_key=1")
+  metrics = {"teacher_8step": {"true_nll": 1.0, "mode_coverage": 1.0, "in_mode": 0.9},
+             "generator_1step": {"true_nll": 1.2, "mode_coverage": 0.96, "in_mode": 0.8},
+             "generator_1step_T2": {"true_nll": 1.3, "mode_coverage": 1.0, "in_mode": 0.9}}
+  ratios = bench.against_teacher(metrics, "teacher_8step")
+  assert ratios["generator_1step"]["meets_targets"]
+  assert not ratios["generator_1step_T2"]["meets_targets"]  # NLL 1.3x > 1.25x

@@ -21,6 +21,9 @@ RECIPE = {
     "mixed_precision": "bf16", "gradient_checkpointing": True, "per_device_batch": 4,
     "max_train_steps": 20000, "lr_warmup_steps": 100, "max_grad_norm": 1.0,
     "loss_reduction": "sum", "fix_emb_layer": True, "mask_value": 8255, "dataset": "prompts",
+    # The teacher in its own dtype (cast_models_to_dtype: false) and in eval mode; Adam eps 1e-6.
+    "teacher_dtype": "fp32", "teacher_dropout": False, "adam_epsilon": 1e-6,
+    "fake_max_grad_norm": 0.0,
 }
 
 
