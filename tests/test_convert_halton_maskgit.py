@@ -67,7 +67,7 @@ def test_logits_match_the_torch_reference(reference, converted, drop):
   assert teacher.description["kind"] == "maskgit"
   assert teacher.description["config"] == dict(
       codebook_size=CODEBOOK, num_classes=CLASSES, seq_len=GRID * GRID, hidden_dim=WIDTH,
-      depth=DEPTH, num_heads=HEADS, mlp_dim=MLP, dropout=0.1)
+      depth=DEPTH, num_heads=HEADS, mlp_dim=MLP, dropout=0.1, emb_noise_scale=1.0)
   tokens, labels = _inputs()
   # A mix of kept and dropped labels, so both class-token rows are exercised in one batch too.
   drops = np.full((BATCH,), drop) if drop else np.arange(BATCH) % 2 == 1

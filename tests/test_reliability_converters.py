@@ -127,14 +127,20 @@ def test_convert_cli_refuses_before_reading_and_exits_1(tmp_path, monkeypatch, c
   assert _snapshot(tmp_path) == before
 
 
+def _stale_staging(path):
+  """A staging folder as `modeldir.staged` marks it, left by a process that is gone."""
+  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                        capture_output=True, text=True, check=True).stdout.strip()
+  path.mkdir()
+  (path / ".dimo_jax-staging").write_text(dead)
+  return path
+
+
 def test_leftovers_of_a_killed_conversion_are_removed_and_reported(tmp_path, capsys):
   dst = tmp_path / "teacher"
   _write_model(dst, "old")
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                        capture_output=True, text=True, check=True).stdout.strip()
-  stale = tmp_path / "teacher.tmp-abc123"
+  stale = _stale_staging(tmp_path / "teacher.tmp-abc123")
   (stale / "model" / "params").mkdir(parents=True)
-  (stale / ".dimo_jax-staging").write_text(dead)
   not_ours = tmp_path / "teacher.tmp-user"  # same prefix, but not staged by dimo_jax
   _user_folder(not_ours)
   _write_model(dst, "new")
@@ -148,11 +154,7 @@ def test_a_kill_between_the_two_renames_restores_the_old_directory(tmp_path, cap
   # died there, the next conversion puts it back before it starts (and keeps it if it fails).
   dst = tmp_path / "teacher"
   _write_model(dst, "old")
-  dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                        capture_output=True, text=True, check=True).stdout.strip()
-  stale = tmp_path / "teacher.tmp-xyz"
-  stale.mkdir()
-  (stale / ".dimo_jax-staging").write_text(dead)
+  stale = _stale_staging(tmp_path / "teacher.tmp-xyz")
   os.rename(dst, stale / "old")
   with pytest.raises(RuntimeError):
     with modeldir.staged(str(dst)):
