@@ -55,8 +55,8 @@ def against_teacher(metrics, teacher: str):
     if not name.startswith("generator"):
       continue
     ratios = {k: values[k] / max(metrics[teacher][k], 1e-12) for k in TARGETS}
-    ok = all(r <= bound if op == "<=" else r >= bound
-             for (k, (op, bound)), r in zip(TARGETS.items(), ratios.values()))
+    ok = all(ratios[k] <= bound if op == "<=" else ratios[k] >= bound
+             for k, (op, bound) in TARGETS.items())
     out[name] = {**ratios, "meets_targets": ok}
   return out
 
@@ -102,7 +102,8 @@ def main():
     print(f"{name:<22}{values['true_nll']:>10.3f}{values['mode_coverage']:>15.3f}"
           f"{values['in_mode']:>9.3f}{values['sec_per_image'] * 1e3:>10.3f}")
   ratios = against_teacher(metrics, teacher)
-  print(f"\nagainst {teacher} (targets: nll <= 1.25x, coverage >= 0.95x, in_mode >= 0.8x)")
+  targets = ", ".join(f"{k} {op} {bound:g}x" for k, (op, bound) in TARGETS.items())
+  print(f"\nagainst {teacher} (targets: {targets})")
   for name, r in ratios.items():
     print(f"{name:<22}{r['true_nll']:>10.2f}{r['mode_coverage']:>15.2f}{r['in_mode']:>9.2f}"
           f"   {'meets' if r['meets_targets'] else 'misses'}")

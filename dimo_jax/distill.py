@@ -181,7 +181,6 @@ def make_train_step(config: ml_collections.ConfigDict, model: MaskTransformer,
   batch, seq_len, codebook = config.train_batch_size, model.seq_len, model.codebook_size
   mask_id = model.mask_id
   train = config.distill_dropout
-  teacher_train = config.teacher_dropout
   # Condition dropout of the auxiliary model only matters when it is ever guided.
   fake_drop = (config.fake_cfg_drop_ratio
                if (config.fake_cfg_train != 1 or config.fake_cfg_eval != 1) else 0.0)
@@ -225,7 +224,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: MaskTransformer,
                                               config.ratio_mode, mask_id)
     true_cfg = 1.0 + (config.true_cfg - 1.0) * ratio if config.adaptive_cfg else config.true_cfg
     teacher_logits = sampling.guided_logits(logits_fn(teacher_params, t_rng,
-                                                      dropout=teacher_train), noisy,
+                                                      dropout=config.teacher_dropout), noisy,
                                             teacher_condition(labels), true_cfg)
     aux_logits = sampling.guided_logits(logits_fn(aux_params, f_rng), noisy, labels,
                                         config.fake_cfg_eval)

@@ -118,8 +118,8 @@ def _pid_alive(pid: int) -> bool:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
-  except PermissionError:
-    return True
+  except PermissionError:  # alive, owned by another user
+    pass
   return True
 
 
