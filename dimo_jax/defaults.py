@@ -42,6 +42,13 @@ def reference_config() -> ml_collections.ConfigDict:
   c.validation_steps = 200
   c.checkpointing_steps = 1000
   c.checkpoints_total_limit = 5
+  # Ours, not the reference's: stop the run with an error after this many generator (or
+  # auxiliary) updates in a row were skipped for a non-finite loss, gradient or update (a NaN
+  # teacher, a learning rate that overflows); 0 never stops.
+  c.max_consecutive_skips = 20
+  # Ours: a resumed run refuses a config whose method keys differ from the one that wrote its
+  # checkpoints (checkpoints/config.json); True accepts the change deliberately.
+  c.allow_config_change = False
 
   # Generator and auxiliary ("fake") model.
   c.generator_lr = 1e-5

@@ -145,10 +145,12 @@ def ema_rate(decay: float, step: jax.Array) -> jax.Array:
 
 
 def _apply_if_finite(tx, grads, opt_state, params, loss):
-  """One optimizer update, or none at all when the loss or a gradient is not finite."""
+  """One optimizer update, or none at all when the loss, a gradient or the update itself is not
+  finite (a learning rate that overflows float32 turns finite gradients into an infinite
+  update)."""
   grad_norm = optax.tree.norm(grads)
-  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt_state = tx.update(grads, opt_state, params)
+  ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
   new_params = optax.apply_updates(params, updates)
   keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)
   return keep(new_params, params), keep(new_opt_state, opt_state), grad_norm, ok

@@ -13,7 +13,7 @@ import json
 from absl import app, flags
 from ml_collections import config_flags
 
-from dimo_jax import distributed, train
+from dimo_jax import cli, distributed, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, samples, logs and metrics.json.")
@@ -29,4 +29,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

@@ -22,7 +22,7 @@ import os
 import time
 from typing import Any, Dict
 
-from absl import app, flags, logging
+from absl import flags, logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dimo_jax import data, masking, modeldir, parallel, teachers, text_to_image
+from dimo_jax import cli, data, masking, modeldir, parallel, teachers, text_to_image
 from dimo_jax.distill import label_smoothed_ce
 from dimo_jax.models.maskgit import MaskTransformer
 from dimo_jax.models.meissonic import MeissonicTransformer, TextConditioned
@@ -189,4 +189,4 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "Teacher pretraining config.")
   flags.DEFINE_string("workdir", None, "Where the teacher is written.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  cli.run(main)

@@ -83,6 +83,17 @@ def sample_tokens(rng: jax.Array, logits: jax.Array, temperature: float = 1.0, t
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+# The multi-step sampler's schedules: the share of tokens revealed at r in [1, 0].
+_SCHEDULES = {
+    "root": lambda r: 1 - r**0.5,
+    "linear": lambda r: 1 - r,
+    "square": lambda r: 1 - r**2,
+    "cosine": lambda r: np.cos(r * math.pi / 2),
+    "arccos": lambda r: np.arccos(r) / (math.pi / 2),
+}
+SCHED_MODES = tuple(sorted(_SCHEDULES))
+
+
 def unmask_schedule(steps: int, seq_len: int, sched_mode: str = "arccos") -> np.ndarray:
   """How many tokens the multi-step sampler reveals at each step: int32[steps], summing to L.
 
@@ -90,18 +101,11 @@ def unmask_schedule(steps: int, seq_len: int, sched_mode: str = "arccos") -> np.
   least one token, the last step taking whatever is left (the reference's `adap_sche`).
   """
   r = np.linspace(1.0, 0.0, steps)
-  shapes = {
-      "root": lambda r: 1 - r**0.5,
-      "linear": lambda r: 1 - r,
-      "square": lambda r: 1 - r**2,
-      "cosine": lambda r: np.cos(r * math.pi / 2),
-      "arccos": lambda r: np.arccos(r) / (math.pi / 2),
-  }
-  if sched_mode not in shapes:
-    raise ValueError(f"sched_mode must be one of {sorted(shapes)}, got {sched_mode!r}")
+  if sched_mode not in _SCHEDULES:
+    raise ValueError(f"sched_mode must be one of {SCHED_MODES}, got {sched_mode!r}")
   if steps == 1:  # linspace(1, 0, 1) is [1], where every shape is 0: reveal all at once.
     return np.array([seq_len], np.int32)
-  share = shapes[sched_mode](r)
+  share = _SCHEDULES[sched_mode](r)
   counts = np.round(share / share.sum() * seq_len)
   counts[counts == 0] = 1
   counts[-1] += seq_len - counts.sum()

@@ -26,7 +26,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from dimo_jax import data, distill, distributed, masking, parallel, sampling, teachers, visualize
+from dimo_jax import (config_check, data, distill, distributed, masking, parallel, sampling,
+                      teachers, visualize)
+from dimo_jax.errors import UserError
 
 _DTYPES = {"no": jnp.float32, "fp32": jnp.float32, "bf16": jnp.bfloat16}
 
@@ -254,22 +256,169 @@ def gen_temp_name(temp: float) -> str:
   return f"generator_1step_T{float(temp):g}"
 
 
+class RunError(UserError):
+  """A workdir that cannot be (re)started as asked: a changed config, a broken checkpoint, a
+  run already using it, training that only skips."""
+
+
+# Keys a resumed run may change freely: how long it runs, what it logs, saves and evaluates, and
+# on which devices. Every other key (the method, the shapes, the teacher, the optimizers, the
+# seed) must equal the one in checkpoints/config.json unless `allow_config_change`.
+RESUME_FREE_KEYS = frozenset({
+    "max_train_steps", "log_every", "validation_steps", "validation_metrics",
+    "checkpointing_steps", "checkpoints_total_limit", "final_eval", "eval_samples",
+    "eval_batch_size", "eval_gen_temps", "eval_params", "sampling_step", "sched_mode", "cfg_w",
+    "r_temp", "sm_temp", "grid_classes", "num_devices", "mesh", "max_consecutive_skips",
+    "allow_config_change", "gradient_checkpointing", "prompt_cache"})
+
+
+def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for key, value in tree.items():
+      out.update(_flat(value, f"{prefix}{key}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def config_changes(saved: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
+  """{dotted key: (saved value, new value)} for the keys outside RESUME_FREE_KEYS that differ
+  (a key only one of them has counts, with None on the other side)."""
+  saved, new = _flat(saved), _flat(new)
+  changed = {}
+  for key in sorted(set(saved) | set(new)):
+    if key.split(".")[0] in RESUME_FREE_KEYS:
+      continue
+    a, b = saved.get(key), new.get(key)
+    if isinstance(a, list):  # JSON writes tuples as lists
+      a = tuple(a)
+    if isinstance(b, list):
+      b = tuple(b)
+    if a != b:
+      changed[key] = (saved.get(key), new.get(key))
+  return changed
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str) -> Optional[Dict[str, Any]]:
+  """Refuses to resume the run in `workdir` with a config whose method keys differ from the one
+  that wrote its checkpoints; returns the saved config (None for a new run)."""
+  path = os.path.join(workdir, "checkpoints", "config.json")
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:
+    raise RunError(f"{path}: not readable as JSON ({e}); it records the config of the run "
+                   "that wrote these checkpoints: restore it or start a new --workdir") from None
+  changed = config_changes(saved, json.loads(config.to_json()))
+  if changed and not config.allow_config_change:
+    listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])
+    more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+    raise RunError(f"{path}: the checkpoints of this workdir were written with other method "
+                   f"keys: {listed}{more}; resume with the saved values, start a new --workdir, "
+                   "or pass --config.allow_config_change=True to change them deliberately")
+  return saved
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir for one run (process 0 of it), released when the process
+  ends however it ends (`fcntl.flock`), so two runs never write one workdir at once."""
+
+  def __init__(self, workdir: str):
+    self.path = os.path.join(workdir, ".lock")
+    self.file = None
+
+  def __enter__(self):
+    if jax.process_index() > 0:
+      return self
+    import fcntl
+    self.file = open(self.path, "a+")
+    try:
+      fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+      self.file.seek(0)
+      holder = self.file.read().strip() or "another process"
+      self.file.close()
+      self.file = None
+      raise RunError(f"{os.path.dirname(self.path)}: in use by another run ({holder}); wait "
+                     "for it to finish or choose another --workdir") from None
+    self.file.seek(0)
+    self.file.truncate()
+    self.file.write(f"pid {os.getpid()} on {os.uname().nodename}, since "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    self.file.flush()
+    return self
+
+  def __exit__(self, *exc):
+    if self.file is not None:
+      self.file.close()  # closing releases the flock
+      self.file = None
+
+
+class SkipWatch:
+  """Stops a run whose updates are all skipped: raises `RunError` once `limit` generator updates
+  in a row (or `limit` steps whose every auxiliary round) were skipped for a non-finite loss,
+  gradient or update. Reads the step's counters only every `limit` steps (no host round trip per
+  step)."""
+
+  def __init__(self, limit: int, fake_rounds: int, skipped_before, workdir: str):
+    self.limit, self.rounds, self.workdir = limit, fake_rounds, workdir
+    self.last = np.asarray(jax.device_get(skipped_before), np.int64)
+    self.pending = []
+    self.run = np.zeros(2, np.int64)  # steps in a row skipped: generator, auxiliary
+
+  def after(self, step: int, metrics) -> None:
+    """`step`: updates done; `metrics`: that step's (device) metrics."""
+    if self.limit <= 0:
+      return
+    self.pending.append((step, metrics["skipped_generator"], metrics["skipped_fake"]))
+    if len(self.pending) >= self.limit:
+      self.check()
+
+  def check(self) -> None:
+    for step, gen, fake in jax.device_get(self.pending):
+      now = np.array([gen, fake], np.int64)
+      full = (now - self.last) >= np.array([1, self.rounds])
+      self.run = np.where(full, self.run + 1, 0)
+      self.last = now
+      if np.any(self.run >= self.limit):
+        which = "generator" if self.run[0] >= self.limit else "auxiliary"
+        raise RunError(
+            f"{self.workdir}: the last {self.limit} {which} updates (to step {step}) were all "
+            "skipped because the loss, a gradient or the update was not finite: check the "
+            "teacher's weights for NaN and the learning rates (the checkpoints keep the last "
+            "finite state; max_consecutive_skips sets this limit)")
+    self.pending = []
+
+
 def initial_state(config: ml_collections.ConfigDict, model, teacher_params, mesh,
                   manager: ocp.CheckpointManager) -> distill.DistillState:
   """The latest checkpoint of `manager`, else a fresh state; placed by `parallel.param_sharding`.
 
   Neither path holds a whole replicated copy anywhere: the fresh state is built inside `jit`
-  straight into its shardings, and orbax reads a checkpoint's shards into place.
+  straight into its shardings, and orbax reads a checkpoint's shards into place. A checkpoint
+  that cannot be read (truncated, another state tree) raises a `RunError` naming its step.
   """
   init = functools.partial(distill.create_state, config, frozen=distill.frozen_prefixes(model))
   rng = jax.random.PRNGKey(config.global_seed)
   shapes = jax.eval_shape(init, teacher_params, rng)
   sharding = parallel.param_sharding(mesh, shapes)
-  if manager.latest_step() is None:
+  step = manager.latest_step()
+  if step is None:
     return jax.jit(init, out_shardings=sharding)(teacher_params, rng)
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, sharding)
-  return manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+  try:
+    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  except Exception as e:  # orbax raises many types for a damaged or mismatched checkpoint
+    where = os.path.join(str(manager.directory), str(step))
+    earlier = [s for s in manager.all_steps() if s < step]
+    hint = (f"delete that folder to resume from step {max(earlier)}" if earlier
+            else "delete that folder to start over")
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    raise RunError(f"{where}: cannot restore this checkpoint ({type(e).__name__}: {first}); "
+                   f"{hint}, or choose another --workdir") from None
 
 
 def jit_train_step(config: ml_collections.ConfigDict, model, mesh, state, teacher_params,
@@ -313,9 +462,18 @@ def place_conditions(conditions, indices: Dict[str, np.ndarray], mesh) -> Dict[s
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
-  """Distills the teacher at `config.teacher_path`; returns (and writes) metrics.json."""
-  if config.eval_params not in ("ema", "generator"):
-    raise ValueError(f"eval_params must be 'ema' or 'generator', got {config.eval_params!r}")
+  """Distills the teacher at `config.teacher_path`; returns (and writes) metrics.json.
+
+  Every value of `config` is checked first (`config_check`), a resumed run's against the config
+  that wrote its checkpoints, and one run at a time holds `workdir` (`WorkdirLock`).
+  """
+  config_check.check(config)
+  os.makedirs(workdir, exist_ok=True)
+  with WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
   mesh = parallel.make_mesh(config.num_devices, config.mesh.data, config.mesh.fsdp)
   config = config.copy_and_resolve_references()
@@ -339,10 +497,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     indices = dataset.train_conditions(step, config.train_batch_size, config.fake_rounds)
     return (place_conditions(dataset.conditions, indices, mesh),)
 
+  saved = check_resume(config, workdir)
   manager = checkpoint_manager(workdir, config)
-  write_json(os.path.join(workdir, "checkpoints", "config.json"), json.loads(config.to_json()))
   # theta, psi and the EMA start from the float32 teacher before it is (maybe) cast down.
   state = initial_state(config, model, teacher_params, mesh, manager)
+  # The record of the run is written only once the state it describes was restored (or built);
+  # a deliberate change keeps the previous record beside it.
+  config_path = os.path.join(workdir, "checkpoints", "config.json")
+  if saved is not None and config_changes(saved, json.loads(config.to_json())):
+    write_json(os.path.join(workdir, "checkpoints", f"config.step{int(state.step)}.json"), saved)
+  write_json(config_path, json.loads(config.to_json()))
   teacher_params = hold_teacher(config, teacher_params)
   # The samplers use the placed copy, so no whole teacher stays on one device.
   teacher = dataclasses.replace(teacher, variables=teacher_params)
@@ -362,12 +526,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   score = dataset.make_scorer() if config.validation_metrics or config.final_eval else None
 
   start_step = int(state.step)
+  watch = SkipWatch(config.max_consecutive_skips, config.fake_rounds, state.skipped, workdir)
   progress = tqdm(range(start_step, config.max_train_steps), initial=start_step,
                   total=config.max_train_steps, desc="Di[M]O", mininterval=2.0,
                   disable=jax.process_index() > 0)
+  try:
+    state = _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer,
+                  samplers, dataset, classes, grid_labels, labels, score, manager, workdir)
+  finally:  # a stopped run still finishes the checkpoint it was writing
+    manager.wait_until_finished()
+  writer.flush()
+
+  if not config.final_eval:
+    return {}
+  params = state.ema_params if config.eval_params == "ema" else state.gen_params
+  metrics = evaluate(config, samplers, params, int(state.step), workdir, dataset, score)
+  write_json(os.path.join(workdir, "metrics.json"), metrics)
+  return metrics
+
+
+def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, samplers,
+          dataset, classes, grid_labels, labels, score, manager, workdir):
+  """The training loop: steps, logs, validation grids and checkpoints; returns the last state."""
   for step in progress:
     state, metrics = step_fn(state, teacher_params, *fed(step))
     done = step + 1
+    watch.after(done, metrics)
     if done % config.log_every == 0 or done == config.max_train_steps:
       scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
       writer.write_scalars(done, scalars)
@@ -386,14 +570,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
           writer.write_scalars(done, {f"val_{name}/{k}": v
                                       for k, v in score(codes, labels).items()})
     manager.save(done, args=ocp.args.StandardSave(state))
+  watch.check()
   if int(state.step) not in manager.all_steps():
     manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
-  manager.wait_until_finished()
-  writer.flush()
-
-  if not config.final_eval:
-    return {}
-  params = state.ema_params if config.eval_params == "ema" else state.gen_params
-  metrics = evaluate(config, samplers, params, int(state.step), workdir, dataset, score)
-  write_json(os.path.join(workdir, "metrics.json"), metrics)
-  return metrics
+  return state

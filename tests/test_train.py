@@ -165,6 +165,6 @@ def test_main_writes_metrics_samples_and_checkpoints(teacher_path, tmp_path):
 
 def test_unknown_eval_params_is_refused_before_any_work(teacher_path, tmp_path):
   workdir = tmp_path / "bad"
-  with pytest.raises(ValueError, match="eval_params must be 'ema' or 'generator', got 'EMA'"):
+  with pytest.raises(ValueError, match="eval_params must be one of 'ema', 'generator', found 'EMA'"):
     train.train_and_evaluate(tiny_config(teacher_path, eval_params="EMA"), str(workdir))
   assert not workdir.exists()

@@ -1,0 +1,178 @@
+"""Every value of a Di[M]O config checked before anything is written, compiled or trained.
+
+`check(config)` raises one `ConfigError` that lists each key whose value is outside what the
+method accepts (an unknown enum name, a ratio outside [0, 1], a step count of 0, ...), so a
+typo fails in a second instead of at the trace of the step or after the whole training.
+`closest_keys` finds the real keys a mistyped `--config.<key>` probably meant.
+"""
+
+import difflib
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import ml_collections
+
+from dimo_jax import divergence, masking, sampling
+from dimo_jax.errors import UserError
+
+
+class ConfigError(UserError):
+  """A config value outside what the method accepts (each offending key is named)."""
+
+
+# key -> allowed values.
+ENUMS = {
+    "mixed_precision": ("no", "fp32", "bf16"),
+    "teacher_dtype": ("fp32", "bf16"),
+    "lr_scheduler_type": ("constant", "constant_with_warmup"),
+    "loss_reduction": ("sum", "mean"),
+    "optimizer_type": ("adam", "adamw"),
+    "ratio_mode": masking.RATIO_MODES,
+    "ratio_mode_fake": masking.RATIO_MODES,
+    "sched_mode": sampling.SCHED_MODES,
+    "eval_params": ("ema", "generator"),
+}
+# Integers that count steps, rounds or samples: at least 1 (0 would divide by zero or train
+# nothing).
+POSITIVE_INTS = ("max_train_steps", "fake_rounds", "log_every", "validation_steps",
+                 "checkpointing_steps", "checkpoints_total_limit", "sampling_step",
+                 "eval_samples", "eval_batch_size", "ema_freq")
+NON_NEGATIVE_INTS = ("lr_warmup_steps", "top_k", "max_consecutive_skips")
+# Rates, temperatures and eps: finite and > 0.
+POSITIVE_FLOATS = ("generator_lr", "fake_lr", "adam_epsilon", "gen_temp", "true_temp",
+                   "fake_temp", "temperature_fake", "sm_temp")
+NON_NEGATIVE_FLOATS = ("max_grad_norm", "fake_max_grad_norm", "adam_weight_decay",
+                       "dm_loss_weight", "r_temp", "cfg_w", "true_cfg", "fake_cfg_eval",
+                       "fake_cfg_train")
+# key -> (low, high, high included)
+UNIT_INTERVAL = {"ema_decay": (0.0, 1.0, True), "adam_beta1": (0.0, 1.0, False),
+                 "adam_beta2": (0.0, 1.0, False), "label_smoothing": (0.0, 1.0, False),
+                 "alpha_fake": (0.0, 1.0, True), "fake_cfg_drop_ratio": (0.0, 1.0, True),
+                 "top_p": (0.0, 1.0, True)}
+BOOLS = ("adaptive_cfg", "fix_emb_layer", "distill_dropout", "teacher_dropout", "final_eval",
+         "validation_metrics", "gradient_checkpointing")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fixed_ratio(value) -> Optional[str]:
+  try:
+    low, high = masking.parse_fixed_ratio(value)
+  except ValueError:
+    return "must look like 'fix_0.6', 'random_0.1_0.9' or 0.6"
+  if not 0.0 <= low <= high <= 1.0:
+    return "needs 0 <= low <= high <= 1 (the share of x_init that is masked)"
+  return None
+
+
+def _noise(value) -> Optional[str]:
+  try:
+    kind, number = masking.parse_noise_schedule(value)
+  except ValueError:
+    return "must look like 'fix_0.1', 'warmup_linear_N', 'warmup_exp_N' or 'warmup_cos_N'"
+  if kind == "fix" and not 0.0 <= number <= 1.0:
+    return "needs sigma in [0, 1] (e <- sigma * eps + sqrt(1 - sigma^2) * e)"
+  if kind != "fix" and not number > 0:
+    return "needs a warm-up of N > 0 iterations"
+  return None
+
+
+def _loss_type(value) -> Optional[str]:
+  try:
+    divergence.jeffreys_beta(value)
+  except ValueError:
+    return "must be 'FKL', 'RKL' or 'Jeffreys_<beta>' with beta in [0, 1]"
+  return None
+
+
+def _temps(value) -> Optional[str]:
+  if not isinstance(value, (tuple, list)) or not all(
+      _is_number(t) and math.isfinite(t) and t > 0 for t in value):
+    return "must be a tuple of temperatures > 0 (or ())"
+  return None
+
+
+PARSED: Dict[str, Callable[[Any], Optional[str]]] = {
+    "fixed_ratio": _fixed_ratio, "noise_emb_perturb": _noise, "distil_loss_type": _loss_type,
+    "eval_gen_temps": _temps}
+
+
+def problems(config: ml_collections.ConfigDict) -> List[str]:
+  """'key: what was expected, found value' for each bad value of the keys `config` has."""
+  found = []
+
+  def bad(key, expected):
+    found.append(f"{key} {expected}, found {config[key]!r}")
+
+  has = lambda key: key in config
+  for key, allowed in ENUMS.items():
+    if has(key) and config[key] not in allowed:
+      bad(key, "must be one of " + ", ".join(map(repr, allowed)))
+  for key, check in PARSED.items():
+    if has(key):
+      message = check(config[key])
+      if message:
+        bad(key, message)
+  for key in POSITIVE_INTS:
+    if has(key) and not (_is_int(config[key]) and config[key] >= 1):
+      bad(key, "must be an integer >= 1")
+  for key in NON_NEGATIVE_INTS:
+    if has(key) and not (_is_int(config[key]) and config[key] >= 0):
+      bad(key, "must be an integer >= 0")
+  for key in POSITIVE_FLOATS:
+    if has(key) and not (_is_number(config[key]) and math.isfinite(config[key])
+                         and config[key] > 0):
+      bad(key, "must be a finite number > 0")
+  for key in NON_NEGATIVE_FLOATS:
+    if has(key) and not (_is_number(config[key]) and math.isfinite(config[key])
+                         and config[key] >= 0):
+      bad(key, "must be a finite number >= 0")
+  for key, (low, high, closed) in UNIT_INTERVAL.items():
+    if not has(key):
+      continue
+    value = config[key]
+    inside = _is_number(value) and low <= value and (value <= high if closed else value < high)
+    if not inside:
+      bad(key, f"must lie in [{low:g}, {high:g}{']' if closed else ')'}")
+  for key in BOOLS:
+    if has(key) and not isinstance(config[key], bool):
+      bad(key, "must be True or False")
+  if has("train_batch_size"):
+    per_device = config.get("per_device_batch", -1) or -1
+    batch = config.train_batch_size
+    if not (_is_int(batch) and (batch >= 1 or (batch == -1 and per_device > 0))):
+      bad("train_batch_size", "must be an integer >= 1 (or -1 with per_device_batch set)")
+  return found
+
+
+def check(config: ml_collections.ConfigDict, where: str = "config") -> None:
+  """Raises `ConfigError` naming every bad value of `config` (see `problems`)."""
+  found = problems(config)
+  if found:
+    raise ConfigError(f"{where}: " + "; ".join(found))
+
+
+def closest_keys(config: ml_collections.ConfigDict, dotted: str,
+                 count: int = 3) -> Optional[Sequence[str]]:
+  """None when `dotted` ('a.b.c') names a key of `config`; else the real dotted keys closest to
+  it at the first level where it leaves the config (possibly empty)."""
+  node, prefix = config, []
+  for part in dotted.split("."):
+    if isinstance(node, (ml_collections.ConfigDict, dict)) and part in node:
+      node = node[part]
+      prefix.append(part)
+      continue
+    if not isinstance(node, (ml_collections.ConfigDict, dict)):
+      return []
+    names = list(node.keys())
+    near = difflib.get_close_matches(part, names, n=count, cutoff=0.5)
+    if not near:  # a prefix or a part of a real key: fake_round -> fake_rounds
+      near = [n for n in names if part in n or n in part][:count]
+    return [".".join(prefix + [n]) for n in near]
+  return None

@@ -1,0 +1,209 @@
+"""Training faults: an update that overflows is skipped, a run that only skips stops with an
+error, a resumed run keeps the record of the run that wrote its checkpoints, one run at a time
+holds a workdir, and a damaged checkpoint names its step."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dimo_jax import distill, teachers, train
+from dimo_jax.models.maskgit import MaskTransformer
+from tests.test_distill_step import _config, _leaves
+from tests.test_train import restore_latest, tiny_teacher
+from tests.test_train import tiny_config as _tiny_config
+
+
+def tiny_config(teacher_path, **overrides):
+  # No validation metrics: the digits scorer would train its classifier in every run.
+  return _tiny_config(teacher_path, **{"validation_metrics": False, **overrides})
+
+
+@pytest.fixture(scope="module")
+def teacher_path(tmp_path_factory):
+  return tiny_teacher(str(tmp_path_factory.mktemp("teacher") / "digits"))
+
+
+@pytest.fixture(scope="module")
+def nan_teacher_path(tmp_path_factory, teacher_path):
+  teacher = teachers.load(teacher_path)
+  poisoned = jax.tree_util.tree_map(lambda x: jnp.full_like(x, jnp.nan), teacher.variables)
+  path = str(tmp_path_factory.mktemp("nan") / "digits")
+  teachers.save(path, teacher.model, poisoned)
+  return path
+
+
+def _config_json(workdir):
+  with open(os.path.join(workdir, "checkpoints", "config.json")) as f:
+    return json.load(f)
+
+
+# ------------------------------------------------------------------ the update itself
+
+def test_an_update_that_overflows_is_skipped():
+  # lr 1e39 is finite as a Python float but infinite in float32: finite loss and gradients,
+  # an infinite update. It used to be applied (NaN in generator, auxiliary model and EMA).
+  model = MaskTransformer(codebook_size=5, num_classes=3, seq_len=8, hidden_dim=16, depth=1,
+                          num_heads=2, mlp_dim=32)
+  teacher = model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, 8), jnp.int32),
+                       jnp.zeros((1,), jnp.int32))
+  config = _config(generator_lr=1e39, fake_lr=1e39, distill_dropout=False)
+  state = distill.create_state(config, teacher, jax.random.PRNGKey(1), distill.FROZEN_WITH_EMB)
+  step = jax.jit(distill.make_train_step(config, model))
+  new, metrics = step(state, teacher)
+  assert np.isfinite(float(metrics["loss_generator"]))
+  assert np.isfinite(float(metrics["gen_grad_norm"]))
+  assert int(metrics["skipped_generator"]) == 1
+  assert int(metrics["skipped_fake"]) == config.fake_rounds
+  for tree in ("gen_params", "aux_params", "ema_params"):
+    for name, leaf in _leaves(getattr(new, tree)).items():
+      assert np.all(np.isfinite(leaf)), (tree, name)
+      np.testing.assert_array_equal(leaf, _leaves(getattr(state, tree))[name])
+
+
+# ------------------------------------------------------------------ runs that only skip
+
+def test_a_run_whose_updates_all_overflow_stops_with_an_error(teacher_path, tmp_path):
+  config = tiny_config(teacher_path, generator_lr=1e39, fake_lr=1e39, max_train_steps=12,
+                       lr_warmup_steps=0, max_consecutive_skips=3, checkpointing_steps=100)
+  with pytest.raises(train.RunError, match="last 3 generator updates .* skipped"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_a_nan_teacher_stops_the_run(nan_teacher_path, tmp_path):
+  config = tiny_config(nan_teacher_path, max_train_steps=12, max_consecutive_skips=4)
+  with pytest.raises(train.RunError, match="skipped .* NaN"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_zero_disables_the_stop(nan_teacher_path, tmp_path):
+  config = tiny_config(nan_teacher_path, max_train_steps=3, max_consecutive_skips=0)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_skip_watch_counts_runs_of_skipped_steps():
+  watch = train.SkipWatch(3, 2, np.array([0, 0]), "w")
+  # generator skipped at steps 1, 2, then fine at 3, then skipped at 4, 5: never 3 in a row.
+  for step, gen, fake in ((1, 1, 0), (2, 2, 1), (3, 2, 1), (4, 3, 1), (5, 4, 1)):
+    watch.after(step, {"skipped_generator": gen, "skipped_fake": fake})
+  watch.check()
+  # auxiliary: a step counts only when all its 2 rounds were skipped.
+  watch.after(6, {"skipped_generator": 4, "skipped_fake": 3})
+  watch.after(7, {"skipped_generator": 4, "skipped_fake": 5})
+  with pytest.raises(train.RunError, match="last 3 auxiliary updates \\(to step 8\\)"):
+    watch.after(8, {"skipped_generator": 4, "skipped_fake": 7})  # the third read triggers it
+
+
+# ------------------------------------------------------------------ resume
+
+@pytest.fixture
+def finished(teacher_path, tmp_path):
+  """A run of 2 steps (checkpoint at 2) and its config.json."""
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=2), workdir)
+  return workdir, _config_json(workdir)
+
+
+@pytest.mark.parametrize("change", [dict(ratio_mode="square"), dict(fake_rounds=3),
+                                    dict(generator_lr=3e-3), dict(optimizer_type="adamw"),
+                                    dict(global_seed=1)])
+def test_a_resume_with_other_method_keys_is_refused_and_the_record_kept(
+    finished, teacher_path, change):
+  workdir, before = finished
+  key = next(iter(change))
+  with pytest.raises(train.RunError, match=f"other method keys: {key} "):
+    train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=4, **change), workdir)
+  assert _config_json(workdir) == before
+  assert max(train.checkpoint_manager(workdir, tiny_config(teacher_path)).all_steps()) == 2
+
+
+def test_a_resume_with_another_teacher_is_refused(finished, tmp_path):
+  workdir, before = finished
+  other = tiny_teacher(str(tmp_path / "other"), hidden_dim=8)
+  with pytest.raises(train.RunError, match="teacher_path"):
+    train.train_and_evaluate(tiny_config(other, max_train_steps=4), workdir)
+  assert _config_json(workdir) == before
+
+
+def test_a_finished_run_relaunched_with_a_bad_value_writes_nothing(finished, teacher_path):
+  workdir, before = finished
+  from dimo_jax import config_check
+  with pytest.raises(config_check.ConfigError, match="ratio_mode"):
+    train.train_and_evaluate(tiny_config(teacher_path, ratio_mode="foo"), workdir)
+  assert _config_json(workdir) == before
+
+
+def test_run_length_and_logging_may_change_on_resume(finished, teacher_path):
+  workdir, _ = finished
+  train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=4, log_every=2,
+                                       eval_samples=10), workdir)
+  assert _config_json(workdir)["max_train_steps"] == 4
+
+
+def test_a_deliberate_change_is_allowed_and_the_old_record_kept(finished, teacher_path):
+  workdir, before = finished
+  train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=4, ratio_mode="square",
+                                       allow_config_change=True), workdir)
+  assert _config_json(workdir)["ratio_mode"] == "square"
+  with open(os.path.join(workdir, "checkpoints", "config.step2.json")) as f:
+    assert json.load(f) == before
+
+
+def test_the_record_is_written_only_after_the_restore(finished, teacher_path, tmp_path):
+  # A checkpoint that cannot be restored leaves the record of the run as it was.
+  workdir, before = finished
+  step_dir = os.path.join(workdir, "checkpoints", "2")
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(max(0, os.path.getsize(os.path.join(root, name)) // 3))
+  with pytest.raises(train.RunError, match=r"checkpoints/2: cannot restore .*delete that folder"):
+    train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=4), workdir)
+  assert _config_json(workdir) == before
+
+
+def test_a_damaged_latest_checkpoint_names_the_step_to_delete(teacher_path, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = tiny_config(teacher_path, max_train_steps=4, checkpointing_steps=2)
+  train.train_and_evaluate(config, workdir)
+  step_dir = os.path.join(workdir, "checkpoints", "4")
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      os.remove(os.path.join(root, name))
+  with pytest.raises(train.RunError) as info:
+    train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=6), workdir)
+  assert "checkpoints/4: cannot restore" in str(info.value)
+  assert "resume from step 2" in str(info.value)
+  # Deleting the named step resumes from the one before, as the message says.
+  import shutil
+  shutil.rmtree(step_dir)
+  train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=6), workdir)
+  step, _ = restore_latest(workdir, tiny_config(teacher_path), teacher_path)
+  assert step == 6
+
+
+# ------------------------------------------------------------------ one run per workdir
+
+def test_a_second_run_on_a_held_workdir_is_refused(teacher_path, tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  with train.WorkdirLock(str(workdir)):
+    with pytest.raises(train.RunError, match="in use by another run"):
+      train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=2), str(workdir))
+    assert not (workdir / "checkpoints").exists()
+  # Released: the run proceeds.
+  train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=2), str(workdir))
+
+
+def test_the_lock_is_released_when_its_holder_dies(teacher_path, tmp_path):
+  import subprocess
+  import sys
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  code = ("import fcntl, os, sys; f = open(sys.argv[1], 'a+'); "
+          "fcntl.flock(f, fcntl.LOCK_EX); os._exit(0)")
+  subprocess.run([sys.executable, "-c", code, str(workdir / ".lock")], check=True)
+  train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=2), str(workdir))
