@@ -2,16 +2,34 @@
 when it is a model directory, SRC and what contains it are never touched, and at every instant
 either the old or the new directory is whole (interrupted conversions are cleaned up next time)."""
 
+import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
+import types
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.numpy
+import torch
+import yaml
 
-from dimo_jax import modeldir
+from dimo_jax import modeldir, tokenizers
+from dimo_jax.convert import common, diffusers_vq, google_maskgit, google_vqgan, halton_maskgit
+from dimo_jax.convert import taming_vqgan
 from dimo_jax.convert.__main__ import main as convert_main
+from dimo_jax.convert.common import ConversionError, flatten, unflatten
+from tests import test_convert_diffusers_vq as diffusers_case
+from tests import test_convert_google_maskgit as google_maskgit_case
+from tests import test_convert_google_vqgan as google_vqgan_case
+from tests import test_convert_halton_maskgit as halton_case
+from tests import test_convert_taming_vqgan as taming_case
+from tests.reference.halton_maskgit_torch import ReferenceMaskTransformer
 
 VARIABLES = {"params": {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}}
 
@@ -180,3 +198,429 @@ def test_swap_without_renameat2_still_replaces(tmp_path, monkeypatch):
   _write_model(dst, "new")
   assert _tag(dst) == "new"
   assert _leftovers(tmp_path) == []
+
+
+# --- converters refuse wrong weights and report one line --------------------------------------
+# (tiny random checkpoints in the real on-disk layouts, built with the converter tests' helpers)
+
+def _halton_state():
+  torch.manual_seed(0)
+  return dict(ReferenceMaskTransformer(halton_case.GRID, halton_case.WIDTH, halton_case.DEPTH,
+                                       halton_case.HEADS, halton_case.MLP, halton_case.CODEBOOK,
+                                       halton_case.CLASSES).state_dict())
+
+
+def _convert_halton(src, dst):
+  halton_maskgit.convert(src, str(dst), num_heads=halton_case.HEADS,
+                         codebook_size=halton_case.CODEBOOK)
+
+
+def _one_error_line(capsys):
+  """The single `error:` line the CLI wrote to stderr (fails if there are more lines)."""
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: "), lines
+  return lines[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.complex64])
+def test_torch_weights_of_a_non_float_dtype_are_refused(tmp_path, dtype):
+  state = _halton_state()
+  state["first_layer.6.weight"] = state["first_layer.6.weight"].to(dtype)
+  src = halton_case._save(tmp_path / "bad.pth", state)
+  with pytest.raises(ConversionError) as e:
+    _convert_halton(src, tmp_path / "teacher")
+  name = str(dtype).removeprefix("torch.")
+  assert str(e.value) == (f"{src}: key 'first_layer.6.weight' is {name}, expected a "
+                          "floating-point tensor")
+  assert not (tmp_path / "teacher").exists()
+
+
+def test_torch_weights_holding_nan_or_inf_are_refused(tmp_path):
+  state = _halton_state()
+  table = state["tok_emb.weight"].clone()
+  table[0, 0] = table[3, 1] = float("nan")
+  table[5, 2] = float("-inf")
+  state["tok_emb.weight"] = table
+  src = halton_case._save(tmp_path / "bad.pth", state)
+  with pytest.raises(ConversionError) as e:
+    _convert_halton(src, tmp_path / "teacher")
+  assert str(e.value) == f"{src}: key 'tok_emb.weight' holds 3 NaN/Inf values"
+
+
+@pytest.fixture(scope="module")
+def vq_release(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("vq") / "release")
+  return diffusers_case._write_release(folder, diffusers_case._reference(False))
+
+
+def _edited_vq(vq_release, tmp_path, edit):
+  """A copy of the diffusers VQModel release whose safetensors `edit` changed in place."""
+  folder = tmp_path / "edited"
+  folder.mkdir()
+  (folder / "config.json").write_text(open(os.path.join(vq_release, "config.json")).read())
+  state = safetensors.numpy.load_file(os.path.join(vq_release, diffusers_vq.WEIGHTS_FILE))
+  edit(state)
+  safetensors.numpy.save_file(state, str(folder / diffusers_vq.WEIGHTS_FILE))
+  return str(folder), str(folder / diffusers_vq.WEIGHTS_FILE)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s.update({"quantize.embedding.weight":
+                         s["quantize.embedding.weight"].astype(np.int32)}),
+     "key 'quantize.embedding.weight' is int32, expected a floating-point tensor"),
+    (lambda s: s["decoder.conv_out.bias"].__setitem__(1, np.inf),
+     "key 'decoder.conv_out.bias' holds 1 NaN/Inf values"),
+])
+def test_safetensors_weights_of_a_wrong_dtype_or_value_are_refused(vq_release, tmp_path, edit,
+                                                                   message):
+  folder, weights = _edited_vq(vq_release, tmp_path, edit)
+  with pytest.raises(ConversionError) as e:
+    diffusers_vq.vqvae_from_folder(folder)
+  assert str(e.value) == f"{weights}: {message}"
+
+
+def test_float16_safetensors_weights_are_read(vq_release, tmp_path):
+  folder, weights = _edited_vq(vq_release, tmp_path, lambda s: s.update(
+      {k: v.astype(np.float16) for k, v in s.items()}))
+  _, variables = diffusers_vq.vqvae_from_folder(folder)
+  embedding = variables["params"]["quantize"]["embedding"]
+  assert embedding.dtype == np.float32
+  np.testing.assert_array_equal(
+      embedding, safetensors.numpy.load_file(weights)["quantize.embedding.weight"])
+
+
+LN = google_maskgit_case.LN
+
+
+@pytest.mark.parametrize("value, message", [
+    (np.ones(8, np.int32), f"key {LN!r} is int32, expected a floating-point tensor"),
+    (np.array([1, 0, 1, 1, 0, 1, 1, 1], bool), f"key {LN!r} is bool, expected a floating-point"),
+    (np.array([1, np.nan, 1, 1, 1, np.nan, 1, 1], np.float32), f"key {LN!r} holds 2 NaN/Inf"),
+    (jnp.ones(8, jnp.bfloat16), None),  # bfloat16 is a float: read as float32
+])
+def test_msgpack_weights_of_a_wrong_dtype_or_value_are_refused(tmp_path, value, message):
+  params = flatten(google_maskgit_case._release_params(np.random.default_rng(0),
+                                                       **google_maskgit_case.SMALL))
+  params[LN] = value
+  src = google_maskgit_case._write(tmp_path / "ckpt", {"params": unflatten(params)})
+  tree = common.load_msgpack_tree(src)
+  if message is None:
+    _, variables = google_maskgit.convert_params(src, tree, codebook_size=6)
+    leaf = flatten(variables)[f"params/{LN}"]
+    assert leaf.dtype == np.float32 and np.all(leaf == 1)
+    return
+  with pytest.raises(ConversionError, match=f"^{src}: {message}"):
+    google_maskgit.convert_params(src, tree, codebook_size=6)
+
+
+def test_msgpack_tokenizer_codebook_with_nan_is_refused(tmp_path):
+  params = google_vqgan_case._release_params(np.random.default_rng(0), **google_vqgan_case.TINY)
+  params["quantizer"]["codebook"][2, :] = np.nan
+  src = google_vqgan_case._write(tmp_path / "ckpt", {"params": params})
+  with pytest.raises(ConversionError) as e:
+    google_vqgan.convert(src, str(tmp_path / "tok"))
+  assert str(e.value) == f"{src}: key 'quantizer/codebook' holds 8 NaN/Inf values"
+
+
+@contextlib.contextmanager
+def _deadline(seconds):
+  """Raises TimeoutError in the block after `seconds` (a converter that would build a model of
+  100000 layers fails here instead of hanging the suite)."""
+  def expire(signum, frame):
+    raise TimeoutError(f"still running after {seconds} s")
+  previous = signal.signal(signal.SIGALRM, expire)
+  signal.setitimer(signal.ITIMER_REAL, seconds)
+  try:
+    yield
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("layer", [500, 99999])
+def test_a_stray_halton_layer_key_is_named_at_once(tmp_path, layer):
+  state = _halton_state()
+  stray = f"transformer.layers.{layer}.0.fn.norm.weight"
+  state[stray] = torch.ones(halton_case.WIDTH)
+  src = halton_case._save(tmp_path / "bad.pth", state)
+  start = time.monotonic()
+  with _deadline(20), pytest.raises(ConversionError) as e:
+    _convert_halton(src, tmp_path / "teacher")
+  assert time.monotonic() - start < 5
+  assert str(e.value) == (f"{src}: key {stray!r} is layer {layer}, but the layers present are "
+                          "0-1: layer 2 is missing (no key starts with 'transformer.layers.2.')")
+
+
+@pytest.mark.parametrize("layer", [500, 99999])
+def test_a_stray_google_maskgit_layer_key_is_named_at_once(tmp_path, layer):
+  params = flatten(google_maskgit_case._release_params(np.random.default_rng(0),
+                                                       **google_maskgit_case.SMALL))
+  stray = f"TransformerLayer_{layer}/Mlp_0/layer_output/bias"
+  params[stray] = np.zeros(8, np.float32)
+  src = google_maskgit_case._write(tmp_path / "ckpt", {"params": unflatten(params)})
+  start = time.monotonic()
+  with _deadline(20), pytest.raises(ConversionError) as e:
+    google_maskgit.convert(src, str(tmp_path / "teacher"), codebook_size=6)
+  assert time.monotonic() - start < 5
+  assert str(e.value).startswith(f"{src}: key {stray!r} is layer {layer}, but the layers "
+                                 "present are 0-0")
+
+
+def test_a_stray_google_vqgan_block_key_is_named(tmp_path):
+  params = google_vqgan_case._release_params(np.random.default_rng(0), **google_vqgan_case.TINY)
+  params["encoder"]["ResBlock_500"] = params["encoder"]["ResBlock_0"]
+  src = google_vqgan_case._write(tmp_path / "ckpt", {"params": params})
+  with pytest.raises(ConversionError) as e:
+    google_vqgan.convert(src, str(tmp_path / "tok"))
+  assert str(e.value).startswith(f"{src}: key 'encoder/ResBlock_500/Conv_0/kernel' is ResBlock "
+                                 "500, but the ResBlocks present are 0-5")
+
+
+# A Lightning checkpoint pickles objects by class name. These classes would leave a marker file
+# if unpickling ever ran their code: `open(marker, "w")` through __reduce__, or __setstate__.
+
+class _OpensMarker:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, "w"))
+
+
+class _WritesOnSetstate:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __getstate__(self):
+    return {"marker": self.marker}
+
+  def __setstate__(self, state):
+    with open(state["marker"], "w") as f:
+      f.write("code from the checkpoint ran")
+
+
+def _foreign_class(module_name, name, monkeypatch):
+  """A class pickled as `module_name.name` (a module that is gone again when the file is read),
+  whose __setstate__ would leave a marker."""
+  cls = type(name, (_WritesOnSetstate,), {"__module__": module_name})
+  parts = module_name.split(".")
+  for i in range(1, len(parts) + 1):
+    monkeypatch.setitem(sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+  setattr(sys.modules[module_name], name, cls)
+  return cls
+
+
+def _lightning_release(folder, state_dict, markers, monkeypatch):
+  """A taming release whose last.ckpt is an older Lightning checkpoint: beside `state_dict`,
+  callbacks keyed by class, optimizer states and hyper-parameters as pickled objects."""
+  os.makedirs(folder)
+  with open(os.path.join(folder, "model.yaml"), "w") as f:
+    yaml.safe_dump(taming_case.CONFIG, f)
+  with monkeypatch.context() as m:
+    model_checkpoint = _foreign_class("pytorch_lightning.callbacks.model_checkpoint",
+                                      "ModelCheckpoint", m)
+    dict_config = _foreign_class("omegaconf.dictconfig", "DictConfig", m)
+    checkpoint = {
+        "epoch": 7, "global_step": 1234, "pytorch-lightning_version": "1.0.8",
+        "state_dict": state_dict,
+        "callbacks": {model_checkpoint: {"best_model_score": torch.tensor(0.25),
+                                         "monitor": "val/rec_loss"},
+                      "resume": model_checkpoint(markers[0])},
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.zeros(3)}},
+                              "param_groups": [{"lr": 4.5e-6, "params": [0]}]}],
+        "lr_schedulers": [],
+        "hparams_name": "args",
+        "hyper_parameters": argparse.Namespace(base_learning_rate=4.5e-6, config=dict_config(
+            markers[1])),
+        "loops": [_OpensMarker(markers[2]), _WritesOnSetstate(markers[3])],
+    }
+    torch.save(checkpoint, os.path.join(folder, "last.ckpt"))
+  return os.path.join(folder, "last.ckpt")
+
+
+def test_a_lightning_checkpoint_reads_its_tensors_and_runs_nothing(tmp_path, monkeypatch):
+  state = taming_case._release_state(taming_case._reference())
+  state["loss.discriminator.main.1.num_batches_tracked"] = torch.tensor(17)  # int64, ignored
+  markers = [str(tmp_path / f"marker{i}") for i in range(4)]
+  src, dst = str(tmp_path / "release"), str(tmp_path / "tok")
+  ckpt = _lightning_release(src, state, markers, monkeypatch)
+  with pytest.raises(Exception, match="Unsupported global"):
+    torch.load(ckpt, weights_only=True)  # what the converter read before
+  taming_vqgan.convert(src, dst)
+  assert not any(os.path.exists(m) for m in markers)
+  params = tokenizers.load(dst).variables["params"]
+  np.testing.assert_array_equal(params["quantize"]["embedding"],
+                                state["quantize.embedding.weight"].numpy())
+  np.testing.assert_array_equal(params["decoder"]["conv_out"]["kernel"],
+                                state["decoder.conv_out.weight"].numpy().transpose(2, 3, 1, 0))
+
+
+@pytest.mark.parametrize("where", ["entry", "state_dict"])
+def test_a_lightning_state_dict_that_is_not_tensors_is_refused(tmp_path, monkeypatch, where):
+  state = taming_case._release_state(taming_case._reference())
+  markers = [str(tmp_path / f"marker{i}") for i in range(5)]
+  if where == "entry":
+    state["encoder.conv_in.weight"] = _WritesOnSetstate(markers[4])
+    message = "state_dict['encoder.conv_in.weight'] is a _WritesOnSetstate, not a tensor"
+  else:
+    state = _OpensMarker(markers[4])
+    message = "'state_dict' is a open, expected a dict of tensors"
+  src = str(tmp_path / "release")
+  ckpt = _lightning_release(src, state, markers, monkeypatch)
+  with pytest.raises(ConversionError) as e:
+    taming_vqgan.convert(src, str(tmp_path / "tok"))
+  assert str(e.value) == f"{ckpt}: {message}"
+  assert not any(os.path.exists(m) for m in markers)
+
+
+# --- the command line: one `error:` line, exit status 1 ----------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["taming-vqgan", "--num-heads", "8"],
+     "error: taming-vqgan does not take --num-heads (it takes no options)"),
+    (["google-vqgan", "--codebook-size", "5"],
+     "error: google-vqgan does not take --codebook-size (it takes no options)"),
+    (["halton-maskgit", "--resolution", "256", "--num-heads", "8"],
+     "error: halton-maskgit does not take --resolution (it takes --num-heads, --codebook-size, "
+     "--num-classes)"),
+])
+def test_cli_refuses_an_option_the_converter_does_not_take(tmp_path, capsys, argv, message):
+  src, dst = tmp_path / "release", tmp_path / "out"
+  src.mkdir()
+  assert convert_main(argv[:1] + ["--src", str(src), "--dst", str(dst)] + argv[1:]) == 1
+  assert _one_error_line(capsys) == message
+  assert not dst.exists()
+
+
+def _vq_folder(tmp_path, **config):
+  folder = tmp_path / "vq"
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps({**diffusers_case.CONFIG, **config}))
+  (folder / diffusers_vq.WEIGHTS_FILE).write_bytes(b"never read")
+  return str(folder), str(folder / "config.json")
+
+
+def _meissonic_release(tmp_path, **config):
+  root = tmp_path / "meissonic"
+  for name in ("transformer", "vqvae", "text_encoder", "tokenizer", "scheduler"):
+    (root / name).mkdir(parents=True)
+  (root / "transformer" / "config.json").write_text(json.dumps(config))
+  return str(root), str(root / "transformer" / "config.json")
+
+
+def _clip_folder(tmp_path, text=None, vision=None, vocab=None):
+  folder = tmp_path / "clip"
+  folder.mkdir()
+  (folder / "vocab.json").write_text(
+      json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1}) if vocab is None else vocab)
+  (folder / "merges.txt").write_text("#version: 0.2\n")
+  (folder / "config.json").write_text(json.dumps(
+      {"text_config": text or {}, "vision_config": vision or {}, "projection_dim": 8}))
+  return str(folder), str(folder / "config.json")
+
+
+def _taming_folder(tmp_path, **params):
+  folder = tmp_path / "taming"
+  folder.mkdir()
+  config = yaml.safe_load(yaml.safe_dump(taming_case.CONFIG))
+  config["model"]["params"].update(params)
+  (folder / "model.yaml").write_text(yaml.safe_dump(config))
+  (folder / "last.ckpt").write_bytes(b"never read")
+  return str(folder), str(folder / "model.yaml")
+
+
+@pytest.mark.parametrize("kind, build, message", [
+    ("diffusers-vq", lambda t: _vq_folder(t, num_vq_embeddings=-5),
+     "key 'num_vq_embeddings' must be a positive integer, found -5"),
+    ("diffusers-vq", lambda t: _vq_folder(t, norm_num_groups=0),
+     "key 'norm_num_groups' must be a positive integer, found 0"),
+    ("diffusers-vq", lambda t: _vq_folder(t, block_out_channels=[32, -64]),
+     "key 'block_out_channels' must be a non-empty list of positive integers, found [32, -64]"),
+    ("meissonic", lambda t: _meissonic_release(t, num_attention_heads=0),
+     "key 'num_attention_heads' must be a positive integer, found 0"),
+    ("meissonic", lambda t: _meissonic_release(t, codebook_size=-3),
+     "key 'codebook_size' must be a positive integer, found -3"),
+    ("clip", lambda t: _clip_folder(t, text={"num_attention_heads": 0}),
+     "key 'text_config.num_attention_heads' must be a positive integer, found 0"),
+    ("clip", lambda t: _clip_folder(t, vision={"patch_size": -8}),
+     "key 'vision_config.patch_size' must be a positive integer, found -8"),
+    ("taming-vqgan", lambda t: _taming_folder(t, n_embed=0),
+     "key 'model.params.n_embed' must be a positive integer, found 0"),
+])
+def test_cli_names_an_invalid_config_value(tmp_path, capsys, kind, build, message):
+  src, config = build(tmp_path)
+  assert convert_main([kind, "--src", src, "--dst", str(tmp_path / "out")]) == 1
+  assert _one_error_line(capsys) == f"error: {config}: {message}"
+
+
+@pytest.mark.parametrize("kind, build, culprit", [
+    ("clip", lambda t: _clip_folder(t, vocab='{"<|startoftext|>": 0,'), "vocab.json"),
+    ("diffusers-vq", lambda t: _vq_folder(t), "config.json"),
+    ("meissonic", lambda t: _meissonic_release(t), os.path.join("transformer", "config.json")),
+])
+def test_cli_names_a_file_that_is_not_json(tmp_path, capsys, kind, build, culprit):
+  src, _ = build(tmp_path)
+  path = os.path.join(src, culprit)
+  if culprit != "vocab.json":
+    with open(path, "w") as f:
+      f.write("{not json")
+  assert convert_main([kind, "--src", src, "--dst", str(tmp_path / "out")]) == 1
+  assert _one_error_line(capsys).startswith(f"error: {path} is not valid JSON: ")
+
+
+def _garbage_msgpack(tmp_path):
+  src = tmp_path / "tokenizer_checkpoint"
+  src.write_bytes(b"\xc1 not msgpack")  # reading it would fail with a message about src
+  return str(src)
+
+
+@pytest.mark.parametrize("dst_kind", ["file", "below_a_file"])
+def test_cli_refuses_a_destination_that_cannot_be_a_folder_before_reading(tmp_path, capsys,
+                                                                          dst_kind):
+  (tmp_path / "a_file").write_text("mine")
+  dst = {"file": tmp_path / "a_file", "below_a_file": tmp_path / "a_file" / "tok"}[dst_kind]
+  assert convert_main(["google-vqgan", "--src", _garbage_msgpack(tmp_path),
+                       "--dst", str(dst)]) == 1
+  line = _one_error_line(capsys)
+  assert line.startswith(f"error: {dst}: ") and "not a folder" in line, line
+  assert (tmp_path / "a_file").read_text() == "mine"
+
+
+def _read_only_cli(folder, argv):
+  """Runs `python -m dimo_jax.convert argv` with `folder` read-only: (returncode, stderr).
+
+  As a user, the folder is chmod 0o555; as root (who writes there anyway) the folder's parent is
+  bind-mounted read-only over itself in a private mount namespace of the child (`unshare -m`),
+  so `folder` lies on a read-only file system without being a mount point.
+  """
+  cmd = [sys.executable, "-m", "dimo_jax.convert", *argv]
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if os.geteuid() != 0:
+    folder.chmod(0o555)
+    try:
+      out = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    finally:
+      folder.chmod(0o755)
+  else:
+    parent = folder.parent
+    script = (f"mount --bind {parent} {parent} && mount -o remount,ro,bind {parent} && exec "
+              + " ".join(map(repr, cmd)))
+    out = subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=repo, capture_output=True,
+                         text=True, timeout=300)
+    assert "mount:" not in out.stderr and "unshare:" not in out.stderr, out.stderr
+  return out.returncode, out.stderr
+
+
+@pytest.mark.parametrize("dst_kind", ["inside", "itself"])
+def test_cli_refuses_a_read_only_destination_before_reading(tmp_path, dst_kind):
+  src = _garbage_msgpack(tmp_path)
+  folder = tmp_path / "ro" / "read_only"
+  folder.mkdir(parents=True)
+  dst = folder / "tok" if dst_kind == "inside" else folder
+  code, stderr = _read_only_cli(folder, ["google-vqgan", "--src", src, "--dst", str(dst)])
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  errors = [line for line in lines if line.startswith("error:")]
+  assert code == 1 and len(errors) == 1 and "Traceback" not in stderr, stderr
+  assert errors[0].startswith(f"error: {dst}: cannot write there"), errors[0]
+  assert "read-only" in errors[0]
+  assert os.listdir(folder) == []

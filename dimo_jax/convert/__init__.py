@@ -16,16 +16,19 @@ fid-inception        pytorch-fid pt_inception-2015-12-05-6726825d.pth (state dic
 clip                 folder with config.json + model.safetensors + vocab.json + merges.txt
                      (transformers CLIPModel, for CLIP score)       convert.clip.load_clip
 
-Every converter checks each key and shape of the source against the Flax module it builds and
-stops with a `ConversionError` naming the file, the key and both shapes; DST is written
-completely or not at all, and only ever replaces a model directory: a DST that holds other files,
-is a mount point, or is, contains or lies inside SRC is refused (`modeldir.DestinationError`)
-before anything is read.
+Every converter checks each key, shape and dtype of the source against the Flax module it
+builds, and every value (no NaN or Inf), and stops with a `ConversionError` naming the file, the
+key and what it expected and found; DST is written completely or not at all, and only ever
+replaces a model directory: a DST that holds other files, is a mount point, is, contains or lies
+inside SRC, or cannot be written (a read-only folder) is refused (`modeldir.DestinationError`)
+before anything is read. No checkpoint is unpickled with code execution (see common.py).
 """
 
 import functools
 import importlib
-from typing import Callable
+import inspect
+import os
+from typing import Callable, Tuple
 
 from dimo_jax import modeldir
 
@@ -42,17 +45,45 @@ CONVERTERS = {
 }
 
 
-def converter(kind: str) -> Callable[..., None]:
-  """The function `convert(src, dst, **options)` of `kind`, which first checks that `dst` may be
-  written (`modeldir.check_destination`, with `src` kept out of reach)."""
+def _convert_function(kind: str) -> Callable[..., None]:
   if kind not in CONVERTERS:
     raise ValueError(f"unknown conversion kind {kind!r}; known: {', '.join(sorted(CONVERTERS))}")
   module, name = CONVERTERS[kind].split(":")
-  convert = getattr(importlib.import_module(module), name)
+  return getattr(importlib.import_module(module), name)
+
+
+def options(kind: str) -> Tuple[str, ...]:
+  """The keyword options (`num_heads`, ...) the converter of `kind` takes besides src and dst."""
+  parameters = inspect.signature(_convert_function(kind)).parameters.values()
+  return tuple(p.name for p in parameters if p.name not in ("src", "dst")
+               and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def check_writable(dst: str) -> None:
+  """Raises `modeldir.DestinationError` unless `dst` can be written: `modeldir.staged` creates
+  a staging folder beside it (in the nearest existing folder of its path) and renames an
+  existing `dst` away, which needs write access to both."""
+  folder = os.path.dirname(os.path.abspath(dst))
+  while not os.path.lexists(folder):
+    folder = os.path.dirname(folder)
+  if not os.path.isdir(folder):
+    raise modeldir.DestinationError(f"{dst}: cannot be created, {folder} is not a folder")
+  targets = [folder] + ([dst] if os.path.isdir(dst) else [])
+  for target in targets:
+    if not os.access(target, os.W_OK | os.X_OK):
+      raise modeldir.DestinationError(f"{dst}: cannot write there, {target} is read-only or "
+                                      "not writable by this user")
+
+
+def converter(kind: str) -> Callable[..., None]:
+  """The function `convert(src, dst, **options)` of `kind`, which first checks that `dst` may be
+  written (`modeldir.check_destination`, with `src` kept out of reach, and `check_writable`)."""
+  convert = _convert_function(kind)
 
   @functools.wraps(convert)
   def checked(src: str, dst: str, **options) -> None:
     modeldir.check_destination(dst, sources=[src])
+    check_writable(dst)
     convert(src, dst, **options)
 
   return checked

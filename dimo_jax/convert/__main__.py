@@ -1,11 +1,29 @@
-"""python -m dimo_jax.convert KIND --src SRC --dst DST (see dimo_jax/convert/__init__.py)."""
+"""python -m dimo_jax.convert KIND --src SRC --dst DST (see dimo_jax/convert/__init__.py).
+
+A source or destination that does not fit ends the run with one `error: ...` line on stderr
+and exit status 1, never a traceback.
+"""
 
 import argparse
+import json
 import sys
 
 from dimo_jax import modeldir
-from dimo_jax.convert import CONVERTERS, converter
+from dimo_jax.convert import CONVERTERS, converter, options as converter_options
 from dimo_jax.convert.common import ConversionError
+
+
+def _flag(option: str) -> str:
+  return "--" + option.replace("_", "-")
+
+
+def _one_line(error: Exception) -> str:
+  """The error as one line (`FILE: what was expected, what was found`)."""
+  if isinstance(error, OSError) and error.filename:  # "[Errno 13] ... 'path'" -> "path: ..."
+    text = f"{error.filename}: {error.strerror or error}"
+  else:
+    text = str(error)
+  return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def main(argv=None) -> int:
@@ -29,10 +47,19 @@ def main(argv=None) -> int:
                                              ("num_classes", args.num_classes),
                                              ("resolution", args.resolution))
              if value is not None}
+  accepted = converter_options(args.kind)
+  refused = [_flag(name) for name in options if name not in accepted]
+  if refused:
+    takes = ", ".join(_flag(name) for name in accepted) or "no options"
+    print(f"error: {args.kind} does not take {', '.join(refused)} (it takes {takes})",
+          file=sys.stderr)
+    return 1
   try:
     converter(args.kind)(args.src, args.dst, **options)
-  except (ConversionError, modeldir.DestinationError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
+  except (ConversionError, modeldir.DestinationError, json.JSONDecodeError, OSError) as e:
+    # OSError: FileNotFoundError for a missing source file, PermissionError or a read-only
+    # filesystem met while writing DST.
+    print(f"error: {_one_line(e)}", file=sys.stderr)
     return 1
   print(f"wrote {args.dst}")
   return 0

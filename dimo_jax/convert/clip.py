@@ -19,11 +19,10 @@ A full CLIPModel projects both towers to the top-level `projection_dim` and hold
 """
 
 import dataclasses
-import json
 import os
 import re
 import shutil
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -70,11 +69,7 @@ _CLIP_PROJECTION_DIM = 512
 
 def _read_config(folder: str) -> Tuple[str, Dict[str, Any]]:
   path = common.require_file(os.path.join(folder, CONFIG_FILE), "a transformers config.json")
-  with open(path) as f:
-    try:
-      config = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConversionError(f"{path} is not valid JSON: {e}") from e
+  config = common.read_json(path)
   if not isinstance(config, dict):
     raise ConversionError(f"{path}: expected a JSON object, found {type(config).__name__}")
   return path, config
@@ -99,32 +94,33 @@ def _sub_config(path: str, config: Dict[str, Any], tower: str) -> Dict[str, Any]
 
 
 def _square(path: str, key: str, value: Any) -> int:
-  """image_size / patch_size: an int, or a pair of equal ints."""
+  """image_size / patch_size: a positive int, or a pair of equal ones."""
   if isinstance(value, (list, tuple)):
     if len(value) != 2 or value[0] != value[1]:
       raise ConversionError(f"{path}: {key} {value!r} is not square; only square is supported")
     value = value[0]
-  return int(value)
+  return common.config_int(path, key, value)
 
 
 def _module_fields(path: str, config: Dict[str, Any], fields: Dict[str, Tuple[str, Any]],
-                   what: str) -> Dict[str, Any]:
+                   prefix: str = "") -> Dict[str, Any]:
+  """The module fields of `config` (keys named `prefix` + key in errors: 'text_config.')."""
   out = {}
-  try:
-    for key, (field, default) in fields.items():
-      value = config.get(key)
-      value = default if value is None else value
-      if key in ("image_size", "patch_size"):
-        value = _square(path, key, value)
-      elif key == "hidden_act":
-        value = str(value)
-      elif key == "layer_norm_eps":
-        value = float(value)
-      else:
-        value = int(value)
-      out[field] = value
-  except (TypeError, ValueError) as e:
-    raise ConversionError(f"{path}: a {what} config value has the wrong type: {e}") from e
+  for key, (field, default) in fields.items():
+    value = config.get(key)
+    value = default if value is None else value
+    name = prefix + key
+    if key in ("image_size", "patch_size"):
+      value = _square(path, name, value)
+    elif key == "hidden_act":
+      value = str(value)
+    elif key == "layer_norm_eps":
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConversionError(f"{path}: key {name!r} must be a positive number, found {value!r}")
+      value = float(value)
+    else:
+      value = common.config_int(path, name, value, minimum=0 if key == "eos_token_id" else 1)
+    out[field] = value
   if out["hidden_act"] not in ACTIVATIONS:
     raise ConversionError(f"{path}: hidden_act {out['hidden_act']!r} is not supported "
                           f"(expected one of {sorted(ACTIVATIONS)})")
@@ -134,13 +130,21 @@ def _module_fields(path: str, config: Dict[str, Any], fields: Dict[str, Tuple[st
   return out
 
 
+def _projection_dim(path: str, config: Dict[str, Any]) -> int:
+  """The top-level projection_dim of a CLIPModel config (both towers project to it)."""
+  value = config.get("projection_dim")
+  return _CLIP_PROJECTION_DIM if value is None else common.config_int(path, "projection_dim",
+                                                                      value)
+
+
 def text_module(path: str, config: Dict[str, Any], dtype=jnp.float32) -> CLIPTextEncoder:
   """The CLIPTextEncoder a config.json describes (a CLIPTextConfig or a full CLIPConfig)."""
   if _is_full_model(config):
-    fields = _module_fields(path, _sub_config(path, config, "text"), _TEXT_FIELDS, "text")
-    fields["projection_dim"] = int(config.get("projection_dim") or _CLIP_PROJECTION_DIM)
+    fields = _module_fields(path, _sub_config(path, config, "text"), _TEXT_FIELDS,
+                            "text_config.")
+    fields["projection_dim"] = _projection_dim(path, config)
   else:
-    fields = _module_fields(path, config, _TEXT_FIELDS, "text")
+    fields = _module_fields(path, config, _TEXT_FIELDS)
   return CLIPTextEncoder(**fields, dtype=dtype)
 
 
@@ -148,12 +152,12 @@ def vision_module(path: str, config: Dict[str, Any], dtype=jnp.float32) -> CLIPV
   """The CLIPVisionEncoder a config.json describes (a CLIPVisionConfig or a full CLIPConfig)."""
   if _is_full_model(config):
     sub = _sub_config(path, config, "vision")
-    fields = _module_fields(path, sub, _VISION_FIELDS, "vision")
-    fields["projection_dim"] = int(config.get("projection_dim") or _CLIP_PROJECTION_DIM)
+    fields = _module_fields(path, sub, _VISION_FIELDS, "vision_config.")
+    fields["projection_dim"] = _projection_dim(path, config)
   else:
     sub = config
-    fields = _module_fields(path, config, _VISION_FIELDS, "vision")
-  if int(sub.get("num_channels") or 3) != 3:
+    fields = _module_fields(path, config, _VISION_FIELDS)
+  if sub.get("num_channels") not in (None, 3):
     raise ConversionError(f"{path}: num_channels {sub['num_channels']} is not supported "
                           "(expected 3)")
   if fields["image_size"] % fields["patch_size"]:
@@ -163,7 +167,8 @@ def vision_module(path: str, config: Dict[str, Any], dtype=jnp.float32) -> CLIPV
 
 
 def load_safetensors(path: str) -> Dict[str, np.ndarray]:
-  """The tensors of a .safetensors file as float32 numpy arrays, `position_ids` buffers left out."""
+  """The tensors of a .safetensors file (`common.load_safetensors`), `position_ids` buffers (int64,
+  not parameters) left out."""
   state = common.load_safetensors(path, "the transformers safetensors weights")
   return {name: array for name, array in state.items() if not name.endswith(".position_ids")}
 
@@ -255,10 +260,7 @@ def convert(src: str, dst: str) -> None:
   `dst`: model.json, params/ and tokenizer/ (the tokenizer files, copied), all or nothing."""
   for name in TOKENIZER_FILES:
     common.require_file(os.path.join(src, name), "the CLIP tokenizer that CLIP score needs")
-  try:
-    clip_tokenizer.load(src)  # refuse a tokenizer that would only fail at evaluation time
-  except ValueError as e:
-    raise ConversionError(str(e)) from e
+  load_tokenizer(src)  # refuse a tokenizer that would only fail at evaluation time
   text, vision, variables = _full_model(src)
   description = {
       "kind": KIND,
@@ -269,6 +271,19 @@ def convert(src: str, dst: str) -> None:
   with modeldir.staged(dst) as inner:
     modeldir.write(inner, description, variables)
     copy_tokenizer_files(src, os.path.join(inner, TOKENIZER_DIR))
+
+
+def load_tokenizer(folder: str, max_length: Optional[int] = None) -> clip_tokenizer.CLIPTokenizer:
+  """`clip_tokenizer.load(folder, max_length)`, its errors as ConversionErrors; a JSON file of
+  the tokenizer that does not parse is named."""
+  for name in (clip_tokenizer.VOCAB_FILE, clip_tokenizer.CONFIG_FILE,
+               clip_tokenizer.SPECIAL_TOKENS_FILE):
+    if os.path.isfile(os.path.join(folder, name)):
+      common.read_json(os.path.join(folder, name))
+  try:
+    return clip_tokenizer.load(folder, max_length=max_length)
+  except (ValueError, FileNotFoundError) as e:
+    raise ConversionError(str(e)) from e
 
 
 def copy_tokenizer_files(src: str, dst: str) -> None:

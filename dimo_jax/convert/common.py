@@ -1,12 +1,19 @@
-"""What every converter shares: its error type and the checks that name file, key and shapes."""
+"""What every converter shares: its error type, the readers of source files, and the checks that
+name file, key and what was found (shape, dtype, value)."""
 
+import json
 import os
+import pickle
+import re
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
+import jax
 import numpy as np
 
+from dimo_jax.errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError):
   """A source checkpoint that does not fit the module being built (file, key, shapes)."""
 
 
@@ -29,22 +36,143 @@ def check_keys(path: str, expected: Iterable[str], found: Iterable[str]) -> None
     raise ConversionError(f"{path}: " + "; ".join(parts))
 
 
-def check_shape(path: str, key: str, array: Any, expected: Tuple[int, ...]) -> np.ndarray:
-  """`array` as float32 numpy after checking its shape is `expected`."""
+def host_array(array: Any) -> np.ndarray:
+  """`array` as a numpy array of its own dtype, except floating types numpy lacks (bfloat16,
+  float8), which become float32."""
   array = np.asarray(array)
+  if (array.dtype not in (np.float16, np.float32, np.float64)
+      and jax.dtypes.issubdtype(array.dtype, np.floating)):
+    array = array.astype(np.float32)
+  return array
+
+
+def check_shape(path: str, key: str, array: Any, expected: Tuple[int, ...]) -> np.ndarray:
+  """`array`, a source tensor becoming a parameter, as float32 numpy after checking that it is
+  floating-point, has the shape `expected` and holds no NaN or Inf."""
+  array = host_array(array)
+  if not np.issubdtype(array.dtype, np.floating):
+    raise ConversionError(f"{path}: key {key!r} is {array.dtype}, expected a floating-point "
+                          "tensor")
   if tuple(array.shape) != tuple(expected):
     raise ConversionError(f"{path}: key {key!r} has shape {tuple(array.shape)}, "
                           f"expected {tuple(expected)}")
-  return array.astype(np.float32)
+  values = array.astype(np.float32)
+  bad = values.size - np.count_nonzero(np.isfinite(values))
+  if bad:
+    raise ConversionError(f"{path}: key {key!r} holds {bad} NaN/Inf values")
+  return values
+
+
+def count_layers(path: str, keys: Iterable[str], prefix: str, suffix: str = ".",
+                 what: str = "layer") -> int:
+  """n, when the keys `{prefix}{i}{suffix}...` number their layers exactly 0 .. n-1 (0 when no
+  key does); a key of any other layer is refused before a model of that depth is built.
+
+  Example: count_layers(path, state, "transformer.layers.") counts transformer.layers.i.*.
+  """
+  pattern = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix))
+  first_key: Dict[int, str] = {}  # layer -> its first key, for the message
+  for key in keys:
+    match = pattern.match(key)
+    if match:
+      # Beyond 9 digits any index is stray; capping it keeps int() of a huge string out.
+      layer = int(match[1]) if len(match[1]) <= 9 else 10 ** 9
+      first_key[layer] = min(first_key.get(layer, key), key)
+  n = 0
+  while n in first_key:
+    n += 1
+  strays = [layer for layer in first_key if layer > n]
+  if strays:
+    key = first_key[min(strays)]
+    layer = pattern.match(key)[1]
+    present = f"the {what}s present are 0-{n - 1}: " if n else ""
+    raise ConversionError(f"{path}: key {key!r} is {what} {layer}, but {present}{what} {n} is "
+                          f"missing (no key starts with '{prefix}{n}{suffix}')")
+  return n
+
+
+def config_int(path: str, key: str, value: Any, minimum: int = 1) -> int:
+  """`value`, config entry `key` of the file `path`, after checking it is an integer >= minimum
+  (1: a positive integer, 0: a non-negative one)."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    kind = {0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer >= {minimum}")
+    raise ConversionError(f"{path}: key {key!r} must be {kind}, found {value!r}")
+  return value
+
+
+def config_ints(path: str, key: str, value: Any, minimum: int = 1,
+                allow_empty: bool = False) -> Tuple[int, ...]:
+  """`value`, config entry `key` of `path`, as a tuple after checking it is a list of integers
+  >= minimum (non-empty unless `allow_empty`)."""
+  if (not isinstance(value, (list, tuple)) or (not value and not allow_empty)
+      or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in value)):
+    kind = "positive integers" if minimum == 1 else f"integers >= {minimum}"
+    raise ConversionError(f"{path}: key {key!r} must be a {'' if allow_empty else 'non-empty '}"
+                          f"list of {kind}, found {value!r}")
+  return tuple(value)
+
+
+def read_json(path: str) -> Any:
+  """The parsed JSON file `path`; ConversionError naming the file when it is not valid JSON."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ConversionError(f"{path} is not valid JSON: {e}") from e
+
+
+def _torch_load(path: str) -> Any:
+  """The object a torch checkpoint holds, read without running code the file names.
+
+  torch's weights-only reader comes first. A file it refuses only for a global outside its
+  allowlist (a Lightning checkpoint's callbacks, hyper-parameters, ...) is read again with
+  `tensor_pickle`, which builds the same tensors and leaves every other object an inert
+  stand-in (never the file's class).
+  """
+  import torch
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:
+    if "Unsupported global" not in str(e):
+      raise
+  from dimo_jax.convert import tensor_pickle
+  # weights_only=False is what torch requires with a pickle_module; tensor_pickle is the
+  # restriction.
+  return torch.load(path, map_location="cpu", weights_only=False, pickle_module=tensor_pickle)
+
+
+def _reason(error: Exception) -> str:
+  """The line of a torch error that says what is wrong (torch's weights-only errors are a page
+  of advice around one line)."""
+  text = str(error)
+  if "WeightsUnpickler error: " in text:
+    text = text.split("WeightsUnpickler error: ", 1)[1]
+  return next((line.strip() for line in text.splitlines() if line.strip()),
+              type(error).__name__)
+
+
+def _torch_to_numpy(tensor: Any) -> np.ndarray:
+  """A CPU numpy copy of a torch tensor, its dtype kept but for floating types numpy lacks
+  (bfloat16, float8), which become float32."""
+  import torch
+  tensor = torch.Tensor.detach(tensor).cpu()
+  if tensor.is_floating_point() and tensor.dtype not in (torch.float16, torch.float32,
+                                                         torch.float64):
+    tensor = tensor.float()
+  return tensor.numpy()
 
 
 def load_torch_state(path: str, key: Optional[str] = None,
                      what: str = "a PyTorch checkpoint") -> Dict[str, np.ndarray]:
   """The tensors of a torch checkpoint file (those under `key`, or the whole file when None),
-  as float32 numpy arrays.
+  as numpy arrays of their own dtype (bfloat16 and float8 become float32); the parameters'
+  dtypes and values are checked where they become parameters (`check_shape`).
 
-  Needs PyTorch (conversion only: `pip install torch`). Loads with `weights_only=True`, which
-  reads plain tensor dicts and refuses arbitrary pickled objects.
+  Needs PyTorch (conversion only: `pip install torch`). Nothing the file names is ever run
+  (`_torch_load`): plain tensor dicts load with `weights_only=True`, Lightning checkpoints with
+  other pickled objects through `tensor_pickle`; an entry under `key` that is not a tensor is
+  refused either way.
   """
   require_file(path, what)
   try:
@@ -52,24 +180,35 @@ def load_torch_state(path: str, key: Optional[str] = None,
   except ImportError as e:
     raise ConversionError(f"reading {path} needs PyTorch: pip install torch") from e
   try:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint = _torch_load(path)
   except Exception as e:  # torch raises many types for a file that is not a checkpoint
-    raise ConversionError(f"{path} is not a readable PyTorch checkpoint: {e}") from e
+    raise ConversionError(f"{path} is not a readable PyTorch checkpoint: {_reason(e)}") from e
   if key is None:
     if not isinstance(checkpoint, Mapping):
       raise ConversionError(f"{path}: expected a state dict, found a {type(checkpoint).__name__}")
     state = checkpoint
   else:
     if not isinstance(checkpoint, Mapping) or key not in checkpoint:
-      found = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+      found = (sorted(checkpoint, key=str) if isinstance(checkpoint, Mapping)
+               else type(checkpoint).__name__)
       raise ConversionError(f"{path}: expected a dict with key {key!r}, found {found}")
     state = checkpoint[key]
+    if not isinstance(state, Mapping):
+      raise ConversionError(f"{path}: {key!r} is a {type(state).__name__}, expected a dict of "
+                            "tensors")
   out = {}
   for name, tensor in state.items():
-    if not hasattr(tensor, "detach"):
-      where = f"{key}[{name!r}]" if key else repr(name)
+    where = f"{key}[{name!r}]" if key else repr(name)
+    if not isinstance(name, str):
+      raise ConversionError(f"{path}: {where} has a {type(name).__name__} key, expected a "
+                            "string")
+    if not isinstance(tensor, torch.Tensor):
       raise ConversionError(f"{path}: {where} is a {type(tensor).__name__}, not a tensor")
-    out[name] = tensor.detach().float().cpu().numpy()
+    try:
+      out[name] = _torch_to_numpy(tensor)
+    except (RuntimeError, TypeError) as e:  # sparse, quantized, or a dtype numpy lacks
+      raise ConversionError(f"{path}: {where} is a {tensor.dtype} tensor that cannot be read "
+                            f"as an array ({_reason(e)})") from e
   return out
 
 
@@ -130,11 +269,12 @@ def params_from_torch(path: str, state: Mapping[str, np.ndarray], expected: Mapp
                       torch_name: Callable[[str], str],
                       torch_shape: Callable[[str, Tuple[int, ...]], Tuple[int, ...]],
                       to_flax: Callable[[str, np.ndarray], np.ndarray]) -> Dict[str, Any]:
-  """A Flax parameter tree from a torch state dict, every key and shape checked first.
+  """A Flax parameter tree from a torch state dict, every key, shape, dtype and value checked
+  first (`check_keys`, `check_shape`).
 
   Args:
     path: the source file, for error messages.
-    state: torch name -> float32 array.
+    state: torch name -> numpy array as the loaders return it (its own dtype).
     expected: flat Flax path ('a/b/kernel') -> shape-carrying leaf (from `jax.eval_shape`).
     torch_name: Flax path -> the torch key that holds it.
     torch_shape: (Flax leaf name, Flax shape) -> the shape torch stores.
@@ -154,7 +294,8 @@ def params_from_torch(path: str, state: Mapping[str, np.ndarray], expected: Mapp
 
 
 def load_safetensors(path: str, what: str = "safetensors weights") -> Dict[str, np.ndarray]:
-  """The tensors of a .safetensors file as float32 numpy arrays (no PyTorch needed)."""
+  """The tensors of a .safetensors file as numpy arrays of their own dtype (bfloat16 and float8
+  become float32; no PyTorch needed); `check_shape` checks them where they become parameters."""
   require_file(path, what)
   import safetensors.numpy  # conversion-only dependency (requirements-convert.txt)
   try:
@@ -162,10 +303,9 @@ def load_safetensors(path: str, what: str = "safetensors weights") -> Dict[str, 
       state = safetensors.numpy.load_file(path)
     except TypeError:
       # numpy has no bfloat16; the flax reader (ml_dtypes) has, on the host.
-      import jax
       import safetensors.flax
       with jax.default_device(jax.devices("cpu")[0]):
         state = safetensors.flax.load_file(path)
   except Exception as e:  # safetensors raises several types for a file that is not one
     raise ConversionError(f"{path} is not a readable safetensors file: {e}") from e
-  return {name: np.asarray(array, np.float32) for name, array in state.items()}
+  return {name: host_array(array) for name, array in state.items()}

@@ -11,7 +11,6 @@ config implies; config values that would make diffusers compute something this m
 documented in that module. model.json records `value_range` [0, 1], Meissonic's image range.
 """
 
-import json
 import os
 import re
 from typing import Any, Dict, Tuple
@@ -42,11 +41,7 @@ _INDEXED = r"(down_blocks|up_blocks|resnets|attentions|downsamplers|upsamplers|t
 
 def model_from_config(path: str) -> VQModel:
   """The VQModel a diffusers config.json describes; ConversionError naming the file and key."""
-  with open(path) as f:
-    try:
-      config = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConversionError(f"{path} is not valid JSON: {e}") from e
+  config = common.read_json(path)
   if not isinstance(config, dict):
     raise ConversionError(f"{path}: expected a JSON object, found {type(config).__name__}")
   if config.get("_class_name", "VQModel") != "VQModel":
@@ -56,31 +51,31 @@ def model_from_config(path: str) -> VQModel:
   def refuse(key: str, expected: str) -> None:
     raise ConversionError(f"{path}: {key} {c[key]!r} is not supported (expected {expected})")
 
-  try:
-    widths = tuple(int(w) for w in c["block_out_channels"])
-    levels = len(widths)
-    for key, block in (("down_block_types", "DownEncoderBlock2D"),
-                       ("up_block_types", "UpDecoderBlock2D")):
-      if list(c[key]) != [block] * levels:
-        refuse(key, f"{levels} x {block!r}, one per block_out_channels entry")
-    if c["act_fn"] not in ("silu", "swish"):
-      refuse("act_fn", "'silu'")
-    if c["norm_type"] != "group":
-      refuse("norm_type", "'group'; the spatial norm is not implemented")
-    groups = int(c["norm_num_groups"])
-    if not levels or any(w % groups for w in widths):
-      refuse("block_out_channels", f"a non-empty list of multiples of norm_num_groups {groups}")
-    latent_channels = int(c["latent_channels"])
-    return VQModel(
-        in_channels=int(c["in_channels"]), out_channels=int(c["out_channels"]),
-        block_out_channels=widths, layers_per_block=int(c["layers_per_block"]),
-        latent_channels=latent_channels, num_vq_embeddings=int(c["num_vq_embeddings"]),
-        vq_embed_dim=int(c["vq_embed_dim"] if c["vq_embed_dim"] is not None else latent_channels),
-        norm_num_groups=groups, mid_block_add_attention=bool(c["mid_block_add_attention"]))
-  except ConversionError:
-    raise
-  except (TypeError, ValueError) as e:
-    raise ConversionError(f"{path}: a config value has the wrong type: {e}") from e
+  def positive(key: str) -> int:
+    return common.config_int(path, key, c[key])
+
+  widths = common.config_ints(path, "block_out_channels", c["block_out_channels"])
+  levels = len(widths)
+  for key, block in (("down_block_types", "DownEncoderBlock2D"),
+                     ("up_block_types", "UpDecoderBlock2D")):
+    if not isinstance(c[key], list) or c[key] != [block] * levels:
+      refuse(key, f"{levels} x {block!r}, one per block_out_channels entry")
+  if c["act_fn"] not in ("silu", "swish"):
+    refuse("act_fn", "'silu'")
+  if c["norm_type"] != "group":
+    refuse("norm_type", "'group'; the spatial norm is not implemented")
+  groups = positive("norm_num_groups")
+  if any(w % groups for w in widths):
+    refuse("block_out_channels", f"a list of multiples of norm_num_groups {groups}")
+  if not isinstance(c["mid_block_add_attention"], bool):
+    refuse("mid_block_add_attention", "true or false")
+  latent_channels = positive("latent_channels")
+  return VQModel(
+      in_channels=positive("in_channels"), out_channels=positive("out_channels"),
+      block_out_channels=widths, layers_per_block=positive("layers_per_block"),
+      latent_channels=latent_channels, num_vq_embeddings=positive("num_vq_embeddings"),
+      vq_embed_dim=latent_channels if c["vq_embed_dim"] is None else positive("vq_embed_dim"),
+      norm_num_groups=groups, mid_block_add_attention=c["mid_block_add_attention"])
 
 
 def torch_name(path: str) -> str:

@@ -14,15 +14,14 @@ how the vocabulary splits into V codes and C classes: `codebook_size` says it (d
 the release's VQGAN), and C follows.
 """
 
-import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
 from dimo_jax import teachers
-from dimo_jax.convert.common import (ConversionError, check_keys, check_shape, flatten,
-                                     load_msgpack_tree, unflatten)
+from dimo_jax.convert.common import (ConversionError, check_keys, check_shape, count_layers,
+                                     flatten, load_msgpack_tree, unflatten)
 from dimo_jax.models.google_maskgit import GoogleMaskGIT
 
 _WORD = "Embed_0/word_embeddings/embedding"
@@ -67,10 +66,10 @@ def build_model(path: str, flat: Mapping[str, Any], codebook_size: int,
   if num_classes < 1:
     raise ConversionError(f"{path}: key {_WORD!r} has {vocab} rows, too few for "
                           f"codebook_size={codebook_size} codes, a class and the mask token")
-  layers = [int(m.group(1)) for k in flat if (m := re.match(r"TransformerLayer_(\d+)/", k))]
-  # One past the highest index, so that a gap in the numbering is reported as missing keys.
+  # TransformerLayer_0 .. _{n-1}; a gap or a stray index is refused before the model is built.
+  num_layers = count_layers(path, flat, "TransformerLayer_", "/")
   return GoogleMaskGIT(codebook_size=codebook_size, num_classes=num_classes,
-                       seq_len=positions - 1, hidden_size=width, num_layers=max(layers) + 1,
+                       seq_len=positions - 1, hidden_size=width, num_layers=num_layers,
                        num_heads=heads, intermediate_size=intermediate)
 
 

@@ -13,7 +13,6 @@ fixed in the module as the release has it.
 """
 
 import os
-import re
 from typing import Any, Dict, Mapping, Tuple
 
 import jax
@@ -31,14 +30,10 @@ def _shape(path: str, flat: Mapping[str, Any], key: str) -> Tuple[int, ...]:
   return tuple(np.shape(flat[key]))
 
 
-def _count(flat: Mapping[str, Any], prefix: str, name: str) -> int:
-  """How many of prefix/name_0, prefix/name_1, ... exist, counting up from 0 without gaps."""
-  present = {int(m.group(1)) for key in flat
-             for m in [re.match(rf"{re.escape(prefix)}/{name}_(\d+)/", key)] if m}
-  n = 0
-  while n in present:
-    n += 1
-  return n
+def _count(path: str, flat: Mapping[str, Any], prefix: str, name: str) -> int:
+  """How many of prefix/name_0, prefix/name_1, ... exist; they must run from 0 without gaps
+  (`common.count_layers` names a stray one)."""
+  return common.count_layers(path, flat, f"{prefix}/{name}_", "/", what=name)
 
 
 def infer_config(path: str, flat: Mapping[str, Any]) -> Dict[str, Any]:
@@ -46,14 +41,14 @@ def infer_config(path: str, flat: Mapping[str, Any]) -> Dict[str, Any]:
   codebook_size, embedding_dim = _shape(path, flat, "quantizer/codebook")
   filters = _shape(path, flat, "encoder/Conv_0/kernel")[-1]
   # The decoder has an input conv, one conv after each of the L - 1 upsamplings, an output conv.
-  levels = _count(flat, "decoder", "Conv") - 1
+  levels = _count(path, flat, "decoder", "Conv") - 1
   if levels < 1:
     raise common.ConversionError(f"{path}: missing key 'decoder/Conv_0/kernel' or "
                                  f"'decoder/Conv_1/kernel' (needed to count the levels)")
   # The encoder has its stem and output convs, plus L - 1 strided ones when conv_downsample.
-  conv_downsample = _count(flat, "encoder", "Conv") > 2
+  conv_downsample = _count(path, flat, "encoder", "Conv") > 2
   # num_res_blocks per level, and num_res_blocks more after the last level.
-  num_res_blocks = max(_count(flat, "encoder", "ResBlock") // (levels + 1), 1)
+  num_res_blocks = max(_count(path, flat, "encoder", "ResBlock") // (levels + 1), 1)
   multipliers = []
   for level in range(levels):
     key = f"encoder/ResBlock_{level * num_res_blocks}/Conv_0/kernel"

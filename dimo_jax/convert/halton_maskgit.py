@@ -12,7 +12,8 @@ dimo_jax/models/maskgit.py.
 The sizes come from the weights:
   hidden_dim   tok_emb.weight columns
   seq_len L    pos_emb length - 1 (the class token has the last position)
-  depth        1 + the largest i of transformer.layers.i.*
+  depth        the layers i of transformer.layers.i.*, which must run 0 .. depth-1 (a key of
+               any other layer is refused by name before a model is built)
   mlp_dim      rows of transformer.layers.0.1.fn.net.0.weight
   V + C        tok_emb.weight rows - 2 (codes, mask, classes, "no class"; `bias` has as many
                columns)
@@ -23,7 +24,6 @@ Dropout is set to the release's 0.1 (it only matters when the teacher is fine-tu
 """
 
 import os
-import re
 from typing import Dict, Optional, Tuple
 
 import jax
@@ -41,8 +41,6 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 IMAGENET_CODEBOOK_SIZE = 1024
 IMAGENET_NUM_CLASSES = 1000
 RELEASE_DROPOUT = 0.1
-
-_LAYER = re.compile(r"transformer\.layers\.(\d+)\.")
 
 
 def strip_wrapper_prefixes(path: str, state: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
@@ -125,7 +123,7 @@ def model_from_state(path: str, state: Dict[str, np.ndarray], num_heads: int,
   rows, width = _size(path, state, "tok_emb.weight", 2)
   seq_len = _size(path, state, "pos_emb", 3)[1] - 1
   mlp_dim = _size(path, state, "transformer.layers.0.1.fn.net.0.weight", 2)[0]
-  depth = 1 + max(int(m[1]) for m in map(_LAYER.match, state) if m)
+  depth = common.count_layers(path, state, "transformer.layers.")
   if num_heads < 1 or width % num_heads:
     raise ConversionError(f"{path}: key 'tok_emb.weight' gives the width {width}, which "
                           f"num_heads {num_heads} does not divide")

@@ -26,7 +26,6 @@ sub-folder of the release and writes one model directory (`dimo_jax.modeldir`):
 written; DST appears whole or not at all.
 """
 
-import json
 import os
 import re
 from typing import Any, Dict, Iterable, Tuple
@@ -67,8 +66,10 @@ _DEFAULTS = {
     "guidance_embeds": False, "axes_dims_rope": [16, 56, 56], "vocab_size": 8256,
     "codebook_size": 8192, "downsample": False, "upsample": False,
 }
-_INT_FIELDS = ("num_layers", "num_single_layers", "attention_head_dim", "num_attention_heads",
-               "joint_attention_dim", "pooled_projection_dim", "vocab_size", "codebook_size")
+# Integer fields -> their least value (a model may have no layers of one kind).
+_INT_FIELDS = {"num_layers": 0, "num_single_layers": 0, "attention_head_dim": 1,
+               "num_attention_heads": 1, "joint_attention_dim": 1, "pooled_projection_dim": 1,
+               "vocab_size": 1, "codebook_size": 1}
 # The torch ModuleLists; other names ending in a number (linear_1) are not indices.
 _INDEXED = re.compile(r"^(transformer_blocks|single_transformer_blocks|to_out|net)_(\d+)$")
 # Flax leaf -> torch leaf.
@@ -78,11 +79,7 @@ _TRANSPOSED_CONV = "up_block/upsample/conv/kernel"
 
 def model_from_config(path: str) -> MeissonicTransformer:
   """The MeissonicTransformer a `transformer/config.json` describes (ConversionError if not)."""
-  with open(path) as f:
-    try:
-      config = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConversionError(f"{path} is not valid JSON: {e}") from e
+  config = common.read_json(path)
   if not isinstance(config, dict):
     raise ConversionError(f"{path}: expected a JSON object, found {type(config).__name__}")
   c = {**_DEFAULTS, **config}
@@ -90,11 +87,11 @@ def model_from_config(path: str) -> MeissonicTransformer:
     raise ConversionError(f"{path}: guidance_embeds true is not supported (the release has false)")
   if c["patch_size"] != 1:
     raise ConversionError(f"{path}: patch_size {c['patch_size']!r} is not supported (expected 1)")
-  try:
-    fields = {k: int(c[k]) for k in _INT_FIELDS}
-    axes = tuple(int(a) for a in c["axes_dims_rope"])
-  except (TypeError, ValueError) as e:
-    raise ConversionError(f"{path}: a config value has the wrong type: {e}") from e
+  fields = {k: common.config_int(path, k, c[k], least) for k, least in _INT_FIELDS.items()}
+  axes = common.config_ints(path, "axes_dims_rope", c["axes_dims_rope"])
+  for key in ("downsample", "upsample"):
+    if not isinstance(c[key], bool):
+      raise ConversionError(f"{path}: key {key!r} must be true or false, found {c[key]!r}")
   width = fields["num_attention_heads"] * fields["attention_head_dim"]
   if sum(axes) != fields["attention_head_dim"] or any(a % 2 for a in axes):
     raise ConversionError(f"{path}: axes_dims_rope {list(axes)} must be even and sum to "
@@ -107,19 +104,20 @@ def model_from_config(path: str) -> MeissonicTransformer:
   if fields["vocab_size"] <= fields["codebook_size"]:
     raise ConversionError(f"{path}: vocab_size {fields['vocab_size']} leaves no mask id above "
                           f"codebook_size {fields['codebook_size']}")
-  return MeissonicTransformer(**fields, axes_dims_rope=axes, downsample=bool(c["downsample"]),
-                              upsample=bool(c["upsample"]))
+  return MeissonicTransformer(**fields, axes_dims_rope=axes, downsample=c["downsample"],
+                              upsample=c["upsample"])
 
 
 def _weight_files(folder: str) -> Tuple[str, Iterable[str]]:
   """(the file named in errors, the safetensors files holding the weights)."""
   index = os.path.join(folder, INDEX_FILE)
   if os.path.isfile(index):
-    with open(index) as f:
-      try:
-        weight_map = json.load(f)["weight_map"]
-      except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConversionError(f"{index}: expected JSON with a 'weight_map' ({e})") from e
+    weight_map = common.read_json(index)
+    weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(s, str)
+                                                   for s in weight_map.values()):
+      raise ConversionError(f"{index}: expected a JSON object whose 'weight_map' maps keys to "
+                            "shard file names")
     shards = sorted(set(weight_map.values()))
     return index, [common.require_file(os.path.join(folder, s), f"a shard {index} lists")
                    for s in shards]
@@ -129,7 +127,8 @@ def _weight_files(folder: str) -> Tuple[str, Iterable[str]]:
 
 
 def load_safetensors(paths: Iterable[str]) -> Dict[str, np.ndarray]:
-  """The tensors of every shard in `paths`, as float32 numpy arrays; a key in two is refused."""
+  """The tensors of every shard in `paths` (`common.load_safetensors`); a key in two is
+  refused."""
   state = {}
   for path in paths:
     for name, array in common.load_safetensors(path, "a transformer weights shard").items():
@@ -204,12 +203,7 @@ def transformer_from_folder(folder: str) -> Tuple[MeissonicTransformer, Dict[str
 def scheduler_from_config(path: str, mask_id: int) -> Dict[str, Any]:
   """{"mask_token_id", "masking_schedule"} of `scheduler/scheduler_config.json`, checked against
   the transformer's mask id (its last token row)."""
-  common.require_file(path, "the Meissonic scheduler config")
-  with open(path) as f:
-    try:
-      config = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ConversionError(f"{path} is not valid JSON: {e}") from e
+  config = common.read_json(common.require_file(path, "the Meissonic scheduler config"))
   if not isinstance(config, dict) or "mask_token_id" not in config:
     raise ConversionError(f"{path}: expected a JSON object with 'mask_token_id'")
   schedule = config.get("masking_schedule", "cosine")
@@ -266,10 +260,7 @@ def convert(src: str, dst: str, resolution: int = DEFAULT_RESOLUTION) -> None:
   text, text_variables = convert_clip.text_encoder_from_folder(
       os.path.join(src, TEXT_ENCODER_DIR))
   tokenizer_src = os.path.join(src, TOKENIZER_DIR)
-  try:
-    tokenizer = clip_tokenizer.load(tokenizer_src, max_length=PROMPT_LENGTH)
-  except (ValueError, FileNotFoundError) as e:
-    raise ConversionError(str(e)) from e
+  tokenizer = convert_clip.load_tokenizer(tokenizer_src, max_length=PROMPT_LENGTH)
   vqvae, vqvae_variables = diffusers_vq.vqvae_from_folder(os.path.join(src, VQVAE_DIR))
   grid = _check_parts(src, model, text, tokenizer, vqvae, resolution)
 

@@ -66,18 +66,25 @@ def model_from_config(path: str) -> VQModel:
     raise ConversionError(f"{path}: model.params.ddconfig.give_pre_end true is not supported")
   if params.get("remap") is not None:
     raise ConversionError(f"{path}: model.params.remap (a remapped codebook) is not supported")
-  try:
-    return VQModel(
-        ch=int(ddconfig["ch"]), out_ch=int(ddconfig["out_ch"]),
-        ch_mult=tuple(int(m) for m in ddconfig["ch_mult"]),
-        num_res_blocks=int(ddconfig["num_res_blocks"]),
-        attn_resolutions=tuple(int(r) for r in ddconfig["attn_resolutions"]),
-        in_channels=int(ddconfig["in_channels"]), resolution=int(ddconfig["resolution"]),
-        z_channels=int(ddconfig["z_channels"]), n_embed=int(params["n_embed"]),
-        embed_dim=int(params["embed_dim"]), dropout=float(ddconfig.get("dropout", 0.0)),
-        double_z=False)
-  except (TypeError, ValueError) as e:
-    raise ConversionError(f"{path}: model.params holds a value of the wrong type: {e}") from e
+
+  def positive(dotted: str) -> int:
+    return common.config_int(path, dotted, get(config, dotted))
+
+  def ints(dotted: str, allow_empty: bool = False) -> Tuple[int, ...]:
+    return common.config_ints(path, dotted, get(config, dotted), allow_empty=allow_empty)
+
+  dropout = ddconfig.get("dropout", 0.0)
+  if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    raise ConversionError(f"{path}: key 'model.params.ddconfig.dropout' must be a number in "
+                          f"[0, 1), found {dropout!r}")
+  d = "model.params.ddconfig."
+  return VQModel(
+      ch=positive(d + "ch"), out_ch=positive(d + "out_ch"), ch_mult=ints(d + "ch_mult"),
+      num_res_blocks=positive(d + "num_res_blocks"),
+      attn_resolutions=ints(d + "attn_resolutions", allow_empty=True),
+      in_channels=positive(d + "in_channels"), resolution=positive(d + "resolution"),
+      z_channels=positive(d + "z_channels"), n_embed=positive("model.params.n_embed"),
+      embed_dim=positive("model.params.embed_dim"), dropout=float(dropout), double_z=False)
 
 
 def torch_name(path: str) -> str:
