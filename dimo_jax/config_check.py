@@ -1,4 +1,4 @@
-"""Every value of a Di[M]O config checked before anything is written, compiled or trained.
+"""Every value of a Di[M]O (or teacher pretraining) config checked before anything is written, compiled or trained.
 
 `check(config)` raises one `ConfigError` that lists each key whose value is outside what the
 method accepts (an unknown enum name, a ratio outside [0, 1], a step count of 0, ...), so a
@@ -36,21 +36,23 @@ ENUMS = {
 # nothing).
 POSITIVE_INTS = ("max_train_steps", "fake_rounds", "log_every", "validation_steps",
                  "checkpointing_steps", "checkpoints_total_limit", "sampling_step",
-                 "eval_samples", "eval_batch_size", "ema_freq")
-NON_NEGATIVE_INTS = ("lr_warmup_steps", "top_k", "max_consecutive_skips")
+                 "eval_samples", "eval_batch_size", "ema_freq",
+                 "num_steps", "batch_size")  # the last two: teacher pretraining
+NON_NEGATIVE_INTS = ("lr_warmup_steps", "top_k", "max_consecutive_skips", "warmup_steps")
 # Rates, temperatures and eps: finite and > 0.
 POSITIVE_FLOATS = ("generator_lr", "fake_lr", "adam_epsilon", "gen_temp", "true_temp",
-                   "fake_temp", "temperature_fake", "sm_temp")
+                   "fake_temp", "temperature_fake", "sm_temp", "lr")
 NON_NEGATIVE_FLOATS = ("max_grad_norm", "fake_max_grad_norm", "adam_weight_decay",
                        "dm_loss_weight", "r_temp", "cfg_w", "true_cfg", "fake_cfg_eval",
-                       "fake_cfg_train")
+                       "fake_cfg_train", "weight_decay")
 # key -> (low, high, high included)
 UNIT_INTERVAL = {"ema_decay": (0.0, 1.0, True), "adam_beta1": (0.0, 1.0, False),
                  "adam_beta2": (0.0, 1.0, False), "label_smoothing": (0.0, 1.0, False),
                  "alpha_fake": (0.0, 1.0, True), "fake_cfg_drop_ratio": (0.0, 1.0, True),
-                 "top_p": (0.0, 1.0, True)}
+                 "top_p": (0.0, 1.0, True), "final_lr_ratio": (0.0, 1.0, True),
+                 "drop_label": (0.0, 1.0, True)}
 BOOLS = ("adaptive_cfg", "fix_emb_layer", "distill_dropout", "teacher_dropout", "final_eval",
-         "validation_metrics", "gradient_checkpointing")
+         "validation_metrics", "gradient_checkpointing", "masked_only")
 
 
 def _is_int(value) -> bool:

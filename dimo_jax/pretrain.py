@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dimo_jax import cli, data, masking, modeldir, parallel, teachers, text_to_image
+from dimo_jax import cli, config_check, data, masking, modeldir, parallel, teachers, text_to_image
 from dimo_jax.distill import label_smoothed_ce
 from dimo_jax.models.maskgit import MaskTransformer
 from dimo_jax.models.meissonic import MeissonicTransformer, TextConditioned
@@ -145,6 +145,7 @@ def save_text_teacher(dst: str, model: TextConditioned, variables: Any, dataset,
 def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Trains a teacher on `config.dataset` ('digits' | 'synthetic' | 'digits_text'); returns its
   directory."""
+  config_check.check(config)
   dataset = data.get(config)
   model = build_model(config)
   _check_sizes(config, model, dataset)

@@ -67,9 +67,26 @@ def test_a_bad_value_is_refused_by_name_before_anything_is_written(key, value, t
   assert not workdir.exists()
 
 
+PRETRAIN_BAD = [("num_steps", 0), ("batch_size", 0), ("log_every", 0), ("lr", 0.0),
+                ("ratio_mode", "cos"), ("drop_label", 1.5), ("final_lr_ratio", -0.1),
+                ("warmup_steps", -1), ("label_smoothing", 1.0)]
+
+
+@pytest.mark.parametrize("key,value", PRETRAIN_BAD, ids=[f"{k}={v}" for k, v in PRETRAIN_BAD])
+def test_a_bad_pretraining_value_is_refused_before_anything_is_written(key, value, tmp_path):
+  from configs import digits_teacher
+  from dimo_jax import pretrain
+  config = digits_teacher.get_config()
+  config[key] = value
+  with pytest.raises(config_check.ConfigError, match=f"{key} .*found {value!r}"):
+    pretrain.pretrain(config, str(tmp_path / "teacher"))
+  assert not (tmp_path / "teacher").exists()
+
+
 def test_every_shipped_config_passes():
   import importlib
-  for name in ("digits", "digits_text", "synthetic", "maskgit_imagenet256", "meissonic_1024"):
+  for name in ("digits", "digits_text", "synthetic", "maskgit_imagenet256", "meissonic_1024",
+               "digits_teacher", "digits_text_teacher", "synthetic_teacher"):
     config = importlib.import_module(f"configs.{name}").get_config()
     assert config_check.problems(config) == [], name
 
