@@ -22,7 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import synthetic, synthetic_teacher  # noqa: E402
-from dimo_jax import data, pretrain, train  # noqa: E402
+from dimo_jax import config_check, data, pretrain, train  # noqa: E402
 
 TARGETS = {"true_nll": ("<=", 1.25), "mode_coverage": (">=", 0.95), "in_mode": (">=", 0.8)}
 
@@ -36,8 +36,10 @@ def override(config, assignment: str) -> None:
   """Sets `key=value` on `config` (value read as a Python literal, else as a string)."""
   key, sep, text = assignment.partition("=")
   if not sep or key not in config:
+    near = config_check.closest_keys(config, key) if sep else None
+    hint = f" (did you mean {' or '.join(near)}?)" if near else ""
     raise SystemExit(f"error: --set {assignment}: expected KEY=VALUE with a key of "
-                     f"configs/synthetic.py")
+                     f"configs/synthetic.py{hint}")
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):

@@ -152,6 +152,8 @@ def test_the_benchmark_takes_the_mixture_and_overrides_from_the_command_line():
   assert config.fixed_ratio == "random_0.1_0.9"
   with pytest.raises(SystemExit, match="no_such_key"):
     bench.override(config, "no_such_key=1")
+  with pytest.raises(SystemExit, match="did you mean fake_rounds"):
+    bench.override(config, "fake_round=2")
   metrics = {"teacher_8step": {"true_nll": 1.0, "mode_coverage": 1.0, "in_mode": 0.9},
              "generator_1step": {"true_nll": 1.2, "mode_coverage": 0.96, "in_mode": 0.8},
              "generator_1step_T2": {"true_nll": 1.3, "mode_coverage": 1.0, "in_mode": 0.9}}
