@@ -51,6 +51,10 @@ table row on stdout. --save_npz writes W/samples_<tag>.npz (`arr_0` uint8[N, H, 
 `arr_1` int32[N] labels, ADM's layout; for text, prompt indices) and --save_png
 W/samples_<tag>/<index>.png; for text, either also writes W/samples_<tag>_prompts.txt, the
 prompt of sample i on line i + 1 (line breaks inside a prompt written as spaces).
+
+Before sampling, the config's tokenizer must have the teacher's codebook and the checkpoint's
+generator the teacher's parameter shapes. A user's mistake (a missing --checkpoint, a damaged
+checkpoint step, a flag the evaluation cannot honour) is one `error:` line and exit status 1.
 """
 
 import dataclasses
@@ -61,7 +65,7 @@ import time
 import zipfile
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
-from absl import app, flags
+from absl import flags
 from clu import metric_writers
 import jax
 import jax.numpy as jnp
@@ -72,13 +76,19 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dimo_jax import (data, distributed, metrics, modeldir, parallel, sample, sampling, teachers,
-                      text_to_image, tokenizers, train, visualize)
+from dimo_jax import (cli, data, distributed, metrics, modeldir, parallel, sample, sampling,
+                      teachers, text_to_image, tokenizers, train, visualize)
 from dimo_jax.data.digits import class_balanced_labels
+from dimo_jax.errors import UserError
 from dimo_jax.models import clip as clip_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PARAMS = ("ema", "generator")  # --params: the EMA or the raw generator parameters
+
+
+class EvaluateError(UserError):
+  """Flags or files an evaluation cannot run with: a missing scorer, a reference .npz of other
+  features, options of the teacher given for the generator, ..."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +110,10 @@ def teacher_sampler(config: ml_collections.ConfigDict, teacher: teachers.Teacher
                     steps: int) -> Sampler:
   """MaskGIT decoding at `steps` steps with the config's `cfg_w`, `r_temp`, `sm_temp` and
   `sched_mode`."""
-  train.check_guidance(config, teacher.model, keys=("cfg_w",))
+  try:
+    train.check_guidance(config, teacher.model, keys=("cfg_w",))
+  except ValueError as e:
+    raise EvaluateError(f"--cfg / --config.cfg_w: {e}") from None
   model = teacher.model
 
   def fn(variables, rng, labels):
@@ -132,15 +145,16 @@ def text_teacher_sampler(teacher: text_to_image.TextTeacher, model, steps: int,
                  f"teacher, {steps} steps, cfg {cfg:g}", steps, 0)
 
 
-def generator_sampler(checkpoint: str, model, which: str,
-                      gen_temp: Optional[float] = None) -> Sampler:
+def generator_sampler(checkpoint: str, model, which: str, gen_temp: Optional[float] = None,
+                      flag: str = "--checkpoint", teacher: str = "") -> Sampler:
   """The Di[M]O generator at `checkpoint` (see `sample.find_checkpoint`) in one step, with its
   run's x_init ratio, embedding noise at that step and sampling temperature (or `gen_temp`).
 
   model: the teacher's module (a `TextConditioned` adapter for a text-to-image teacher, whose
   generator ignores the cond dict's unconditional and negative entries: it is never guided).
+  flag, teacher: the flag that gave `checkpoint` and the teacher's directory, named in errors.
   """
-  params, run, step = sample.load_generator(checkpoint, model, which)
+  params, run, step = sample.load_generator(checkpoint, model, which, flag, teacher)
   sigma = train.generator_noise(run, step)
   temp = run.gen_temp if gen_temp is None else gen_temp
 
@@ -447,17 +461,17 @@ def load_reference(path: str, extractor, mesh, batch_size: int) -> Dict[str, np.
     if "features" not in found and "arr_0" in f.files:
       images = f["arr_0"]
       if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ValueError(f"{path}: arr_0 should be uint8[N, H, W, 3] images, found "
-                         f"{images.dtype}{list(images.shape)}")
+        raise EvaluateError(f"{path}: arr_0 should be uint8[N, H, W, 3] images, found "
+                            f"{images.dtype}{list(images.shape)}")
       computed = image_features([images], len(images), extractor, mesh, batch_size)
       found = {**computed, **{k: v for k, v in found.items() if k in ("mu", "sigma")}}
     files = f.files
   if "mu" not in found or "sigma" not in found:
-    raise ValueError(f"{path}: expected `mu` and `sigma` (or `arr_0` images), found {files}")
+    raise EvaluateError(f"{path}: expected `mu` and `sigma` (or `arr_0` images), found {files}")
   dim = found["mu"].shape
   if len(dim) != 1 or found["sigma"].shape != dim * 2:
-    raise ValueError(f"{path}: expected mu [F] and sigma [F, F], found {found['mu'].shape} and "
-                     f"{found['sigma'].shape}")
+    raise EvaluateError(f"{path}: expected mu [F] and sigma [F, F], found "
+                        f"{found['mu'].shape} and {found['sigma'].shape}")
   return found
 
 
@@ -465,8 +479,8 @@ def image_metrics(pool: np.ndarray, logits: np.ndarray,
                   reference: Dict[str, np.ndarray]) -> Dict[str, float]:
   """fid, is, is_std and (with reference features) precision, recall, density, coverage."""
   if pool.shape[1:] != reference["mu"].shape:
-    raise ValueError(f"the reference statistics are of {reference['mu'].shape[0]} features, "
-                     f"the network gives {pool.shape[1]}")
+    raise EvaluateError(f"the reference statistics are of {reference['mu'].shape[0]} "
+                        f"features, the network gives {pool.shape[1]}")
   scores = {"fid": metrics.fid(pool, reference["mu"], reference["sigma"])}
   scores["is"], scores["is_std"] = metrics.inception_score(logits)
   if "features" in reference:
@@ -541,8 +555,8 @@ class TextEvaluation:
 
 def text_evaluation(config: ml_collections.ConfigDict, checkpoint: str, params: str,
                     teacher_steps: int = 0, cfg: Optional[float] = None,
-                    prompts: Optional[str] = None,
-                    num_samples: Optional[int] = None) -> TextEvaluation:
+                    prompts: Optional[str] = None, num_samples: Optional[int] = None,
+                    flag: str = "--checkpoint") -> TextEvaluation:
   """The prompts, their conditions and the sampler of a text-to-image evaluation.
 
   Args:
@@ -553,10 +567,11 @@ def text_evaluation(config: ml_collections.ConfigDict, checkpoint: str, params: 
     cfg: the teacher's guidance scale (default the release's 9).
     prompts: a prompt file replacing the config's prompt source.
     num_samples: N (default P, every prompt once).
+    flag: the flag that gave `checkpoint`, named in errors.
   """
   if config.get("dataset") != "prompts":
-    raise ValueError(f"{config.teacher_path} is a text-to-image teacher: evaluation reads its "
-                     f"prompts from dataset 'prompts', not {config.get('dataset')!r}")
+    raise EvaluateError(f"{config.teacher_path} is a text-to-image teacher: evaluation reads its "
+                        f"prompts from dataset 'prompts', not {config.get('dataset')!r}")
   config = prompt_config(config, prompts)
   dataset = data.get(config)
   conditions, teacher = dataset.conditions, dataset.teacher
@@ -565,7 +580,8 @@ def text_evaluation(config: ml_collections.ConfigDict, checkpoint: str, params: 
     sampler = text_teacher_sampler(teacher, model, teacher_steps,
                                    text_to_image.GUIDANCE_SCALE if cfg is None else cfg)
   else:
-    sampler = generator_sampler(checkpoint, model, params)
+    sampler = generator_sampler(checkpoint, model, params, flag=flag,
+                                teacher=config.teacher_path)
   count = conditions.num_prompts
   labels = (np.arange(num_samples or count) % count).astype(np.int32)
   return TextEvaluation(sampler, labels, tuple(conditions.embeddings.prompts[:-1]),
@@ -618,54 +634,63 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
   """
   params = params or config.get("eval_params", "ema")
   if params not in PARAMS:
-    raise ValueError(f"params must be one of {PARAMS}, got {params!r}")
+    raise EvaluateError(f"params must be one of {PARAMS}, got {params!r}")
   if (num_samples is not None and num_samples < 1) or teacher_steps < 0:
-    raise ValueError(f"expected num_samples >= 1 and teacher_steps >= 0, found {num_samples} "
-                     f"and {teacher_steps}")
+    raise EvaluateError(f"expected num_samples >= 1 and teacher_steps >= 0, found {num_samples} "
+                        f"and {teacher_steps}")
   if gen_temp is not None and (teacher_steps or not gen_temp > 0):
-    raise ValueError(f"gen_temp is the one-step generator's temperature, > 0; found {gen_temp}"
-                     + (" with teacher_steps" if teacher_steps else ""))
+    raise EvaluateError(f"gen_temp is the one-step generator's temperature, > 0; found {gen_temp}"
+                        + (" with teacher_steps" if teacher_steps else ""))
   if cfg is not None and not teacher_steps:
-    raise ValueError("cfg is the teacher's guidance: the generator samples unguided in one step "
-                     "(pass teacher_steps)")
+    raise EvaluateError("cfg is the teacher's guidance: the generator samples unguided in one step "
+                        "(pass teacher_steps)")
   mesh = parallel.make_mesh(config.num_devices, config.mesh.data, config.mesh.fsdp)
   batch_size = global_batch(batch_size or config.eval_batch_size, mesh)
+  # The generator's run: --checkpoint, else the --workdir results go to.
+  flag = "--checkpoint" if checkpoint else "--workdir"
   condition, text = None, None
   if is_text_teacher(config):
     if gen_temp is not None:
-      raise ValueError("gen_temp sweeps are for class-conditional runs so far; a text run's "
-                       "generator samples at its config's gen_temp")
+      raise EvaluateError("gen_temp sweeps are for class-conditional runs so far; a text run's "
+                          "generator samples at its config's gen_temp")
     if (extractor is None) != (reference is None):
-      raise ValueError("FID of text-to-image samples needs both --inception and --ref")
+      raise EvaluateError("FID of text-to-image samples needs both --inception and --ref")
     if clip is None and extractor is None:
-      raise ValueError("nothing to score text-to-image samples with: pass --clip (CLIP score) "
-                       "and/or --inception with --ref (FID)")
+      raise EvaluateError("nothing to score text-to-image samples with: pass --clip (CLIP score) "
+                          "and/or --inception with --ref (FID)")
     text = text_evaluation(config, checkpoint or workdir, params, teacher_steps, cfg, prompts,
-                           num_samples)
+                           num_samples, flag)
     dataset, sampler, labels = None, text.sampler, text.labels
     condition, tokenizer, images_mode = text.condition, text.tokenizer, extractor is not None
   else:
     if prompts is not None or clip is not None:
-      raise ValueError(f"prompts and CLIP score are for text-to-image teachers; "
-                       f"{config.teacher_path} is class-conditional")
+      raise EvaluateError(f"prompts and CLIP score are for text-to-image teachers; "
+                          f"{config.teacher_path} is class-conditional")
     dataset = data.get(config)
     images_mode = isinstance(dataset, data.ImageNet256)
     if images_mode and (extractor is None or reference is None):
-      raise ValueError(f"dataset {config.dataset!r} is scored with the FID Inception network: "
-                       "pass --inception and --ref")
+      raise EvaluateError(f"dataset {config.dataset!r} is scored with the FID Inception network: "
+                          "pass --inception and --ref")
     dtype = train.compute_dtype(config)
     if teacher_steps:
       if cfg is not None:
         config = config.copy_and_resolve_references()
         config.cfg_w = cfg
       teacher = teachers.load(config.teacher_path, dtype)
-      model, sampler = teacher.model, teacher_sampler(config, teacher, teacher_steps)
+      model = teacher.model
     else:
       # Only the module: the checkpoint's parameters replace the teacher's.
       model = teachers.build_model(modeldir.read_description(config.teacher_path, "teacher"),
-                                   dtype)
-      sampler = generator_sampler(checkpoint or workdir, model, params, gen_temp)
+                                   dtype, config.teacher_path)
     tokenizer = dataset.tokenizer if images_mode else None
+    if tokenizer is not None:
+      tokenizers.check_pairing(tokenizer, config.tokenizer_path, model.codebook_size,
+                               config.teacher_path)
+    if teacher_steps:
+      sampler = teacher_sampler(config, teacher, teacher_steps)
+    else:
+      sampler = generator_sampler(checkpoint or workdir, model, params, gen_temp, flag,
+                                  config.teacher_path)
     labels = class_balanced_labels(num_samples or 50000, model.num_classes)
   sampler = dataclasses.replace(sampler, params=parallel.shard_params(sampler.params, mesh))
   ref = load_reference(reference, extractor, mesh, batch_size) if images_mode else None
@@ -801,9 +826,9 @@ def load_clip(path: Optional[str]):
 def stats_main() -> None:
   """`python -m dimo_jax.evaluate stats`: reference mu, sigma and features of real images."""
   if (_IMAGES.value is None) == (_TFDS.value is None) or _OUT.value is None:
-    raise app.UsageError("stats needs --out and one of --images, --tfds")
+    raise EvaluateError("stats needs --out and one of --images, --tfds")
   if _INCEPTION.value is None:
-    raise app.UsageError("stats needs --inception")
+    raise EvaluateError("stats needs --inception")
   mesh = parallel.make_mesh()
   batch_size = global_batch(_BATCH_SIZE.value or 64, mesh)
   if _IMAGES.value is not None:
@@ -823,13 +848,13 @@ def main(argv) -> None:
     stats_main()
     return
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]} (the one sub-command is 'stats')")
+    raise EvaluateError(f"unexpected arguments: {argv[1:]} (the one sub-command is 'stats')")
   if _CONFIG.value is None or _WORKDIR.value is None:
-    raise app.UsageError("--config and --workdir are required")
+    raise EvaluateError("--config and --workdir are required")
   try:
     temps = [float(t) for t in _GEN_TEMPS.value] or [None]
   except ValueError:
-    raise app.UsageError(f"--gen_temps: expected numbers, found {_GEN_TEMPS.value}")
+    raise EvaluateError(f"--gen_temps: expected numbers, found {_GEN_TEMPS.value}") from None
   extractor, clip = load_extractor(_INCEPTION.value), load_clip(_CLIP.value)
   for temp in temps:
     result = evaluate(
@@ -844,4 +869,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -9,8 +9,15 @@ writes):
 directory that exists is complete: a conversion that fails half-way leaves nothing behind, and a
 destination that is not a model directory (a user's folder, a release, a mount point) is refused,
 never replaced.
+
+Reading checks what a user may have changed by hand before any weight is used: model.json must be
+a JSON object whose config builds the module (`read_description`, `construct`), params/ must hold
+exactly the parameter paths and shapes of that module (`restore`), and a folder that model.json
+names must lie inside the directory (`part_path`). Each failure is one `ModelDirError` naming the
+file, the key and what was expected and found.
 """
 
+import collections.abc
 import contextlib
 import ctypes
 import dataclasses
@@ -20,14 +27,28 @@ import os
 import shutil
 import sys
 import tempfile
-from typing import Any, Callable, Dict, Iterable, Iterator
+import typing
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Type
 
 import flax.linen as nn
 import jax
 import orbax.checkpoint as ocp
 
+from dimo_jax.errors import UserError
+
 DESCRIPTION_FILE = "model.json"
 PARAMS_DIR = "params"
+
+
+class ModelDirError(UserError):
+  """A model directory that cannot be used as its files say (model.json or another JSON file of
+  it unreadable or incomplete, a config that builds no module, params/ of other shapes than
+  model.json describes, a part's path leading outside the directory), or one that does not fit
+  the model it is used with (a tokenizer of another codebook than the teacher's)."""
+
+
+def description_path(src: str) -> str:
+  return os.path.join(src, DESCRIPTION_FILE)
 
 
 def module_config(module: nn.Module) -> Dict[str, Any]:
@@ -56,7 +77,7 @@ def describe(registry: Dict[str, str], module: nn.Module, what: str) -> Dict[str
   raise ValueError(f"{type(module).__name__} is not a registered {what} module")
 
 
-class DestinationError(ValueError):
+class DestinationError(UserError):
   """A destination that a model directory may not be written to (it holds something else)."""
 
 
@@ -192,20 +213,246 @@ def write(dst: str, description: Dict[str, Any], variables: Any,
     checkpointer.wait_until_finished()
 
 
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
+               bool: "boolean", type(None): "null"}
+
+
+def json_type(value: Any) -> str:
+  """The JSON name of a parsed value's type ("object", "array", ...)."""
+  return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def read_json(path: str, expected: str = "a JSON object",
+              error: Type[UserError] = ModelDirError) -> Dict[str, Any]:
+  """The JSON object in the file `path`; `error` (a UserError) naming the file when it is not
+  one."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise error(f"{path}: expected {expected}, found text that is not JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise error(f"{path}: expected {expected}, found a JSON {json_type(value)}")
+  return value
+
+
 def read_description(src: str, what: str) -> Dict[str, Any]:
   """model.json of `src`; `what` ("teacher", "tokenizer") names the expectation in errors."""
-  path = os.path.join(src, DESCRIPTION_FILE)
+  path = description_path(src)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{src} is not a {what} directory: {path} is missing")
-  with open(path) as f:
-    description = json.load(f)
+  description = read_json(path, f'a JSON object {{"kind": ..., "config": {{...}}}} describing '
+                                f"a {what}")
   if "kind" not in description or "config" not in description:
-    raise ValueError(f"{path}: expected the keys 'kind' and 'config', found {sorted(description)}")
+    raise ModelDirError(f"{path}: expected the keys 'kind' and 'config', "
+                        f"found {sorted(description)}")
+  if not isinstance(description["kind"], str):
+    raise ModelDirError(f"{path}: kind: expected the name of a {what} kind (a string), found "
+                        f"{description['kind']!r}")
+  if not isinstance(description["config"], dict):
+    raise ModelDirError(f"{path}: config: expected an object of module fields, found a JSON "
+                        f"{json_type(description['config'])}")
   return description
 
 
+def part_path(src: str, description: Dict[str, Any], key: str, what: str) -> str:
+  """The folder inside `src` that model.json names under `key` (a Meissonic directory's
+  "vqvae", "text_encoder", "tokenizer"). A path that leads outside `src` (absolute, through
+  `..` or a symbolic link) is refused: a model directory is self-contained, and following such
+  a path would read whatever it points at."""
+  path = description_path(src)
+  value = description.get(key)
+  if value is None:
+    raise ModelDirError(f"{path}: expected the key {key!r} naming the {what} folder inside "
+                        f"{src}, found {sorted(description)}")
+  if not isinstance(value, str) or not value:
+    raise ModelDirError(f"{path}: {key}: expected the name of the {what} folder inside {src}, "
+                        f"found {value!r}")
+  if os.path.isabs(value):
+    raise ModelDirError(f"{path}: {key}: expected a folder inside {src}, found the absolute "
+                        f"path {value!r}")
+  inner, root = _real(os.path.join(src, value)), _real(src)
+  if inner == root or not _is_within(inner, root):
+    raise ModelDirError(f"{path}: {key}: expected a folder inside {src}, found {value!r}, which "
+                        f"leads to {inner}")
+  return os.path.join(src, value)
+
+
+_PLAIN_TYPES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+_PLURALS = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+  """Whether a JSON value fits a field annotated `annotation` (an int for a float field, a list
+  for a sequence); annotations other than plain types and sequences of them are not checked."""
+  if annotation is bool:
+    return isinstance(value, bool)
+  if annotation is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if annotation is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if annotation is str:
+    return isinstance(value, str)
+  origin = typing.get_origin(annotation)
+  if origin in (tuple, list, collections.abc.Sequence):
+    if not isinstance(value, (list, tuple)):
+      return False
+    args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+    return len(args) != 1 or all(_fits(v, args[0]) for v in value)
+  return True
+
+
+def _expected(annotation: Any) -> str:
+  if annotation in _PLAIN_TYPES:
+    return _PLAIN_TYPES[annotation]
+  args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+  return f"a list of {_PLURALS.get(args[0], 'values')}" if len(args) == 1 else "a list"
+
+
+def construct(cls, src: str, config: Dict[str, Any], **kwargs) -> nn.Module:
+  """`cls(**config, **kwargs)` for the config of model.json of `src`, each key checked first:
+  a field of `cls` (not one the loader sets, as dtype), of its annotated type; every field
+  without a default given. `ModelDirError` names the file and the key otherwise.
+
+  A list for a tuple field becomes a tuple: JSON has no tuples, and a module is hashed when it
+  is a jit static argument.
+  """
+  path = description_path(src)
+  fields = {f.name: f for f in dataclasses.fields(cls)
+            if f.init and f.name not in ("parent", "name")}
+  settable = sorted(set(fields) - set(kwargs))
+  for key, value in config.items():
+    if key not in settable:
+      raise ModelDirError(f"{path}: config: {key!r} is not a field of {cls.__name__}; expected "
+                          f"keys among {settable}")
+    if not _fits(value, fields[key].type):
+      raise ModelDirError(f"{path}: config: {key}: expected {_expected(fields[key].type)}, "
+                          f"found {value!r}")
+  missing = [name for name in settable if name not in config
+             and fields[name].default is dataclasses.MISSING
+             and fields[name].default_factory is dataclasses.MISSING]
+  if missing:
+    raise ModelDirError(f"{path}: config: expected the {cls.__name__} fields {missing}, which "
+                        "have no default; they are missing")
+  config = {key: tuple(value) if typing.get_origin(fields[key].type) is tuple else value
+            for key, value in config.items()}
+  return cls(**config, **kwargs)
+
+
+def build(registry: Dict[str, str], src: str, description: Dict[str, Any], what: str,
+          **kwargs) -> nn.Module:
+  """The module of the registered kind that `description` (model.json of `src`) describes,
+  built by `construct` with `kwargs` (dtype, ...)."""
+  kind = description["kind"]
+  if kind not in registry:
+    raise ModelDirError(f"{description_path(src)}: kind: expected a {what} kind among "
+                        f"{sorted(registry)}, found {kind!r}")
+  return construct(module_class(registry, kind, what), src, description["config"], **kwargs)
+
+
+def _key_name(key: Any) -> str:
+  for attribute in ("key", "name", "idx"):
+    if hasattr(key, attribute):
+      return str(getattr(key, attribute))
+  return str(key)
+
+
+def param_shapes(tree: Any) -> Dict[str, Tuple[int, ...]]:
+  """{"params/tok_emb/embedding": shape} of every array of a variable tree (arrays, abstract
+  arrays, or the array metadata orbax keeps of a checkpoint)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {"/".join(_key_name(k) for k in path): tuple(getattr(leaf, "shape", ()))
+          for path, leaf in flat}
+
+
+def shape_difference(expected: Any, stored: Any, described_by: str,
+                     stored_in: str) -> Optional[str]:
+  """The first parameter whose path or shape differs between the tree a module builds
+  (`expected`, which `described_by` describes) and the tree found in `stored_in` (`stored`, e.g.
+  its orbax metadata), said in a sentence; None when they agree."""
+  want, have = param_shapes(expected), param_shapes(stored)
+  for key, shape in want.items():
+    if key not in have:
+      return f"{described_by} describes {key} of shape {shape} but {stored_in} has no {key}"
+    if have[key] != shape:
+      return f"{described_by} describes {key} of shape {shape} but {stored_in} holds {have[key]}"
+  for key, shape in have.items():
+    if key not in want:
+      return f"{stored_in} holds {key} of shape {shape}, which {described_by} does not describe"
+  return None
+
+
+# What a module's init raises for a config value it cannot build with (a width of 0, a string
+# for a size, heads that do not divide the width).
+_BUILD_ERRORS = (TypeError, ValueError, ArithmeticError, AssertionError)
+# What orbax and tensorstore raise for a checkpoint folder that is truncated or damaged.
+READ_ERRORS = (OSError, ValueError, KeyError)
+
+
+def first_line(error: BaseException, limit: int = 300) -> str:
+  """The first line of an exception's message with its type ("ValueError: DATA_LOSS: ..."),
+  without the JSON spec tensorstore appends and cut at `limit` characters."""
+  lines = str(error).strip().splitlines()
+  text = (lines[0] if lines else "").split(" [tensorstore_spec")[0]
+  if len(text) > limit:
+    text = text[:limit] + " ..."
+  return f"{type(error).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def quiet_failed_reads() -> Iterator[None]:
+  """Wraps a checkpoint read. When one array fails to read, tensorstore still finishes the
+  others and calls back into the event loop that orbax has closed by then; the RuntimeErrors
+  of those callbacks would print tracebacks around the one error line. They are dropped while
+  the read runs and, when it fails, afterwards (the callbacks come late)."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not (isinstance(unraisable.exc_value, RuntimeError)
+            and "Event loop is closed" in str(unraisable.exc_value)):
+      previous(unraisable)
+
+  sys.unraisablehook = hook
+  yield
+  sys.unraisablehook = previous
+
+
 def restore(src: str, init_fn: Callable[[], Any]) -> Any:
-  """Restores the variables of `src` into the tree structure that `init_fn()` would build."""
-  abstract = jax.eval_shape(init_fn)
-  return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(src, PARAMS_DIR)),
-                                            abstract)
+  """Restores the variables of `src` into the tree structure that `init_fn()` would build.
+
+  Raises `ModelDirError` when the config of model.json builds no module (`init_fn` fails),
+  when params/ holds other parameter paths or shapes than that module's (a model.json edited
+  after the weights were written), or when params/ is missing or cannot be read.
+  """
+  path = description_path(src)
+  try:
+    abstract = jax.eval_shape(init_fn)
+  except _BUILD_ERRORS as e:
+    raise ModelDirError(f"{path}: config: expected the fields of a module that can be built, "
+                        f"found values it fails on ({first_line(e)})") from e
+  params = os.path.join(src, PARAMS_DIR)
+  if not os.path.isdir(params):
+    raise ModelDirError(f"{params}: missing; a model directory holds {DESCRIPTION_FILE} and "
+                        f"{PARAMS_DIR}/, the weights it describes")
+
+  def unreadable(why: str) -> ModelDirError:
+    return ModelDirError(f"{params}: cannot be read as the orbax tree of the weights ({why}); it "
+                         "is incomplete or damaged: write the model directory again")
+
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    stored = checkpointer.metadata(os.path.abspath(params))
+  except READ_ERRORS as e:
+    raise unreadable(first_line(e)) from e
+  stored = getattr(stored, "item_metadata", stored)
+  if stored is None:  # orbax returns no tree (and logs a warning) when it cannot read it
+    raise unreadable("no parameter tree could be read")
+  difference = shape_difference(abstract, getattr(stored, "tree", stored), path, params)
+  if difference:
+    raise ModelDirError(f"{difference}; {DESCRIPTION_FILE} and {PARAMS_DIR}/ were not written "
+                        f"together (was {DESCRIPTION_FILE} edited?)")
+  try:
+    with quiet_failed_reads():
+      return checkpointer.restore(os.path.abspath(params), abstract)
+  except READ_ERRORS as e:
+    raise unreadable(first_line(e)) from e

@@ -19,10 +19,13 @@ names the module (and, without --generator, the weights). --generator is a Di[M]
 unless --params generator, with the run's own config.json for x_init (fixed_ratio), the
 embedding noise at that step and the sampling temperature. Images are mapped from the
 tokenizer's value range to [0, 1] (`data.value_range`: model.json's "value_range" if present).
+
+The tokenizer must have the teacher's codebook, and the generator the teacher's parameter
+shapes; a user's mistake (a missing directory, a label out of range, a damaged checkpoint) is
+one `error:` line and exit status 1 (2 for a malformed command line).
 """
 
 import argparse
-import json
 import os
 import sys
 from typing import List, Optional, Sequence, Tuple
@@ -33,9 +36,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dimo_jax import (data, defaults, modeldir, teachers, text_to_image, tokenizers, train,
-                      visualize)
+from dimo_jax import (cli, data, defaults, modeldir, sampling, teachers, text_to_image, tokenizers,
+                      train, visualize)
 from dimo_jax.data import prompts as prompt_files
+from dimo_jax.errors import UserError
 from dimo_jax.models.meissonic import TextConditioned
 
 _DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
@@ -50,6 +54,16 @@ _TEXT_DEFAULTS = {"steps": text_to_image.SAMPLING_STEPS, "cfg": text_to_image.GU
                   "temperature": text_to_image.TEMPERATURE[0], "sched": None}
 
 
+class SampleError(UserError):
+  """A flag whose value cannot be sampled with: a label out of range, prompts for a
+  class-conditional teacher, a schedule the sampler does not know."""
+
+
+class GeneratorError(UserError):
+  """A Di[M]O checkpoint (--generator, evaluate's --checkpoint) that cannot be sampled: its step
+  cannot be read, or its generator was distilled from another teacher."""
+
+
 def parse_labels(text: str, num_classes: int) -> np.ndarray:
   """'1,7,282' -> int32[3], each checked against the teacher's `num_classes`."""
   labels = []
@@ -57,19 +71,20 @@ def parse_labels(text: str, num_classes: int) -> np.ndarray:
     try:
       label = int(item)
     except ValueError:
-      raise ValueError(f"--labels: {item.strip()!r} is not an integer class label") from None
+      raise SampleError(f"--labels: {item.strip()!r} is not an integer class label") from None
     if not 0 <= label < num_classes:
-      raise ValueError(f"--labels: label {label} is out of range: the teacher has "
-                       f"{num_classes} classes (0 to {num_classes - 1})")
+      raise SampleError(f"--labels: label {label} is out of range: the teacher has "
+                        f"{num_classes} classes (0 to {num_classes - 1})")
     labels.append(label)
   return np.asarray(labels, np.int32)
 
 
-def find_checkpoint(path: str) -> Tuple[str, int]:
-  """(checkpoints directory, step) for a workdir, its checkpoints/ or a checkpoints/<step>."""
+def find_checkpoint(path: str, flag: str = "--generator") -> Tuple[str, int]:
+  """(checkpoints directory, step) for a workdir, its checkpoints/ or a checkpoints/<step>;
+  `flag` names the path in errors."""
   path = os.path.abspath(path)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"--generator: {path} does not exist")
+    raise FileNotFoundError(f"{flag}: {path} does not exist")
   candidates = [(os.path.join(path, "checkpoints"), None), (path, None)]
   if os.path.basename(path).isdigit():
     candidates.append((os.path.dirname(path), int(os.path.basename(path))))
@@ -82,11 +97,27 @@ def find_checkpoint(path: str) -> Tuple[str, int]:
     if step in steps:
       return root, step
   raise FileNotFoundError(
-      f"--generator: {path} is not a Di[M]O workdir, its checkpoints/ or a checkpoints/<step> "
+      f"{flag}: {path} is not a Di[M]O workdir, its checkpoints/ or a checkpoints/<step> "
       "(expected checkpoints/config.json next to saved steps)")
 
 
-def load_generator(path: str, model, which: str):
+def _run_config(root: str) -> ml_collections.ConfigDict:
+  """checkpoints/config.json: the config of the run that saved the steps."""
+  return ml_collections.ConfigDict(modeldir.read_json(
+      os.path.join(root, "config.json"), "the JSON object of the run's config", GeneratorError))
+
+
+def _unreadable(root: str, step: int, steps: Sequence[int], flag: str, why: str) -> GeneratorError:
+  """The error of a step that cannot be read: delete it, or pick one of the others."""
+  others = sorted(s for s in steps if s != step)
+  pick = (f"delete that folder or pick another step ({', '.join(map(str, others))}: "
+          f"{flag} {root}/<step>)" if others else "delete that folder (no other step is saved)")
+  return GeneratorError(f"{os.path.join(root, str(step))}: the checkpoint step cannot be read "
+                        f"({why}); it is incomplete or damaged (a run killed while saving?): "
+                        f"{pick}")
+
+
+def load_generator(path: str, model, which: str, flag: str = "--generator", teacher: str = ""):
   """(params, run config, step) of the Di[M]O checkpoint at `path`.
 
   Args:
@@ -94,22 +125,47 @@ def load_generator(path: str, model, which: str):
     model: the teacher module (a `TextConditioned` for a text-to-image teacher); its parameter
       tree is the generator's.
     which: 'ema' or 'generator' (the raw parameters).
+    flag, teacher: the flag that gave `path` and the teacher's directory, named in errors.
+
+  Raises `GeneratorError` when the step cannot be read, or when its parameters have other
+  paths or shapes than the teacher's (a generator distilled from another teacher).
   """
-  root, step = find_checkpoint(path)
-  with open(os.path.join(root, "config.json")) as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  root, step = find_checkpoint(path, flag)
+  config = _run_config(root)
   if isinstance(model, TextConditioned):
     abstract = jax.eval_shape(lambda: text_to_image.init_variables(model))
   else:
     abstract = jax.eval_shape(lambda: model.init(
         {"params": jax.random.PRNGKey(0)},
         jnp.zeros((1, model.seq_len), jnp.int32), jnp.zeros((1,), jnp.int32)))
-  # Only the one parameter tree is read, not the optimizer states and the other networks.
   field = _STATE_FIELDS[which]
+  manager = ocp.CheckpointManager(root, item_handlers=ocp.PyTreeCheckpointHandler())
+  step_dir = os.path.join(root, str(step))
+  try:
+    stored = manager.item_metadata(step)
+  except modeldir.READ_ERRORS as e:
+    raise _unreadable(root, step, manager.all_steps(), flag, modeldir.first_line(e)) from e
+  stored = getattr(stored, "tree", stored)
+  if not isinstance(stored, dict) or field not in stored:
+    found = sorted(stored) if isinstance(stored, dict) else "no parameter tree"
+    raise _unreadable(root, step, manager.all_steps(), flag,
+                      f"expected a Di[M]O state holding {field}, found {found}")
+  described_by = modeldir.description_path(teacher) if teacher else "the teacher's model.json"
+  difference = modeldir.shape_difference(abstract, stored[field], described_by,
+                                         f"{flag} {step_dir}")
+  if difference:
+    run_teacher = config.get("teacher_path")
+    raise GeneratorError(f"{difference}: the generator was distilled from another teacher; give "
+                         + (f"its run's teacher ({run_teacher})" if run_teacher else "that one"))
+  # Only the one parameter tree is read, not the optimizer states and the other networks.
   item = {field: abstract}
-  restored = ocp.CheckpointManager(root).restore(step, args=ocp.args.PyTreeRestore(
-      item=item, partial_restore=True,
-      restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+  try:
+    with modeldir.quiet_failed_reads():
+      restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+          item=item, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+  except modeldir.READ_ERRORS as e:
+    raise _unreadable(root, step, manager.all_steps(), flag, modeldir.first_line(e)) from e
   return jax.device_put(restored[field]), config, step
 
 
@@ -117,7 +173,10 @@ def read_prompts(args: argparse.Namespace) -> List[str]:
   """The prompts of --prompt (in order) then of --prompt-file (one a line)."""
   prompts = list(args.prompt or [])
   if args.prompt_file is not None:
-    prompts += prompt_files.read_prompt_file(args.prompt_file)
+    try:
+      prompts += prompt_files.read_prompt_file(args.prompt_file)
+    except ValueError as e:  # not UTF-8, or no prompt in it: the message names the file
+      raise SampleError(f"--prompt-file: {e}") from None
   return prompts
 
 
@@ -133,6 +192,8 @@ def prompt_grid(args: argparse.Namespace, prompts: List[str]) -> np.ndarray:
   dtype = _DTYPES[args.dtype]
   teacher = teachers.load(args.teacher, dtype)
   tokenizer = tokenizers.load(args.tokenizer or args.teacher)
+  if args.tokenizer is not None:  # the teacher's own VQ-VAE is checked as it loads
+    tokenizers.check_pairing(tokenizer, args.tokenizer, teacher.codebook_size, args.teacher)
   negative = (text_to_image.NEGATIVE_PROMPT if args.negative_prompt is None
               else args.negative_prompt)
   all_prompts = prompts * args.samples_per_label  # a block per column, as the labels
@@ -144,13 +205,14 @@ def prompt_grid(args: argparse.Namespace, prompts: List[str]) -> np.ndarray:
              for name in _TEXT_DEFAULTS}
     schedule = flags["sched"] or teacher.masking_schedule
     if schedule not in text_to_image.MASKING_SCHEDULES:
-      raise ValueError(f"--sched: the text-to-image sampler knows "
-                       f"{list(text_to_image.MASKING_SCHEDULES)}, got {schedule!r}")
+      raise SampleError(f"--sched: the text-to-image sampler knows "
+                        f"{list(text_to_image.MASKING_SCHEDULES)}, got {schedule!r}")
     sample = lambda key, cond: teacher.sample(key, cond, flags["steps"], flags["cfg"],
                                               (flags["temperature"], 0.0), schedule)
   else:
     adapter = teacher.conditioned()
-    params, config, step = load_generator(args.generator, adapter, args.params)
+    params, config, step = load_generator(args.generator, adapter, args.params,
+                                          teacher=args.teacher)
     sigma = np.float32(train.generator_noise(config, step))
     sample = lambda key, cond: text_to_image.one_step_sample(
         adapter, params, key, cond, config.fixed_ratio, sigma, config.gen_temp, config.top_k,
@@ -174,17 +236,18 @@ def sample_grid(args: argparse.Namespace) -> np.ndarray:
   prompts = read_prompts(args)
   if description["kind"] == text_to_image.KIND:
     if not prompts:
-      raise ValueError(f"--teacher {args.teacher} is a text-to-image teacher: give --prompt or "
-                       "--prompt-file, not --labels")
+      raise SampleError(f"--teacher {args.teacher} is a text-to-image teacher: give --prompt or "
+                        "--prompt-file, not --labels")
     return prompt_grid(args, prompts)
   if prompts:
-    raise ValueError(f"--prompt: --teacher {args.teacher} is a class-conditional "
-                     f"{description['kind']!r} teacher; give --labels")
+    raise SampleError(f"--prompt: --teacher {args.teacher} is a class-conditional "
+                      f"{description['kind']!r} teacher; give --labels")
   if args.tokenizer is None:
-    raise ValueError("--tokenizer is required with a class-conditional teacher")
-  model = teachers.build_model(description, dtype)
+    raise SampleError("--tokenizer is required with a class-conditional teacher")
+  model = teachers.build_model(description, dtype, args.teacher)
   labels = parse_labels(args.labels, model.num_classes)
   tokenizer = tokenizers.load(args.tokenizer)
+  tokenizers.check_pairing(tokenizer, args.tokenizer, model.codebook_size, args.teacher)
   # Label l in row l: image_grid fills columns first, so the labels repeat as a block.
   all_labels = np.tile(labels, args.samples_per_label)
   rng = jax.random.PRNGKey(args.seed)
@@ -194,14 +257,21 @@ def sample_grid(args: argparse.Namespace) -> np.ndarray:
              for name in _TEACHER_DEFAULTS}
     if args.cfg is None and not getattr(model, "supports_guidance", True):
       flags["cfg"] = 0.0  # google-maskgit has no unconditional token
+    if flags["sched"] not in sampling.SCHED_MODES:
+      raise SampleError(f"--sched: expected one of {list(sampling.SCHED_MODES)}, found "
+                        f"{flags['sched']!r}")
     config = defaults.reference_config()
     config.update(cfg_w=flags["cfg"], r_temp=flags["temperature"], sched_mode=flags["sched"],
                   eval_batch_size=min(args.batch_size, len(all_labels)))
-    train.check_guidance(config, model, keys=("cfg_w",))
+    try:
+      train.check_guidance(config, model, keys=("cfg_w",))
+    except ValueError as e:
+      raise SampleError(f"--cfg: {e}") from None
     samplers = train.Samplers(config, teachers.load(args.teacher, dtype))
     codes = samplers.teacher(rng, all_labels, flags["steps"])
   else:
-    params, config, step = load_generator(args.generator, model, args.params)
+    params, config, step = load_generator(args.generator, model, args.params,
+                                          teacher=args.teacher)
     config.eval_batch_size = min(args.batch_size, len(all_labels))
     # Only the module is needed: the generator's parameters replace the teacher's.
     samplers = train.Samplers(config, teachers.Teacher(model, None, description))
@@ -210,9 +280,15 @@ def sample_grid(args: argparse.Namespace) -> np.ndarray:
   return visualize.image_grid(images, rows=len(labels), scale=1)
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse whose command-line errors are one `error:` line (exit status 2)."""
+
+  def error(self, message: str) -> None:
+    cli.fail(f"{message} (see {self.prog} --help)", status=2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(
-      prog="python -m dimo_jax.sample", description=__doc__.splitlines()[0])
+  parser = _Parser(prog="python -m dimo_jax.sample", description=__doc__.splitlines()[0])
   parser.add_argument("--teacher", required=True, help="teacher directory (dimo_jax.convert)")
   parser.add_argument("--tokenizer", default=None,
                       help="tokenizer directory (dimo_jax.convert); a text-to-image teacher's "
@@ -262,16 +338,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                    "sampling is one step")
   if args.samples_per_label < 1 or args.batch_size < 1:
     parser.error("--samples-per-label and --batch-size must be at least 1")
+  if args.steps is not None and args.steps < 1:
+    parser.error(f"--steps: expected at least 1 decoding step, found {args.steps}")
   has_prompts = args.prompt is not None or args.prompt_file is not None
   if (args.labels is None) == (not has_prompts):
     parser.error("give either --labels (class-conditional teacher) or --prompt / --prompt-file "
                  "(text-to-image teacher)")
   try:
     grid = sample_grid(args)
-  except (FileNotFoundError, ValueError) as e:
-    parser.exit(1, f"{parser.prog}: error: {e}\n")
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  visualize.save_png(grid, args.out)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    visualize.save_png(grid, args.out)
+  except UserError as e:
+    cli.fail(e)
+  except cli.USER_OS_ERRORS as e:
+    cli.fail(f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else e)
   print(f"wrote {args.out}: {grid.shape[1]}x{grid.shape[0]} pixels", file=sys.stderr)
 
 

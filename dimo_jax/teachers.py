@@ -29,9 +29,10 @@ def model_description(model: nn.Module) -> Dict[str, Any]:
   return modeldir.describe(_KINDS, model, "teacher")
 
 
-def build_model(description: Dict[str, Any], dtype=jnp.float32) -> nn.Module:
-  cls = modeldir.module_class(_KINDS, description.get("kind"), "teacher")
-  return cls(**description["config"], dtype=dtype)
+def build_model(description: Dict[str, Any], dtype=jnp.float32, src: str = "") -> nn.Module:
+  """The module that `description` (model.json of the directory `src`, named in errors)
+  describes; `modeldir.ModelDirError` for an unknown kind or a config that does not fit it."""
+  return modeldir.build(_KINDS, src, description, "teacher", dtype=dtype)
 
 
 def save(dst: str, model: nn.Module, variables: Any,
@@ -61,7 +62,7 @@ def load(src: str, dtype=jnp.float32) -> Any:
   if description.get("kind") == "meissonic":
     from dimo_jax import text_to_image
     return text_to_image.load(src, dtype)
-  model = build_model(description, dtype)
+  model = build_model(description, dtype, src)
   variables = modeldir.restore(src, lambda: model.init(
       {"params": jax.random.PRNGKey(0)},
       jnp.zeros((1, model.seq_len), jnp.int32), jnp.zeros((1,), jnp.int32)))

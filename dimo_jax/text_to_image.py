@@ -194,25 +194,66 @@ def _temperature_key(temperature) -> Union[float, Tuple[float, float]]:
   return float(temperature)
 
 
+def _check_description(path: str, description: Dict[str, Any]) -> None:
+  """The keys of a `meissonic` model.json besides its transformer config."""
+  def positive(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+  grid = description.get("token_grid")
+  if not (isinstance(grid, list) and len(grid) == 2 and all(map(positive, grid))):
+    raise modeldir.ModelDirError(f"{path}: token_grid: expected two positive integers [h, w], "
+                                 f"found {grid!r}")
+  # prompt_length is optional (the pipeline's 77 by default).
+  for key in ["resolution"] + (["prompt_length"] if "prompt_length" in description else []):
+    if not positive(description.get(key)):
+      raise modeldir.ModelDirError(f"{path}: {key}: expected a positive integer, found "
+                                   f"{description.get(key)!r}")
+  scheduler = description.get("scheduler")
+  schedule = scheduler.get("masking_schedule") if isinstance(scheduler, dict) else None
+  if schedule not in MASKING_SCHEDULES:
+    raise modeldir.ModelDirError(f"{path}: scheduler: expected an object whose masking_schedule "
+                                 f"is one of {list(MASKING_SCHEDULES)}, found {scheduler!r}")
+
+
+def _read_tokenizer(folder: str, max_length: int) -> clip_tokenizer.CLIPTokenizer:
+  """The CLIP tokenizer of a model directory's `tokenizer/` folder; a JSON file of it that does
+  not parse is named (json's own error names no file)."""
+  for name in (clip_tokenizer.VOCAB_FILE, clip_tokenizer.CONFIG_FILE,
+               clip_tokenizer.SPECIAL_TOKENS_FILE):
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+      modeldir.read_json(path)
+  try:
+    return clip_tokenizer.load(folder, max_length=max_length)
+  except ValueError as e:  # its messages name the file and line
+    raise modeldir.ModelDirError(str(e)) from e
+
+
 def load(src: str, dtype=jnp.float32) -> TextTeacher:
-  """Reads a `meissonic` model directory; `dtype` is the transformer's compute dtype."""
+  """Reads a `meissonic` model directory; `dtype` is the transformer's compute dtype.
+
+  Every file is checked before it is used (`dimo_jax.modeldir`): model.json's keys, the config
+  of the transformer and of the text encoder against their params/, and the folders model.json
+  names, which must lie inside `src`.
+  """
   description = modeldir.read_description(src, "teacher")
+  path = modeldir.description_path(src)
   if description["kind"] != KIND:
-    raise ValueError(f"{src}: model.json kind is {description['kind']!r}, expected {KIND!r}")
-  config = description["config"]
-  # JSON stores the tuple as a list; the module is hashed as a jit static argument.
-  model = MeissonicTransformer(**dict(config, axes_dims_rope=tuple(config["axes_dims_rope"])),
-                               dtype=dtype)
+    raise modeldir.ModelDirError(f"{path}: kind: expected {KIND!r}, found "
+                                 f"{description['kind']!r}")
+  _check_description(path, description)
+  model = modeldir.construct(MeissonicTransformer, src, description["config"], dtype=dtype)
   adapter = TextConditioned(model, *description["token_grid"])
   variables = modeldir.restore(src, lambda: init_variables(adapter))
 
-  text_dir = os.path.join(src, description["text_encoder"])
+  text_dir = modeldir.part_path(src, description, "text_encoder", "text encoder")
   text_description = modeldir.read_description(text_dir, "text encoder")
-  text_encoder = CLIPTextEncoder(**text_description["config"])
+  text_encoder = modeldir.construct(CLIPTextEncoder, text_dir, text_description["config"])
   text_variables = modeldir.restore(text_dir, lambda: text_encoder.init(
       jax.random.PRNGKey(0), jnp.zeros((1, 1), jnp.int32)))
-  tokenizer = clip_tokenizer.load(os.path.join(src, description["tokenizer"]),
-                                  max_length=description.get("prompt_length", PROMPT_LENGTH))
+  tokenizer = _read_tokenizer(
+      modeldir.part_path(src, description, "tokenizer", "CLIP tokenizer"),
+      description.get("prompt_length", PROMPT_LENGTH))
   return TextTeacher(model, variables, text_encoder, text_variables, tokenizer, description)
 
 

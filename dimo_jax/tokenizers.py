@@ -23,6 +23,9 @@ _KINDS = {
     "google-vqgan": "dimo_jax.models.google_vqgan:VQGAN",
     "diffusers-vq": "dimo_jax.models.diffusers_vq:VQModel",
 }
+# kind -> the module field that holds the number of codes.
+_CODEBOOK_FIELDS = {"taming-vqgan": "n_embed", "google-vqgan": "codebook_size",
+                    "diffusers-vq": "num_vq_embeddings"}
 
 
 def model_description(model: nn.Module) -> Dict[str, Any]:
@@ -55,16 +58,40 @@ class Tokenizer:
     """int32[B, h, w] codebook ids -> float32[B, h*f, w*f, 3]."""
     return self._decode(self.variables, codes)
 
+  @property
+  def codebook_size(self) -> int:
+    return getattr(self.model, _CODEBOOK_FIELDS[self.description["kind"]])
+
+
+def check_pairing(tokenizer: Tokenizer, src: str, codebook_size: int, teacher: str) -> None:
+  """Refuses the tokenizer of `src` for a teacher (directory `teacher`) of `codebook_size`
+  codes when its codebook differs: it would decode the teacher's codes to other pictures, and
+  codes past its codebook to NaN (black) images."""
+  if tokenizer.codebook_size != codebook_size:
+    raise modeldir.ModelDirError(
+        f"{src}: expected a tokenizer of the {codebook_size} codes of the teacher {teacher}, "
+        f"found one of {tokenizer.codebook_size} codes; give the tokenizer the teacher was "
+        "trained with")
+
 
 def load(src: str, dtype=jnp.float32) -> Tokenizer:
   """Reads a tokenizer directory written by `python -m dimo_jax.convert`, or the VQ-VAE inside
-  a `meissonic` model directory."""
+  a `meissonic` model directory (checked to have the transformer's codebook)."""
   description = modeldir.read_description(src, "tokenizer")
-  if description.get("kind") == "meissonic":
-    return load(os.path.join(src, description["vqvae"]), dtype)
-  cls = modeldir.module_class(_KINDS, description.get("kind"), "tokenizer")
-  model = cls(**description["config"], dtype=dtype)
-  f = model.downsample_factor
+  if description["kind"] != "meissonic":
+    return _load(src, description, dtype)
+  vqvae = modeldir.part_path(src, description, "vqvae", "VQ-VAE")
+  vq_description = modeldir.read_description(vqvae, "tokenizer")
+  tokenizer = _load(vqvae, vq_description, dtype)
+  codebook_size = description["config"].get("codebook_size")
+  if codebook_size is not None:
+    check_pairing(tokenizer, vqvae, codebook_size, src)
+  return tokenizer
+
+
+def _load(src: str, description: Dict[str, Any], dtype) -> Tokenizer:
+  model = modeldir.build(_KINDS, src, description, "tokenizer", dtype=dtype)
   variables = modeldir.restore(src, lambda: model.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, f, f, 3), jnp.float32)))
+      jax.random.PRNGKey(0),
+      jnp.zeros((1, model.downsample_factor, model.downsample_factor, 3), jnp.float32)))
   return Tokenizer(model, variables, description)

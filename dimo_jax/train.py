@@ -102,8 +102,9 @@ def check_guidance(config: ml_collections.ConfigDict, model, keys=tuple(_UNGUIDE
   wrong = {k: config[k] for k in keys if config[k] != _UNGUIDED[k]}
   if wrong:
     expected = ", ".join(f"{k}={_UNGUIDED[k]}" for k in keys)
-    raise ValueError(f"the {type(model).__name__} teacher has no unconditional token, so it "
-                     f"cannot be guided; set {expected} (found {wrong})")
+    raise config_check.ConfigError(
+        f"the {type(model).__name__} teacher has no unconditional token, so it "
+        f"cannot be guided; set {expected} (found {wrong})")
 
 
 def generator_noise(config: ml_collections.ConfigDict, step: int) -> float:
