@@ -26,8 +26,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from dimo_jax import (config_check, data, distill, distributed, masking, parallel, sampling,
-                      teachers, visualize)
+from dimo_jax import (config_check, data, distill, distributed, masking, modeldir, parallel,
+                      sampling, teachers, visualize)
 from dimo_jax.errors import UserError
 
 _DTYPES = {"no": jnp.float32, "fp32": jnp.float32, "bf16": jnp.bfloat16}
@@ -306,12 +306,8 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> Optional[Di
   path = os.path.join(workdir, "checkpoints", "config.json")
   if not os.path.isfile(path):
     return None
-  try:
-    with open(path) as f:
-      saved = json.load(f)
-  except (OSError, ValueError) as e:
-    raise RunError(f"{path}: not readable as JSON ({e}); it records the config of the run "
-                   "that wrote these checkpoints: restore it or start a new --workdir") from None
+  saved = modeldir.read_json(path, "the config of the run that wrote these checkpoints (a JSON "
+                             "object)", RunError)
   changed = config_changes(saved, json.loads(config.to_json()))
   if changed and not config.allow_config_change:
     listed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in list(changed.items())[:8])

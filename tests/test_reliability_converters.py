@@ -565,7 +565,8 @@ def test_cli_names_a_file_that_is_not_json(tmp_path, capsys, kind, build, culpri
     with open(path, "w") as f:
       f.write("{not json")
   assert convert_main([kind, "--src", src, "--dst", str(tmp_path / "out")]) == 1
-  assert _one_error_line(capsys).startswith(f"error: {path} is not valid JSON: ")
+  assert _one_error_line(capsys).startswith(
+      f"error: {path}: expected a JSON object, found text that is not JSON")
 
 
 def _garbage_msgpack(tmp_path):

@@ -207,3 +207,12 @@ def test_the_lock_is_released_when_its_holder_dies(teacher_path, tmp_path):
           "fcntl.flock(f, fcntl.LOCK_EX); os._exit(0)")
   subprocess.run([sys.executable, "-c", code, str(workdir / ".lock")], check=True)
   train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=2), str(workdir))
+
+
+def test_a_record_that_is_not_json_is_named(finished, teacher_path):
+  workdir, _ = finished
+  path = os.path.join(workdir, "checkpoints", "config.json")
+  with open(path, "w") as f:
+    f.write("{half a config")
+  with pytest.raises(train.RunError, match=f"{path}: expected the config of the run .* not JSON"):
+    train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=4), workdir)

@@ -1,7 +1,6 @@
 """What every converter shares: its error type, the readers of source files, and the checks that
 name file, key and what was found (shape, dtype, value)."""
 
-import json
 import os
 import pickle
 import re
@@ -10,6 +9,7 @@ from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 import jax
 import numpy as np
 
+from dimo_jax import modeldir
 from dimo_jax.errors import UserError
 
 
@@ -113,13 +113,10 @@ def config_ints(path: str, key: str, value: Any, minimum: int = 1,
   return tuple(value)
 
 
-def read_json(path: str) -> Any:
-  """The parsed JSON file `path`; ConversionError naming the file when it is not valid JSON."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ConversionError(f"{path} is not valid JSON: {e}") from e
+def read_json(path: str, expected: str = "a JSON object") -> Dict[str, Any]:
+  """The JSON object in the file `path`; ConversionError naming the file when it is not one
+  (`modeldir.read_json`)."""
+  return modeldir.read_json(path, expected, ConversionError)
 
 
 def _torch_load(path: str) -> Any:
