@@ -92,7 +92,11 @@ def main():
     config.max_train_steps = args.steps
   for assignment in args.set:
     override(config, assignment)
+  # A run's folder names what it changed, so a rerun with other settings never resumes into
+  # it (train refuses that anyway: the method keys would differ from its config.json).
   run = "dimo" + "".join("_" + a.replace("=", "-") for a in args.set)
+  if args.steps is not None:
+    run += f"_steps-{args.steps}"
   metrics = train.train_and_evaluate(config, os.path.join(root, run))
 
   entropy = data.get(config).distribution.entropy_per_token()
