@@ -407,14 +407,14 @@ def initial_state(config: ml_collections.ConfigDict, model, teacher_params, mesh
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, sharding)
   try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    with modeldir.quiet_failed_reads():
+      return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # orbax raises many types for a damaged or mismatched checkpoint
     where = os.path.join(str(manager.directory), str(step))
     earlier = [s for s in manager.all_steps() if s < step]
     hint = (f"delete that folder to resume from step {max(earlier)}" if earlier
             else "delete that folder to start over")
-    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-    raise RunError(f"{where}: cannot restore this checkpoint ({type(e).__name__}: {first}); "
+    raise RunError(f"{where}: cannot restore this checkpoint ({modeldir.first_line(e)}); "
                    f"{hint}, or choose another --workdir") from None
 
 
