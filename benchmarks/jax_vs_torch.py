@@ -30,7 +30,7 @@ import torch  # noqa: E402
 
 from benchmarks import torch_dimo  # noqa: E402
 from configs import maskgit_imagenet256  # noqa: E402
-from dimo_jax import distill  # noqa: E402
+from dimo_jax import distill, teachers  # noqa: E402
 from dimo_jax.models.maskgit import MaskTransformer  # noqa: E402
 
 _NUM_CLASSES = 1000
@@ -49,9 +49,10 @@ def jax_config(args, fake_rounds: int):
 def time_jax(args, model, variables, fake_rounds: int):
   """(compile s, [step s], flops per step or None) of the jitted train step."""
   config = jax_config(args, fake_rounds)
+  teacher = teachers.of_module(model)
   state = distill.create_state(config, variables, jax.random.PRNGKey(1),
-                               distill.frozen_prefixes(model))
-  step_fn = jax.jit(distill.make_train_step(config, model), donate_argnums=0)
+                               teacher.frozen_with_emb)
+  step_fn = jax.jit(distill.make_train_step(config, teacher), donate_argnums=0)
   start = time.perf_counter()
   compiled = step_fn.lower(state, variables).compile()
   compile_s = time.perf_counter() - start

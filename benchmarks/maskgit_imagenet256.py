@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import maskgit_imagenet256  # noqa: E402
-from dimo_jax import distill, parallel, sampling, train  # noqa: E402
+from dimo_jax import distill, parallel, samplers, sampling, teachers, train  # noqa: E402
 from dimo_jax.models.maskgit import MaskTransformer  # noqa: E402
 
 _MIXED_PRECISION = {"bf16": "bf16", "f32": "no"}
@@ -78,8 +78,8 @@ def main():
   model = MaskTransformer(codebook_size=1024, num_classes=1000, seq_len=256, hidden_dim=768,
                           depth=args.depth, num_heads=16, mlp_dim=3072, dropout=0.1,
                           dtype=train.compute_dtype(config))
-  variables = jax.jit(model.init)({"params": jax.random.PRNGKey(0)},
-                                  jnp.zeros((1, 256), jnp.int32), jnp.zeros((1,), jnp.int32))
+  teacher = teachers.of_module(model)
+  variables = jax.jit(teacher.init_variables)()
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(variables))
   print(f"devices: {jax.device_count()} x {jax.devices()[0].device_kind}; teacher "
         f"{num_params / 1e6:.1f}M parameters ({args.depth} layers); dtype {args.dtype}; global batch "
@@ -90,9 +90,9 @@ def main():
   teacher_params = parallel.replicate(variables, mesh)
   state = parallel.replicate(
       distill.create_state(config, teacher_params, jax.random.PRNGKey(1),
-                           distill.frozen_prefixes(model)), mesh)
+                           teacher.frozen_with_emb), mesh)
   step_fn = jax.jit(
-      distill.make_train_step(config, model,
+      distill.make_train_step(config, teacher,
                               parallel.batch_constraint(mesh, config.train_batch_size)),
       in_shardings=(replicated, replicated), out_shardings=(replicated, replicated),
       donate_argnums=0)
@@ -112,7 +112,7 @@ def main():
 
   sample_batch = args.sample_batch or args.batch
   labels = jnp.arange(sample_batch, dtype=jnp.int32) % model.num_classes
-  sigma = train.generator_noise(config, 0)
+  sigma = samplers.generator_noise(config, 0)
 
   @jax.jit
   def generator(params, rng, labels):

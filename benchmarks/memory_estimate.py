@@ -32,8 +32,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from dimo_jax import defaults, distill, parallel  # noqa: E402
+from dimo_jax import defaults, distill, dtypes, parallel  # noqa: E402
 from dimo_jax.models import meissonic  # noqa: E402
+from dimo_jax.teachers import KINDS  # noqa: E402
 
 GiB = 2**30
 # The recipe (yuanzhi-zhu/DiMO configs/DIMO_Meissonic.yaml): 1024-pixel images, 64 x 64 codes,
@@ -41,8 +42,9 @@ GiB = 2**30
 TOKEN_GRID = 64
 TEXT_LEN = 77
 RECIPE_BATCH = 4
+# What `fix_emb_layer` freezes in the Meissonic transformer.
+FROZEN = KINDS["meissonic"].frozen_with_emb
 FSDP_SIZES = (1, 2, 4, 8, 16, 64)
-_TEACHER_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 # Float32 [L, V] tensors live per sample at the generator's backward pass: its logits and their
 # cotangent, the guided teacher's (a conditional and an unconditional pass), the auxiliary's,
@@ -78,7 +80,7 @@ def abstract_teacher(model: meissonic.MeissonicTransformer, grid: int = TOKEN_GR
 def abstract_state(config, variables: Any) -> distill.DistillState:
   """`distill.create_state` of `variables` under `jax.eval_shape`: the run's train state."""
   return jax.eval_shape(
-      lambda v, rng: distill.create_state(config, v, rng, frozen=meissonic.FROZEN_WITH_EMB),
+      lambda v, rng: distill.create_state(config, v, rng, frozen=FROZEN),
       variables, jax.random.PRNGKey(config.global_seed))
 
 
@@ -110,7 +112,7 @@ def state_components(state: distill.DistillState, variables: Any, teacher_dtype:
   after it is computed); XLA places it like its parameter.
   """
   return {
-      f"teacher ({teacher_dtype})": as_dtype(variables, _TEACHER_DTYPES[teacher_dtype]),
+      f"teacher ({teacher_dtype})": as_dtype(variables, dtypes.DTYPES[teacher_dtype]),
       "generator (fp32)": state.gen_params,
       "auxiliary (fp32)": state.aux_params,
       "EMA (fp32)": state.ema_params,
@@ -189,7 +191,7 @@ def estimate(model: meissonic.MeissonicTransformer, config, fsdp_sizes: Sequence
   trainable = sum(math.prod(x.shape) for x, label in zip(
       jax.tree_util.tree_leaves(variables),
       jax.tree_util.tree_leaves(distill.trainable_labels(
-          variables, config.fix_emb_layer, meissonic.FROZEN_WITH_EMB))) if label == "train")
+          variables, config.fix_emb_layer, FROZEN))) if label == "train")
   return {
       "params": num_params(variables),
       "trainable_params": trainable,
@@ -245,7 +247,7 @@ def print_report(result: Dict[str, Any]) -> None:
 
 def main(argv=None) -> Dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--teacher-dtype", choices=sorted(_TEACHER_DTYPES), default="fp32")
+  parser.add_argument("--teacher-dtype", choices=sorted(dtypes.DTYPES), default="fp32")
   parser.add_argument("--per-device-batch", type=int, default=RECIPE_BATCH)
   parser.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
                       help="gradient checkpointing of every transformer block (the recipe's)")

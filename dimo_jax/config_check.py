@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ml_collections
 
-from dimo_jax import divergence, masking, sampling
+from dimo_jax import divergence, dtypes, masking, sampling
 from dimo_jax.errors import UserError
 
 
@@ -22,8 +22,8 @@ class ConfigError(UserError):
 
 # key -> allowed values.
 ENUMS = {
-    "mixed_precision": ("no", "fp32", "bf16"),
-    "teacher_dtype": ("fp32", "bf16"),
+    "mixed_precision": tuple(dtypes.COMPUTE_DTYPES),
+    "teacher_dtype": tuple(dtypes.DTYPES),
     "lr_scheduler_type": ("constant", "constant_with_warmup"),
     "loss_reduction": ("sum", "mean"),
     "optimizer_type": ("adam", "adamw"),

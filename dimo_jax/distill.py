@@ -26,19 +26,13 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dimo_jax import divergence, masking, sampling
-from dimo_jax.models.maskgit import MaskTransformer
+from dimo_jax import divergence, masking, sampling, teachers
 
 Params = Any
-# Parameters the reference freezes with `fix_emb_layer` in MaskTransformer: the tied
-# embedding/output table, the positional embedding and the output bias. Another teacher module
-# names its own as a class attribute `FROZEN_WITH_EMB` of '/'-joined parameter-path prefixes.
-FROZEN_WITH_EMB = ("tok_emb", "pos_emb", "bias")
-
-
-def frozen_prefixes(model) -> Tuple[str, ...]:
-  """The parameter-path prefixes that `fix_emb_layer` freezes in `model`."""
-  return tuple(getattr(model, "FROZEN_WITH_EMB", FROZEN_WITH_EMB))
+# What the reference freezes with `fix_emb_layer` in MaskTransformer: the tied embedding/output
+# table, the positional embedding and the output bias (every kind declares its own:
+# `teachers.Kind.frozen_with_emb`).
+FROZEN_WITH_EMB = teachers.KINDS["maskgit"].frozen_with_emb
 
 
 @flax.struct.dataclass
@@ -156,32 +150,24 @@ def _apply_if_finite(tx, grads, opt_state, params, loss):
   return keep(new_params, params), keep(new_opt_state, opt_state), grad_norm, ok
 
 
-def label_smoothed_ce(logits: jax.Array, targets: jax.Array, mask: jax.Array,
-                      smoothing: float) -> jax.Array:
-  """torch's cross_entropy(label_smoothing=s, ignore_index) averaged over `mask`: float32[]."""
-  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  nll = -jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
-  per_token = (1.0 - smoothing) * nll - smoothing * jnp.mean(log_p, axis=-1)
-  return jnp.sum(jnp.where(mask, per_token, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
-
-
-def make_train_step(config: ml_collections.ConfigDict, model: MaskTransformer,
+def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
                     batch_constraint: Callable[[jax.Array], jax.Array] = lambda x: x):
-  """Builds `train_step(state, teacher_params) -> (state, metrics)` (pure; jit it).
+  """Builds `train_step(state, teacher_params[, conditions]) -> (state, metrics)` (pure; jit it).
 
   Args:
     config: the run's config (see configs/digits.py for every field).
-    model: the shared architecture of teacher, generator and auxiliary model.
+    teacher: the teacher whose module is the shared architecture of teacher, generator and
+      auxiliary model (its variables are not read: the step is given them).
     batch_constraint: applied to every batch-shaped array; on a mesh, a sharding constraint
       that splits the batch over the data axis.
   """
   # Ours is V (the codebook size); a release with its own mask id may also be named by that.
-  mask_values = {model.mask_id, getattr(model, "reference_mask_value", model.mask_id)}
-  if config.mask_value not in mask_values:
+  if config.mask_value not in teacher.mask_values:
     raise ValueError(f"mask_value {config.mask_value} does not match the model's mask id "
-                     f"({' or '.join(map(str, sorted(mask_values)))})")
-  batch, seq_len, codebook = config.train_batch_size, model.seq_len, model.codebook_size
-  mask_id = model.mask_id
+                     f"({' or '.join(map(str, teacher.mask_values))})")
+  model = teacher.model
+  batch, seq_len, codebook = config.train_batch_size, teacher.seq_len, teacher.codebook_size
+  mask_id = teacher.mask_id
   train = config.distill_dropout
   # Condition dropout of the auxiliary model only matters when it is ever guided.
   fake_drop = (config.fake_cfg_drop_ratio
@@ -208,15 +194,16 @@ def make_train_step(config: ml_collections.ConfigDict, model: MaskTransformer,
     return jax.lax.stop_gradient(codes), logits
 
   def draw_labels(rng, fed):
-    """The condition of a batch: `fed` (placed on the batch axis), else random class labels."""
-    if fed is not None:
+    """The condition of a batch: a text teacher's `fed` prompts (placed on the batch axis), a
+    class-conditional teacher's labels drawn from the step's key."""
+    if teacher.text_conditioned:
       return jax.tree_util.tree_map(batch_constraint, fed)
     return batch_constraint(
-        jax.random.randint(rng, (batch,), 0, model.num_classes, dtype=jnp.int32))
+        jax.random.randint(rng, (batch,), 0, teacher.num_classes, dtype=jnp.int32))
 
   # What the teacher's unconditional branch sees may differ from the auxiliary model's (Di[M]O
   # guides Meissonic with a negative prompt but drops the auxiliary condition to "").
-  teacher_condition = getattr(model, "teacher_condition", lambda labels: labels)
+  teacher_condition = teacher.guided_condition
 
   def generator_loss(gen_params, aux_params, teacher_params, rng, sigma, fed):
     label_rng, gen_rng, mask_rng, t_rng, f_rng = jax.random.split(rng, 5)
@@ -254,14 +241,10 @@ def make_train_step(config: ml_collections.ConfigDict, model: MaskTransformer,
                                           config.ratio_mode_fake, mask_id)
     logits = sampling.guided_logits(logits_fn(aux_params, f_rng), noisy, labels,
                                     config.fake_cfg_train, drop)
-    hard = label_smoothed_ce(logits, codes, mask, config.label_smoothing)
+    hard = divergence.label_smoothed_ce(logits, codes, mask, config.label_smoothing)
     loss = hard
     if config.alpha_fake > 0:
-      t = config.temperature_fake
-      target = jax.nn.softmax(gen_logits / t)
-      log_q = jax.nn.log_softmax(logits / t)
-      kl = jnp.mean(target * (jnp.log(jnp.maximum(target, 1e-30)) - log_q), axis=-1) * t**2
-      soft = jnp.sum(jnp.where(mask, kl, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+      soft = divergence.soft_kl(logits, gen_logits, mask, config.temperature_fake)
       loss = config.alpha_fake * soft + (1.0 - config.alpha_fake) * hard
     return loss, {"loss_fake_hard": hard}
 
@@ -272,7 +255,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: MaskTransformer,
     {"generator": cond with leading axis B, "auxiliary": the same with leading axes
     [fake_rounds, B]}, every leaf batch-leading as `model.apply` takes it.
     """
-    gen_tx, aux_tx = optimizers(config, state.gen_params, frozen_prefixes(model))
+    gen_tx, aux_tx = optimizers(config, state.gen_params, teacher.frozen_with_emb)
     rng, gen_rng, aux_rng = jax.random.split(state.rng, 3)
     iteration = state.step * config.fake_rounds
     sigma = masking.noise_level(config.noise_emb_perturb, iteration)

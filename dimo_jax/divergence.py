@@ -94,3 +94,26 @@ def surrogate_loss(
   if loss_reduction == "mean":
     return 0.5 * jnp.mean(sq)
   raise ValueError(f"loss_reduction must be 'sum' or 'mean', got {loss_reduction!r}")
+
+
+# --- the auxiliary model's loss ---------------------------------------------------------------
+
+def label_smoothed_ce(logits: jax.Array, targets: jax.Array, mask: jax.Array,
+                      smoothing: float) -> jax.Array:
+  """torch's cross_entropy(label_smoothing=s, ignore_index) averaged over `mask`: float32[]."""
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  nll = -jnp.take_along_axis(log_p, targets[..., None], axis=-1)[..., 0]
+  per_token = (1.0 - smoothing) * nll - smoothing * jnp.mean(log_p, axis=-1)
+  return jnp.sum(jnp.where(mask, per_token, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
+
+
+def soft_kl(logits: jax.Array, target_logits: jax.Array, mask: jax.Array,
+            temperature: float) -> jax.Array:
+  """The reference's soft distillation term: t^2 * mean over the codebook of
+  p_t (log p_t - log q_t), p_t = softmax(target / t), q_t = softmax(logits / t), averaged over
+  `mask`: float32[]."""
+  target = jax.nn.softmax(target_logits / temperature)
+  log_q = jax.nn.log_softmax(logits / temperature)
+  kl = jnp.mean(target * (jnp.log(jnp.maximum(target, 1e-30)) - log_q), axis=-1)
+  kl = kl * temperature**2
+  return jnp.sum(jnp.where(mask, kl, 0.0)) / jnp.maximum(jnp.sum(mask), 1)

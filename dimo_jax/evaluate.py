@@ -17,7 +17,8 @@ Score is balanced too) and samples them with the Di[M]O generator of `--checkpoi
 the workdir) in one step, or with the teacher at `--teacher_steps` decoding steps and the
 config's guidance (`cfg_w` or --cfg, `r_temp`, `sched_mode`). Every global batch is split over
 all devices of all processes (the config's mesh); sample i always gets the same random numbers,
-whatever the device count.
+whatever the device count, and the default --seed is that of the run's own final evaluation
+(`samplers`: the same codes as its metrics.json for the same samples and batch).
 
   imagenet256: codes are decoded by the config's tokenizer, quantized to uint8 (the images a
       saved .npz holds, so ADM's evaluation suite on that file sees the same pictures) and fed
@@ -31,9 +32,9 @@ of the prompt set: the config's `prompts` (data/prompts.config_prompts), or the 
 names (one prompt a line) in their place; with --num_samples, the prompts repeat round-robin
 (sample i has prompt i mod P) up to that count. Each process builds the prompt encodings of its
 own devices' rows only. The generator samples in one step (its run's x_init ratio, embedding
-noise and temperature); the teacher with the release's sampler (`text_to_image.meissonic_sample`,
---teacher_steps steps, guidance --cfg, default the release's 9, against the config's
-`negative_prompt`). Codes are decoded by the teacher's VQ-VAE and quantized to uint8. Reported:
+noise and temperature); the teacher with its own rule, the release's scheduler
+(`sampling.meissonic_sample`, --teacher_steps steps, guidance --cfg or the config's `cfg_w`,
+against the config's `negative_prompt`). Codes are decoded by the teacher's VQ-VAE and quantized to uint8. Reported:
 clip_score, the mean over samples of 100 * max(cos, 0) between the CLIP image embedding of the
 sample (the uint8 image, CLIP's own preprocessing) and the text embedding of its prompt, with
 the model --clip names (`python -m dimo_jax.convert clip`); and fid, is and PRDC as above when
@@ -69,15 +70,14 @@ from absl import flags
 from clu import metric_writers
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from dimo_jax import (cli, data, distributed, metrics, modeldir, parallel, sample, sampling,
-                      teachers, text_to_image, tokenizers, train, visualize)
+from dimo_jax import (cli, data, distributed, metrics, parallel, sample, samplers, teachers,
+                      tokenizers, train, visualize)
 from dimo_jax.data.digits import class_balanced_labels
 from dimo_jax.errors import UserError
 from dimo_jax.models import clip as clip_model
@@ -91,127 +91,30 @@ class EvaluateError(UserError):
   features, options of the teacher given for the generator, ..."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Sampler:
-  """What is sampled: parameters placed on the mesh, the jittable sampling function, names.
-
-  `fn(params, rng, cond) -> codes int32[B, L]`; cond: labels int32[B], or for a text-to-image
-  teacher the `TextConditioned` cond dict of batch-leading arrays.
-  """
-  params: Any
-  fn: Callable[[Any, jax.Array, Any], jax.Array]
-  tag: str  # names the output files
-  description: str  # names the row of the table
-  steps: int
-  step: int  # the checkpoint's step (0 for the teacher): TensorBoard's x axis
-
-
 def teacher_sampler(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
-                    steps: int) -> Sampler:
-  """MaskGIT decoding at `steps` steps with the config's `cfg_w`, `r_temp`, `sm_temp` and
-  `sched_mode`."""
+                    steps: int) -> samplers.Sampler:
+  """The teacher at `steps` steps of its own decode rule with the config's `cfg_w` (MaskGIT's
+  rule also reads `r_temp`, `sm_temp`, `sched_mode`; Meissonic's is the release's scheduler,
+  guided against the negative prompt), as the run's own final evaluation samples it."""
   try:
-    train.check_guidance(config, teacher.model, keys=("cfg_w",))
+    train.check_guidance(config, teacher, keys=("cfg_w",))
   except ValueError as e:
     raise EvaluateError(f"--cfg / --config.cfg_w: {e}") from None
-  model = teacher.model
-
-  def fn(variables, rng, labels):
-    return sampling.maskgit_sample(
-        lambda tokens, labels_, drop: model.apply(variables, tokens, labels_, drop),
-        rng, labels, model.seq_len, model.mask_id, steps, config.cfg_w, config.r_temp,
-        config.sm_temp, config.sched_mode)
-
-  return Sampler(teacher.variables, fn, f"teacher_{steps}step",
-                 f"teacher, {steps} steps, cfg_w {config.cfg_w:g}", steps, 0)
+  return train.teacher_sampler(config, teacher, steps)
 
 
-def text_teacher_sampler(teacher: text_to_image.TextTeacher, model, steps: int,
-                         cfg: float) -> Sampler:
-  """The release's sampler (`text_to_image.meissonic_sample`) at `steps` steps and guidance
-  `cfg`, against the negative prompt the cond dict carries (`neg_hidden`, `neg_pooled`), with
-  the release's Gumbel temperature and the scheduler config's masking schedule.
-
-  model: the teacher's `TextConditioned` adapter in the compute dtype.
-  """
-  schedule = teacher.masking_schedule
-
-  def fn(variables, rng, cond):
-    return text_to_image.meissonic_sample(
-        text_to_image.adapter_logits_fn(model, variables), rng, model.teacher_condition(cond),
-        model.seq_len, model.mask_id, steps, cfg, text_to_image.TEMPERATURE, schedule)
-
-  return Sampler(teacher.variables, fn, f"teacher_{steps}step",
-                 f"teacher, {steps} steps, cfg {cfg:g}", steps, 0)
-
-
-def generator_sampler(checkpoint: str, model, which: str, gen_temp: Optional[float] = None,
-                      flag: str = "--checkpoint", teacher: str = "") -> Sampler:
+def generator_sampler(checkpoint: str, teacher: teachers.Teacher, which: str,
+                      gen_temp: Optional[float] = None, flag: str = "--checkpoint",
+                      teacher_dir: str = "") -> samplers.Sampler:
   """The Di[M]O generator at `checkpoint` (see `sample.find_checkpoint`) in one step, with its
   run's x_init ratio, embedding noise at that step and sampling temperature (or `gen_temp`).
 
-  model: the teacher's module (a `TextConditioned` adapter for a text-to-image teacher, whose
-  generator ignores the cond dict's unconditional and negative entries: it is never guided).
-  flag, teacher: the flag that gave `checkpoint` and the teacher's directory, named in errors.
+  teacher: its module is the generator's (a text teacher's generator ignores the cond dict's
+  unconditional and negative entries: it is never guided); its variables are not read.
+  flag, teacher_dir: the flag that gave `checkpoint` and the teacher's directory, for errors.
   """
-  params, run, step = sample.load_generator(checkpoint, model, which, flag, teacher)
-  sigma = train.generator_noise(run, step)
-  temp = run.gen_temp if gen_temp is None else gen_temp
-
-  def fn(params, rng, labels):
-    def logits_fn(tokens, labels_, noise_rng):
-      return model.apply(params, tokens, labels_, emb_noise=sigma, rngs={"noise": noise_rng})
-    return sampling.generator_sample(
-        logits_fn, rng, labels, model.seq_len, model.codebook_size, model.mask_id,
-        run.fixed_ratio, temp, run.top_k, run.top_p)[0]
-
-  tag = f"{step}" if which == "ema" else f"{step}_{which}"
-  description = f"generator ({which}) step {step}, 1 step"
-  if gen_temp is not None:
-    tag, description = f"{tag}_T{gen_temp:g}", f"{description}, gen_temp {gen_temp:g}"
-  return Sampler(params, fn, tag, description, 1, step)
-
-
-def global_batch(requested: int, mesh) -> int:
-  """`requested` rounded up to a multiple of the mesh's device count."""
-  devices = parallel.batch_devices(mesh)
-  return max(1, math.ceil(requested / devices)) * devices
-
-
-def sharded_batch(values: np.ndarray, size: int, mesh) -> jax.Array:
-  """values[B <= size, ...] padded to `size` rows, split over the mesh's devices.
-
-  Every process holds the whole of `values`; each builds only its devices' rows, so this
-  works the same in one process and in many.
-  """
-  padded = np.concatenate([values, np.zeros((size - len(values),) + values.shape[1:],
-                                            values.dtype)])
-  return jax.make_array_from_callback(padded.shape, parallel.batch_sharded(mesh),
-                                      lambda index: padded[index])
-
-
-def sharded_condition(condition: Callable[[np.ndarray], Dict[str, np.ndarray]],
-                      labels: np.ndarray, size: int, mesh) -> Dict[str, jax.Array]:
-  """The cond dict of labels[B <= size] (padded with label 0 to `size` rows), split over the
-  mesh's devices like `sharded_batch`: each process calls `condition` on its devices' rows only.
-
-  condition: labels int[n] -> {name: array[n, ...]} (e.g. `PromptConditions.condition`).
-  """
-  padded = np.concatenate([labels, np.zeros((size - len(labels),), labels.dtype)])
-  shapes = {name: value.shape[1:] for name, value in condition(padded[:1]).items()}
-  sharding = parallel.batch_sharded(mesh)
-
-  def leaf(name):
-    return jax.make_array_from_callback(
-        (size,) + shapes[name], sharding, lambda index: condition(padded[index[:1]])[name])
-
-  return {name: leaf(name) for name in shapes}
-
-
-def gather(tree: Any, count: int) -> Any:
-  """The first `count` rows of every batch-sharded leaf, as numpy arrays on every process."""
-  return jax.tree_util.tree_map(lambda x: np.asarray(x)[:count],
-                                multihost_utils.process_allgather(tree, tiled=True))
+  params, run, step = sample.load_generator(checkpoint, teacher, which, flag, teacher_dir)
+  return samplers.generator(teacher, params, run, step, gen_temp, which)
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
@@ -229,37 +132,35 @@ def features_fn(extractor) -> Callable[[Any, jax.Array], Tuple[jax.Array, jax.Ar
       variables, images.astype(jnp.float32) / 255.0)
 
 
-def make_pipeline(sampler: Sampler, mesh, tokenizer=None, extractor=None, clip=None) -> Callable:
-  """The jitted batch: (params, aux, seed, index, cond) -> {"codes"[, "images", "pool",
-  "logits", "clip"]}, every output split over the mesh like `cond`.
+def image_pipeline(tokenizer=None, extractor=None, clip=None
+                   ) -> Optional[Callable[[Any, jax.Array], Dict[str, jax.Array]]]:
+  """What follows sampling on the device (`samplers.MeshSampler`'s `post`):
+  (aux, codes) -> {"images" uint8[B, H, W, 3][, "pool", "logits"][, "clip"]}; None without a
+  tokenizer.
 
   aux: {"tokenizer", "extractor", "clip"} variables (None without them; "clip" those of the
-  CLIP vision tower of `clip`, a convert.clip.Clip). The output "clip" is the CLIP image
-  embedding float32[B, P] of each uint8 image. The key of batch `index` is
-  fold_in(PRNGKey(seed), index): made inside, so every process derives the same one.
+  CLIP vision tower of `clip`, a convert.clip.Clip). "clip" is the CLIP image embedding
+  float32[B, P] of each uint8 image.
   """
+  if tokenizer is None:
+    return None
   featurize = features_fn(extractor) if extractor is not None else None
-  if tokenizer is not None:
-    low, high = data.value_range(tokenizer.description)
+  low, high = data.value_range(tokenizer.description)
 
-  def run(params, aux, seed, index, cond):
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed), index)
-    codes = sampler.fn(params, rng, cond)
-    out = {"codes": codes}
-    if tokenizer is not None:
-      side = math.isqrt(codes.shape[1])
-      pictures = tokenizer.model.apply(aux["tokenizer"], codes.reshape(-1, side, side),
-                                       method=tokenizer.model.decode)
-      out["images"] = to_uint8((pictures.astype(jnp.float32) - low) / (high - low))
-      if featurize is not None:
-        out["pool"], out["logits"] = featurize(aux["extractor"], out["images"])
-      if clip is not None:
-        pixels = clip_model.preprocess(out["images"].astype(jnp.float32) / 255.0,
-                                       clip.vision.image_size)
-        out["clip"] = clip.vision.apply(aux["clip"], pixels)
+  def post(aux, codes):
+    side = math.isqrt(codes.shape[1])
+    pictures = tokenizer.model.apply(aux["tokenizer"], codes.reshape(-1, side, side),
+                                     method=tokenizer.model.decode)
+    out = {"images": to_uint8((pictures.astype(jnp.float32) - low) / (high - low))}
+    if featurize is not None:
+      out["pool"], out["logits"] = featurize(aux["extractor"], out["images"])
+    if clip is not None:
+      pixels = clip_model.preprocess(out["images"].astype(jnp.float32) / 255.0,
+                                     clip.vision.image_size)
+      out["clip"] = clip.vision.apply(aux["clip"], pixels)
     return out
 
-  return jax.jit(run, out_shardings=parallel.batch_sharded(mesh))
+  return post
 
 
 class NpzWriter:
@@ -296,23 +197,24 @@ class NpzWriter:
     os.replace(self._tmp, self.path)
 
 
-def generate(sampler: Sampler, labels: np.ndarray, mesh, batch_size: int, seed: int,
+def generate(sampler: samplers.Sampler, labels: np.ndarray, mesh, batch_size: int, seed: int,
              tokenizer=None, extractor=None,
              sink: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None,
-             condition: Optional[Callable[[np.ndarray], Dict[str, np.ndarray]]] = None,
+             condition: Callable[[np.ndarray], Any] = data.class_condition,
              clip=None) -> Dict[str, Any]:
-  """Samples every label, a global batch at a time; gathers the results on every process.
+  """Samples every label, a global batch at a time (`samplers.MeshSampler`); gathers the
+  results on every process.
 
   Args:
-    sampler: see `Sampler`; its params already placed on `mesh`.
+    sampler: what is sampled.
     labels: int32[N] (class labels, or prompt indices with `condition`).
-    mesh: the device mesh; `batch_size` must be a multiple of its device count.
-    seed: batch b uses the key fold_in(PRNGKey(seed), b).
+    mesh: the device mesh; `batch_size` is rounded up to a multiple of its device count.
+    seed: the batch starting at sample s uses the key fold_in(PRNGKey(seed), s).
     tokenizer, extractor: decode codes to images, and images to Inception features.
     sink: called on process 0 as sink(start, {"codes"[, "images" uint8[b, H, W, 3]]}) for
       every batch.
-    condition: labels -> the sampler's cond dict (`sharded_condition`); None: the labels are
-      the condition.
+    condition: labels -> the sampler's condition (`data.class_condition`, or
+      `PromptConditions.condition`).
     clip: a convert.clip.Clip whose image tower embeds the decoded images.
 
   Returns:
@@ -320,40 +222,30 @@ def generate(sampler: Sampler, labels: np.ndarray, mesh, batch_size: int, seed: 
     an extractor), "clip": float32[N, P] (with clip), "images_per_second": rate after the
     first batch (which compiles; None with one batch)}.
   """
-  if batch_size % parallel.batch_devices(mesh):
-    raise ValueError(f"the batch {batch_size} does not split over the "
-                     f"{parallel.batch_devices(mesh)} devices of the mesh")
   if (extractor is not None or clip is not None) and tokenizer is None:
     raise ValueError("image metrics need the decoded images: pass the tokenizer")
-  pipeline = make_pipeline(sampler, mesh, tokenizer, extractor, clip)
-  aux = parallel.replicate({
-      "tokenizer": None if tokenizer is None else tokenizer.variables,
-      "extractor": None if extractor is None else extractor.variables,
-      "clip": None if clip is None else clip.variables["vision"]}, mesh)
+  aux = {"tokenizer": None if tokenizer is None else tokenizer.variables,
+         "extractor": None if extractor is None else extractor.variables,
+         "clip": None if clip is None else clip.variables["vision"]}
+  runner = samplers.MeshSampler(sampler, mesh, batch_size, condition,
+                                image_pipeline(tokenizer, extractor, clip), aux)
   keep = ("codes",) + (() if extractor is None else ("pool", "logits"))
   keep += () if clip is None else ("clip",)
   parts = {name: [] for name in keep}
   progress = tqdm(total=len(labels), unit="img", desc=f"eval_{sampler.tag}", mininterval=2.0,
                   disable=jax.process_index() > 0)
   started, timed = None, 0
-  for index, start in enumerate(range(0, len(labels), batch_size)):
-    chunk = labels[start:start + batch_size]
-    cond = (sharded_batch(chunk, batch_size, mesh) if condition is None
-            else sharded_condition(condition, chunk, batch_size, mesh))
-    out = pipeline(sampler.params, aux, np.uint32(seed), np.int32(index), cond)
-    wanted = {name: out[name] for name in keep}
-    if sink is not None and "images" in out:
-      wanted["images"] = out["images"]
-    host = gather(wanted, len(chunk))
+  wanted = keep + (("images",) if sink is not None and tokenizer is not None else ())
+  for start, host in runner.batches(labels, seed, keep=wanted):
     for name in keep:
       parts[name].append(host[name])
     if sink is not None and jax.process_index() == 0:
       sink(start, host)
-    progress.update(len(chunk))
+    progress.update(len(host["codes"]))
     if started is None:
       started = time.perf_counter()
     else:
-      timed += len(chunk)
+      timed += len(host["codes"])
   progress.close()
   result = {name: np.concatenate(values) for name, values in parts.items()}
   elapsed = time.perf_counter() - started
@@ -430,7 +322,7 @@ def image_features(batches: Iterable[np.ndarray], total: int, extractor, mesh,
     {"mu": float64[F], "sigma": float64[F, F], "features": float32[min(keep, N), F] (keep -1:
     all), "count": N}.
   """
-  batch_size = global_batch(batch_size, mesh)
+  batch_size = parallel.round_batch(batch_size, mesh)
   featurize = jax.jit(features_fn(extractor), out_shardings=parallel.batch_sharded(mesh))
   variables = parallel.replicate(extractor.variables, mesh)
   stats = metrics.FeatureStatistics()
@@ -440,7 +332,9 @@ def image_features(batches: Iterable[np.ndarray], total: int, extractor, mesh,
   for images in batches:
     for start in range(0, len(images), batch_size):
       chunk = images[start:start + batch_size]
-      pool, _ = gather(featurize(variables, sharded_batch(chunk, batch_size, mesh)), len(chunk))
+      padded = parallel.pad_rows(chunk, batch_size)
+      placed = parallel.place_rows(lambda rows: padded[rows], np.arange(batch_size), mesh)
+      pool, _ = samplers.gather(featurize(variables, placed), len(chunk))
       stats.update(pool)
       if keep < 0 or sum(map(len, kept)) < keep:
         kept.append(pool)
@@ -504,12 +398,6 @@ def table(result: Dict[str, Any]) -> str:
                     "| " + " | ".join(row) + " |"])
 
 
-def is_text_teacher(config: ml_collections.ConfigDict) -> bool:
-  """Whether the config's teacher is a text-to-image (`meissonic`) model directory."""
-  description = modeldir.read_description(config.teacher_path, "teacher")
-  return description.get("kind") == text_to_image.KIND
-
-
 def prompt_config(config: ml_collections.ConfigDict,
                   prompts: Optional[str] = None) -> ml_collections.ConfigDict:
   """The config whose `prompts` dataset evaluation reads: `prompts` (a file) in place of the
@@ -538,14 +426,14 @@ class TextEvaluation:
   """What a text-to-image evaluation samples (module docstring).
 
   Attributes:
-    sampler: the generator's or the teacher's (`params` not yet placed on a mesh).
+    sampler: the generator's or the teacher's.
     labels: int32[N], the prompt index of each sample.
     prompts: the P prompts.
     condition: prompt indices int[n] -> the `TextConditioned` cond dict (host arrays).
     tokenizer: the teacher's VQ-VAE.
     source: where the prompts come from (a file, or a tfds field).
   """
-  sampler: Sampler
+  sampler: samplers.Sampler
   labels: np.ndarray
   prompts: Tuple[str, ...]
   condition: Callable[[np.ndarray], Dict[str, np.ndarray]]
@@ -553,18 +441,18 @@ class TextEvaluation:
   source: str
 
 
-def text_evaluation(config: ml_collections.ConfigDict, checkpoint: str, params: str,
-                    teacher_steps: int = 0, cfg: Optional[float] = None,
+def text_evaluation(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
+                    checkpoint: str, params: str, teacher_steps: int = 0,
                     prompts: Optional[str] = None, num_samples: Optional[int] = None,
                     flag: str = "--checkpoint") -> TextEvaluation:
   """The prompts, their conditions and the sampler of a text-to-image evaluation.
 
   Args:
-    config: the run's config (dataset 'prompts', a `meissonic` teacher).
+    config: the run's config (dataset 'prompts', a `meissonic` teacher; `cfg_w` guides it).
+    teacher: the loaded teacher (its text encoder encodes the prompts).
     checkpoint: the Di[M]O checkpoint (see `sample.find_checkpoint`), unused for the teacher.
     params: 'ema' or 'generator'.
-    teacher_steps: > 0 samples the teacher with the release's sampler at this many steps.
-    cfg: the teacher's guidance scale (default the release's 9).
+    teacher_steps: > 0 samples the teacher with its own rule at this many steps.
     prompts: a prompt file replacing the config's prompt source.
     num_samples: N (default P, every prompt once).
     flag: the flag that gave `checkpoint`, named in errors.
@@ -573,20 +461,17 @@ def text_evaluation(config: ml_collections.ConfigDict, checkpoint: str, params: 
     raise EvaluateError(f"{config.teacher_path} is a text-to-image teacher: evaluation reads its "
                         f"prompts from dataset 'prompts', not {config.get('dataset')!r}")
   config = prompt_config(config, prompts)
-  dataset = data.get(config)
-  conditions, teacher = dataset.conditions, dataset.teacher
-  model = teacher.conditioned().clone(dtype=train.compute_dtype(config))
+  dataset = data.get(config, teacher)
   if teacher_steps:
-    sampler = text_teacher_sampler(teacher, model, teacher_steps,
-                                   text_to_image.GUIDANCE_SCALE if cfg is None else cfg)
+    sampler = teacher_sampler(config, teacher, teacher_steps)
   else:
-    sampler = generator_sampler(checkpoint, model, params, flag=flag,
-                                teacher=config.teacher_path)
+    sampler = generator_sampler(checkpoint, teacher, params, flag=flag,
+                                teacher_dir=config.teacher_path)
+  conditions = dataset.conditions
   count = conditions.num_prompts
   labels = (np.arange(num_samples or count) % count).astype(np.int32)
   return TextEvaluation(sampler, labels, tuple(conditions.embeddings.prompts[:-1]),
-                        conditions.condition, tokenizers.load(config.teacher_path),
-                        prompt_source(config))
+                        conditions.condition, dataset.tokenizer, prompt_source(config))
 
 
 def prompt_embeds(clip, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -608,7 +493,7 @@ def clip_score(image_embeds: np.ndarray, text_embeds: np.ndarray) -> float:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Optional[str] = None,
              params: Optional[str] = None, teacher_steps: int = 0,
-             num_samples: Optional[int] = None, seed: int = 0, batch_size: int = 0,
+             num_samples: Optional[int] = None, seed: Optional[int] = None, batch_size: int = 0,
              extractor=None, reference: Optional[str] = None, save_png: bool = False,
              save_npz: bool = False, clip=None, prompts: Optional[str] = None,
              cfg: Optional[float] = None, gen_temp: Optional[float] = None) -> Dict[str, Any]:
@@ -621,7 +506,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
     params: 'ema' or 'generator' (default: config.eval_params).
     teacher_steps: > 0 evaluates the teacher at this many steps instead of the generator.
     num_samples: N (default 50 000; text-to-image: every prompt once).
-    seed: the sampling seed.
+    seed: the sampling seed (default the run's own final evaluation's, `train.eval_seed`: with
+      the same batch size and samples the codes are those of its metrics.json).
     batch_size: the global batch (default config.eval_batch_size), rounded up to a multiple
       of the device count.
     extractor: the FID network (`.model`, `.variables`), required on imagenet256.
@@ -629,7 +515,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
     save_png, save_npz: keep the samples.
     clip: a convert.clip.Clip (`load_clip`) for CLIP score (text-to-image).
     prompts: a prompt file replacing the config's prompts (text-to-image).
-    cfg: the teacher's guidance scale (default: config.cfg_w; text-to-image: 9).
+    cfg: the teacher's guidance scale (default: config.cfg_w).
     gen_temp: the generator's sampling temperature (default: its run's `gen_temp`).
   """
   params = params or config.get("eval_params", "ema")
@@ -645,11 +531,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
     raise EvaluateError("cfg is the teacher's guidance: the generator samples unguided in one step "
                         "(pass teacher_steps)")
   mesh = parallel.make_mesh(config.num_devices, config.mesh.data, config.mesh.fsdp)
-  batch_size = global_batch(batch_size or config.eval_batch_size, mesh)
+  batch_size = parallel.round_batch(batch_size or config.eval_batch_size, mesh)
+  seed = train.eval_seed(config) if seed is None else seed
   # The generator's run: --checkpoint, else the --workdir results go to.
   flag = "--checkpoint" if checkpoint else "--workdir"
-  condition, text = None, None
-  if is_text_teacher(config):
+  if cfg is not None:
+    config = config.copy_and_resolve_references()
+    config.cfg_w = cfg
+  # The generator's parameters come from its checkpoint: the teacher's are read only to sample it.
+  teacher = teachers.load(config.teacher_path, train.compute_dtype(config),
+                          with_variables=bool(teacher_steps))
+  condition, text = data.class_condition, None
+  if teacher.text_conditioned:
     if gen_temp is not None:
       raise EvaluateError("gen_temp sweeps are for class-conditional runs so far; a text run's "
                           "generator samples at its config's gen_temp")
@@ -658,41 +551,29 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
     if clip is None and extractor is None:
       raise EvaluateError("nothing to score text-to-image samples with: pass --clip (CLIP score) "
                           "and/or --inception with --ref (FID)")
-    text = text_evaluation(config, checkpoint or workdir, params, teacher_steps, cfg, prompts,
-                           num_samples, flag)
+    text = text_evaluation(config, teacher, checkpoint or workdir, params, teacher_steps,
+                           prompts, num_samples, flag)
     dataset, sampler, labels = None, text.sampler, text.labels
     condition, tokenizer, images_mode = text.condition, text.tokenizer, extractor is not None
   else:
     if prompts is not None or clip is not None:
       raise EvaluateError(f"prompts and CLIP score are for text-to-image teachers; "
                           f"{config.teacher_path} is class-conditional")
-    dataset = data.get(config)
+    dataset = data.get(config, teacher)
     images_mode = isinstance(dataset, data.ImageNet256)
     if images_mode and (extractor is None or reference is None):
       raise EvaluateError(f"dataset {config.dataset!r} is scored with the FID Inception network: "
                           "pass --inception and --ref")
-    dtype = train.compute_dtype(config)
-    if teacher_steps:
-      if cfg is not None:
-        config = config.copy_and_resolve_references()
-        config.cfg_w = cfg
-      teacher = teachers.load(config.teacher_path, dtype)
-      model = teacher.model
-    else:
-      # Only the module: the checkpoint's parameters replace the teacher's.
-      model = teachers.build_model(modeldir.read_description(config.teacher_path, "teacher"),
-                                   dtype, config.teacher_path)
     tokenizer = dataset.tokenizer if images_mode else None
     if tokenizer is not None:
-      tokenizers.check_pairing(tokenizer, config.tokenizer_path, model.codebook_size,
+      tokenizers.check_pairing(tokenizer, config.tokenizer_path, teacher.codebook_size,
                                config.teacher_path)
     if teacher_steps:
       sampler = teacher_sampler(config, teacher, teacher_steps)
     else:
-      sampler = generator_sampler(checkpoint or workdir, model, params, gen_temp, flag,
+      sampler = generator_sampler(checkpoint or workdir, teacher, params, gen_temp, flag,
                                   config.teacher_path)
-    labels = class_balanced_labels(num_samples or 50000, model.num_classes)
-  sampler = dataclasses.replace(sampler, params=parallel.shard_params(sampler.params, mesh))
+    labels = class_balanced_labels(num_samples or 50000, teacher.num_classes)
   ref = load_reference(reference, extractor, mesh, batch_size) if images_mode else None
 
   os.makedirs(workdir, exist_ok=True)
@@ -783,7 +664,8 @@ _TEACHER_STEPS = flags.DEFINE_integer("teacher_steps", 0, "Evaluate the teacher 
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", None, "Samples to draw: class-balanced "
                                     "(default 50000), or text-to-image prompts round-robin "
                                     "(default: every prompt once).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_SEED = flags.DEFINE_integer("seed", None, "Sampling seed (default: that of the run's own "
+                             "final evaluation, the config's global_seed + 1).")
 _GEN_TEMPS = flags.DEFINE_list("gen_temps", [], "The generator at each of these sampling "
                                "temperatures (e.g. 1,2,4,7,10), one evaluation each; default: "
                                "its run's gen_temp.")
@@ -793,7 +675,7 @@ _INCEPTION = flags.DEFINE_string("inception", None, "FID Inception directory "
                                  "(python -m dimo_jax.convert fid-inception).")
 _REF = flags.DEFINE_string("ref", None, "Reference .npz: mu and sigma, and features or arr_0.")
 _CFG = flags.DEFINE_float("cfg", None, "With --teacher_steps: the teacher's guidance scale "
-                          "(default: the config's cfg_w; text-to-image: the release's 9, against "
+                          "(default: the config's cfg_w; a text-to-image teacher is guided against "
                           "the config's negative_prompt).")
 _CLIP = flags.DEFINE_string("clip", None, "Text-to-image: CLIP model directory for CLIP score "
                             "(python -m dimo_jax.convert clip).")
@@ -830,7 +712,7 @@ def stats_main() -> None:
   if _INCEPTION.value is None:
     raise EvaluateError("stats needs --inception")
   mesh = parallel.make_mesh()
-  batch_size = global_batch(_BATCH_SIZE.value or 64, mesh)
+  batch_size = parallel.round_batch(_BATCH_SIZE.value or 64, mesh)
   if _IMAGES.value is not None:
     count, batches = folder_batches(_IMAGES.value, _IMAGE_SIZE.value, batch_size)
   else:

@@ -113,3 +113,43 @@ def shard_params(tree: Any, mesh: Mesh) -> Any:
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, replicated(mesh))
+
+
+def round_batch(requested: int, mesh: Mesh) -> int:
+  """`requested` rounded up to a multiple of the mesh's device count."""
+  devices = batch_devices(mesh)
+  return max(1, -(-requested // devices)) * devices
+
+
+def place_rows(rows: Callable[[np.ndarray], Any], indices: np.ndarray, mesh: Mesh,
+               axis: int = 0) -> Any:
+  """The pytree `rows(indices)` on the mesh, split along `axis` (the batch axis of `indices`),
+  each process building only its own devices' rows: the same call in one process and in many.
+
+  Args:
+    rows: int[...] -> a pytree of arrays whose leading axes are those of its argument (an
+      identity for class labels, `PromptConditions.condition` for prompts).
+    indices: int[..., B, ...] with B at `axis`, the same in every process.
+  """
+  indices = np.asarray(indices)
+  sharding = batch_sharded_at(mesh, axis)
+  example = rows(indices.reshape(-1)[:1])
+  lead = indices.ndim
+
+  def leaf(path, value):
+    shape = indices.shape + np.shape(value)[1:]
+    pick = lambda where: jax.tree_util.tree_flatten_with_path(
+        rows(indices[where[:lead]]))[0][position[path]][1]
+    return jax.make_array_from_callback(shape, sharding, pick)
+
+  flat, tree = jax.tree_util.tree_flatten_with_path(example)
+  position = {path: i for i, (path, _) in enumerate(flat)}
+  return jax.tree_util.tree_unflatten(tree, [leaf(path, value) for path, value in flat])
+
+
+def pad_rows(values: np.ndarray, size: int) -> np.ndarray:
+  """values[n <= size, ...] padded with zero rows to `size` (one compiled shape for every
+  batch)."""
+  values = np.asarray(values)
+  return np.concatenate([values, np.zeros((size - len(values),) + values.shape[1:],
+                                          values.dtype)])

@@ -11,7 +11,7 @@ behind `TextConditioned`, trained by the same loss: each digit is conditioned on
 one of its prompts, a dropped condition is the empty prompt's, and the timestep is 0 (what
 Di[M]O passes). It is written as a `meissonic` model directory (layout in
 dimo_jax/convert/meissonic.py, without vqvae/: the tokens are the pixels) holding the toy text
-encoder and tokenizer it was trained with, so `teachers.load` returns a TextTeacher.
+encoder and tokenizer it was trained with.
 
   python -m dimo_jax.pretrain --config configs/digits_teacher.py --workdir runs/teacher
   python -m dimo_jax.pretrain --config configs/digits_text_teacher.py --workdir runs/text_teacher
@@ -32,10 +32,11 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from dimo_jax import cli, config_check, data, masking, modeldir, parallel, teachers, text_to_image
-from dimo_jax.distill import label_smoothed_ce
+from dimo_jax import cli, config_check, data, masking, modeldir, parallel, teachers
+from dimo_jax.divergence import label_smoothed_ce
 from dimo_jax.models.maskgit import MaskTransformer
 from dimo_jax.models.meissonic import MeissonicTransformer, TextConditioned
+from dimo_jax.teachers import meissonic
 
 @flax.struct.dataclass
 class PretrainState:
@@ -44,21 +45,22 @@ class PretrainState:
   opt_state: optax.OptState
 
 
-def build_model(config: ml_collections.ConfigDict):
-  """A MaskTransformer, or on 'digits_text' a MeissonicTransformer behind TextConditioned
-  (`config.token_grid` (h, w), timestep 0)."""
+def build_teacher(config: ml_collections.ConfigDict) -> teachers.Teacher:
+  """The untrained teacher: a MaskTransformer, or on 'digits_text' a MeissonicTransformer
+  behind TextConditioned (`config.token_grid` (h, w), timestep 0)."""
   if config.get("dataset") == "digits_text":
     fields = config.model.to_dict()
     # JSON and ml_collections may hold the tuple as a list; the module is a jit static argument.
     transformer = MeissonicTransformer(**dict(fields,
                                               axes_dims_rope=tuple(fields["axes_dims_rope"])))
-    return TextConditioned(transformer, *config.token_grid)
-  return MaskTransformer(**config.model.to_dict())
+    return teachers.of_module(TextConditioned(transformer, *config.token_grid))
+  return teachers.of_module(MaskTransformer(**config.model.to_dict()))
 
 
-def _check_sizes(config, model, dataset) -> None:
+def _check_sizes(config, teacher: teachers.Teacher, dataset) -> None:
   """The model must fit the dataset (and on 'digits_text' the text encoder's widths)."""
-  if isinstance(model, TextConditioned):
+  model = teacher.model
+  if teacher.text_conditioned:
     encoder = dataset.text.encoder
     sizes = (model.seq_len, model.codebook_size, model.transformer.joint_attention_dim,
              model.transformer.pooled_projection_dim)
@@ -74,21 +76,11 @@ def _check_sizes(config, model, dataset) -> None:
     raise ValueError(f"config.model {what} = {sizes} does not fit {source} {expected}")
 
 
-def init_variables(model, rng: jax.Array) -> Any:
-  """Fresh variables {"params": ...} of a MaskTransformer or a TextConditioned transformer."""
-  tokens = jnp.zeros((1, model.seq_len), jnp.int32)
-  if isinstance(model, TextConditioned):
-    return model.init({"params": rng}, tokens, text_to_image.example_condition(model.transformer))
-  return model.init({"params": rng}, tokens, jnp.zeros((1,), jnp.int32))
-
-
 def train_batch(dataset, rng: np.random.Generator, batch: int):
   """(tokens int32[B, L], condition): the labels int32[B], or on a text dataset the
   `TextConditioned` cond dict of each example's prompt."""
   tokens, labels = dataset.train_batch(rng, batch)
-  if hasattr(dataset, "conditions"):
-    return tokens, dataset.conditions.condition(labels)
-  return tokens, labels
+  return tokens, dataset.train_condition(labels)
 
 
 def embedding_rms(model: MaskTransformer, variables: Any) -> float:
@@ -128,15 +120,10 @@ def save_text_teacher(dst: str, model: TextConditioned, variables: Any, dataset,
                       extra: Dict[str, Any]) -> None:
   """Writes a `meissonic` model directory at `dst`, completely or not at all: model.json,
   params/, and the dataset's text_encoder/ and tokenizer/ (`DigitPrompts.save_text`)."""
-  transformer = model.transformer
-  description = {
-      "kind": text_to_image.KIND, "config": modeldir.module_config(transformer),
-      # One token a pixel: the micro-conds' "resolution" is the token grid's side.
-      "resolution": model.height, "token_grid": [model.height, model.width],
-      "prompt_length": dataset.text.tokenizer.max_length,
-      "scheduler": {"mask_token_id": transformer.mask_id, "masking_schedule": "cosine"},
-      "text_encoder": "text_encoder", "tokenizer": "tokenizer", **extra,
-  }
+  # One token a pixel: the micro-conds' "resolution" is the token grid's side.
+  description = meissonic.describe(
+      model, prompt_length=dataset.text.tokenizer.max_length, text_encoder="text_encoder",
+      tokenizer="tokenizer", **extra)
   with modeldir.staged(dst) as inner:
     modeldir.write(inner, description, variables)
     dataset.save_text(inner)
@@ -147,13 +134,14 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
   directory."""
   config_check.check(config)
   dataset = data.get(config)
-  model = build_model(config)
-  _check_sizes(config, model, dataset)
+  teacher = build_teacher(config)
+  model = teacher.model
+  _check_sizes(config, teacher, dataset)
   tx = make_optimizer(config)
   mesh = parallel.make_mesh()
   rng = jax.random.PRNGKey(config.seed)
   init_rng, rng = jax.random.split(rng)
-  variables = init_variables(model, init_rng)
+  variables = teacher.init_variables(init_rng)
   state = parallel.replicate(PretrainState(jnp.int32(0), variables, tx.init(variables)), mesh)
   step_fn = jax.jit(make_train_step(config, model, tx), donate_argnums=0)
   data_rng = np.random.default_rng(config.seed)
@@ -170,7 +158,7 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
   dst = os.path.join(workdir, "teacher")
   record = {"pretraining": {"config": json.loads(config.to_json()), "losses": losses,
                             "seconds": round(time.time() - start, 1)}}
-  if isinstance(model, TextConditioned):
+  if teacher.text_conditioned:
     save_text_teacher(dst, model, state.params, dataset, record)
   else:
     model = model.clone(emb_noise_scale=embedding_rms(model, state.params))

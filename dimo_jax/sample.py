@@ -11,7 +11,7 @@
 
 The PNG holds one row per label (or prompt) and --samples-per-label columns of decoded images.
 A text-to-image teacher (a `meissonic` directory, whose VQ-VAE is the default --tokenizer) is
-sampled with the release's own sampler (`text_to_image.meissonic_sample`: 64 steps, guidance 9
+sampled with the release's own sampler (`sampling.meissonic_sample`: 64 steps, guidance 9
 with --negative-prompt, the release's negative prompt unless given, Gumbel temperature 2 -> 0,
 the scheduler config's masking schedule); a generator distilled from it in one step. --teacher
 names the module (and, without --generator, the weights). --generator is a Di[M]O workdir, its
@@ -31,18 +31,16 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
-from dimo_jax import (cli, data, defaults, modeldir, sampling, teachers, text_to_image, tokenizers,
-                      train, visualize)
+from dimo_jax import (cli, data, defaults, dtypes, modeldir, parallel, samplers, sampling,
+                      teachers, tokenizers, train, visualize)
 from dimo_jax.data import prompts as prompt_files
 from dimo_jax.errors import UserError
-from dimo_jax.models.meissonic import TextConditioned
+from dimo_jax.teachers import meissonic
 
-_DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 # --params -> the field of distill.DistillState that holds those parameters.
 _STATE_FIELDS = {"ema": "ema_params", "generator": "gen_params"}
 # Teacher decoding flags and their defaults (those of configs/maskgit_imagenet256.py).
@@ -50,8 +48,8 @@ _TEACHER_DEFAULTS = {"steps": 8, "cfg": 3.0, "temperature": 4.5, "sched": "arcco
 # The same flags for a text-to-image teacher: the release's sampler (its inference.py); the
 # temperature is where the Gumbel scale starts (it falls linearly to 0); the schedule, when not
 # given, is the one the scheduler config names.
-_TEXT_DEFAULTS = {"steps": text_to_image.SAMPLING_STEPS, "cfg": text_to_image.GUIDANCE_SCALE,
-                  "temperature": text_to_image.TEMPERATURE[0], "sched": None}
+_TEXT_DEFAULTS = {"steps": meissonic.SAMPLING_STEPS, "cfg": meissonic.GUIDANCE_SCALE,
+                  "temperature": meissonic.TEMPERATURE[0], "sched": None}
 
 
 class SampleError(UserError):
@@ -117,27 +115,23 @@ def _unreadable(root: str, step: int, steps: Sequence[int], flag: str, why: str)
                         f"{pick}")
 
 
-def load_generator(path: str, model, which: str, flag: str = "--generator", teacher: str = ""):
+def load_generator(path: str, teacher: teachers.Teacher, which: str, flag: str = "--generator",
+                   teacher_dir: str = ""):
   """(params, run config, step) of the Di[M]O checkpoint at `path`.
 
   Args:
     path: see `find_checkpoint`.
-    model: the teacher module (a `TextConditioned` for a text-to-image teacher); its parameter
-      tree is the generator's.
+    teacher: the teacher (its variables are not read): its module's parameter tree is the
+      generator's.
     which: 'ema' or 'generator' (the raw parameters).
-    flag, teacher: the flag that gave `path` and the teacher's directory, named in errors.
+    flag, teacher_dir: the flag that gave `path` and the teacher's directory, named in errors.
 
   Raises `GeneratorError` when the step cannot be read, or when its parameters have other
   paths or shapes than the teacher's (a generator distilled from another teacher).
   """
   root, step = find_checkpoint(path, flag)
   config = _run_config(root)
-  if isinstance(model, TextConditioned):
-    abstract = jax.eval_shape(lambda: text_to_image.init_variables(model))
-  else:
-    abstract = jax.eval_shape(lambda: model.init(
-        {"params": jax.random.PRNGKey(0)},
-        jnp.zeros((1, model.seq_len), jnp.int32), jnp.zeros((1,), jnp.int32)))
+  abstract = jax.eval_shape(teacher.init_variables)
   field = _STATE_FIELDS[which]
   manager = ocp.CheckpointManager(root, item_handlers=ocp.PyTreeCheckpointHandler())
   step_dir = os.path.join(root, str(step))
@@ -150,7 +144,8 @@ def load_generator(path: str, model, which: str, flag: str = "--generator", teac
     found = sorted(stored) if isinstance(stored, dict) else "no parameter tree"
     raise _unreadable(root, step, manager.all_steps(), flag,
                       f"expected a Di[M]O state holding {field}, found {found}")
-  described_by = modeldir.description_path(teacher) if teacher else "the teacher's model.json"
+  described_by = (modeldir.description_path(teacher_dir) if teacher_dir
+                  else "the teacher's model.json")
   difference = modeldir.shape_difference(abstract, stored[field], described_by,
                                          f"{flag} {step_dir}")
   if difference:
@@ -180,49 +175,45 @@ def read_prompts(args: argparse.Namespace) -> List[str]:
   return prompts
 
 
-def _chunks(items: Sequence[str], size: int):
-  """(start, items[start:start + size] padded with its last item to `size`, real count)."""
-  for start in range(0, len(items), size):
-    chunk = list(items[start:start + size])
-    yield start, chunk + chunk[-1:] * (size - len(chunk)), len(chunk)
-
-
 def prompt_grid(args: argparse.Namespace, prompts: List[str]) -> np.ndarray:
   """The grid of a text-to-image teacher or of its generator: one row a prompt."""
-  dtype = _DTYPES[args.dtype]
-  teacher = teachers.load(args.teacher, dtype)
+  dtype = dtypes.DTYPES[args.dtype]
+  teacher = teachers.load(args.teacher, dtype, with_variables=args.generator is None)
   tokenizer = tokenizers.load(args.tokenizer or args.teacher)
   if args.tokenizer is not None:  # the teacher's own VQ-VAE is checked as it loads
     tokenizers.check_pairing(tokenizer, args.tokenizer, teacher.codebook_size, args.teacher)
-  negative = (text_to_image.NEGATIVE_PROMPT if args.negative_prompt is None
+  negative = (meissonic.NEGATIVE_PROMPT if args.negative_prompt is None
               else args.negative_prompt)
   all_prompts = prompts * args.samples_per_label  # a block per column, as the labels
   batch = min(args.batch_size, len(all_prompts))
-  rng = jax.random.PRNGKey(args.seed)
 
   if args.generator is None:
     flags = {name: _TEXT_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
              for name in _TEXT_DEFAULTS}
-    schedule = flags["sched"] or teacher.masking_schedule
-    if schedule not in text_to_image.MASKING_SCHEDULES:
+    schedule = flags["sched"] or teacher.description["scheduler"]["masking_schedule"]
+    if schedule not in meissonic.MASKING_SCHEDULES:
       raise SampleError(f"--sched: the text-to-image sampler knows "
-                        f"{list(text_to_image.MASKING_SCHEDULES)}, got {schedule!r}")
-    sample = lambda key, cond: teacher.sample(key, cond, flags["steps"], flags["cfg"],
-                                              (flags["temperature"], 0.0), schedule)
+                        f"{list(meissonic.MASKING_SCHEDULES)}, got {schedule!r}")
+    sampler = samplers.teacher(teacher, flags["steps"], flags["cfg"],
+                               {"temperature": (flags["temperature"], 0.0),
+                                "masking_schedule": schedule})
   else:
-    adapter = teacher.conditioned()
-    params, config, step = load_generator(args.generator, adapter, args.params,
-                                          teacher=args.teacher)
-    sigma = np.float32(train.generator_noise(config, step))
-    sample = lambda key, cond: text_to_image.one_step_sample(
-        adapter, params, key, cond, config.fixed_ratio, sigma, config.gen_temp, config.top_k,
-        config.top_p)
+    params, config, step = load_generator(args.generator, teacher, args.params,
+                                          teacher_dir=args.teacher)
+    sampler = samplers.generator(teacher, params, config, step)
 
-  codes = []
-  for start, chunk, count in _chunks(all_prompts, batch):
-    cond = teacher.condition(chunk, negative)
-    codes.append(np.asarray(sample(jax.random.fold_in(rng, start), cond))[:count])
-  images = data.decode_images(tokenizer, np.concatenate(codes), batch)
+  # Every distinct prompt is encoded once; sample i is conditioned on row i of the table.
+  table = {}
+  for start in range(0, len(prompts), batch):
+    cond = meissonic.prompt_condition(teacher, prompts[start:start + batch], negative)
+    for name, value in cond.items():
+      table.setdefault(name, []).append(np.asarray(value))
+  table = {name: np.concatenate(parts) for name, parts in table.items()}
+  rows = lambda idx: {name: value[np.asarray(idx) % len(prompts)]
+                      for name, value in table.items()}
+  codes = samplers.MeshSampler(sampler, parallel.make_mesh(), batch, rows)(
+      np.arange(len(all_prompts)), args.seed)
+  images = data.decode_images(tokenizer, codes, batch)
   return visualize.image_grid(images, rows=len(prompts), scale=1)
 
 
@@ -231,10 +222,9 @@ def sample_grid(args: argparse.Namespace) -> np.ndarray:
   for flag, path in (("--teacher", args.teacher), ("--tokenizer", args.tokenizer)):
     if path is not None and not os.path.isdir(path):
       raise FileNotFoundError(f"{flag}: {path} does not exist")
-  dtype = _DTYPES[args.dtype]
   description = modeldir.read_description(args.teacher, "teacher")
   prompts = read_prompts(args)
-  if description["kind"] == text_to_image.KIND:
+  if teachers.kind_of(description, args.teacher).conditioning == teachers.TEXT:
     if not prompts:
       raise SampleError(f"--teacher {args.teacher} is a text-to-image teacher: give --prompt or "
                         "--prompt-file, not --labels")
@@ -244,39 +234,36 @@ def sample_grid(args: argparse.Namespace) -> np.ndarray:
                       f"{description['kind']!r} teacher; give --labels")
   if args.tokenizer is None:
     raise SampleError("--tokenizer is required with a class-conditional teacher")
-  model = teachers.build_model(description, dtype, args.teacher)
-  labels = parse_labels(args.labels, model.num_classes)
+  teacher = teachers.load(args.teacher, dtypes.DTYPES[args.dtype],
+                          with_variables=args.generator is None)
+  labels = parse_labels(args.labels, teacher.num_classes)
   tokenizer = tokenizers.load(args.tokenizer)
-  tokenizers.check_pairing(tokenizer, args.tokenizer, model.codebook_size, args.teacher)
+  tokenizers.check_pairing(tokenizer, args.tokenizer, teacher.codebook_size, args.teacher)
   # Label l in row l: image_grid fills columns first, so the labels repeat as a block.
   all_labels = np.tile(labels, args.samples_per_label)
-  rng = jax.random.PRNGKey(args.seed)
+  batch = min(args.batch_size, len(all_labels))
 
   if args.generator is None:
     flags = {name: _TEACHER_DEFAULTS[name] if getattr(args, name) is None else getattr(args, name)
              for name in _TEACHER_DEFAULTS}
-    if args.cfg is None and not getattr(model, "supports_guidance", True):
+    if args.cfg is None and not teacher.supports_guidance:
       flags["cfg"] = 0.0  # google-maskgit has no unconditional token
     if flags["sched"] not in sampling.SCHED_MODES:
       raise SampleError(f"--sched: expected one of {list(sampling.SCHED_MODES)}, found "
                         f"{flags['sched']!r}")
     config = defaults.reference_config()
-    config.update(cfg_w=flags["cfg"], r_temp=flags["temperature"], sched_mode=flags["sched"],
-                  eval_batch_size=min(args.batch_size, len(all_labels)))
+    config.update(cfg_w=flags["cfg"], r_temp=flags["temperature"], sched_mode=flags["sched"])
     try:
-      train.check_guidance(config, model, keys=("cfg_w",))
+      train.check_guidance(config, teacher, keys=("cfg_w",))
     except ValueError as e:
       raise SampleError(f"--cfg: {e}") from None
-    samplers = train.Samplers(config, teachers.load(args.teacher, dtype))
-    codes = samplers.teacher(rng, all_labels, flags["steps"])
+    sampler = train.teacher_sampler(config, teacher, flags["steps"])
   else:
-    params, config, step = load_generator(args.generator, model, args.params,
-                                          teacher=args.teacher)
-    config.eval_batch_size = min(args.batch_size, len(all_labels))
-    # Only the module is needed: the generator's parameters replace the teacher's.
-    samplers = train.Samplers(config, teachers.Teacher(model, None, description))
-    codes = samplers.generator(params, rng, all_labels, train.generator_noise(config, step))
-  images = data.decode_images(tokenizer, codes, config.eval_batch_size)
+    params, config, step = load_generator(args.generator, teacher, args.params,
+                                          teacher_dir=args.teacher)
+    sampler = samplers.generator(teacher, params, config, step)
+  codes = samplers.MeshSampler(sampler, parallel.make_mesh(), batch)(all_labels, args.seed)
+  images = data.decode_images(tokenizer, codes, batch)
   return visualize.image_grid(images, rows=len(labels), scale=1)
 
 
@@ -322,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"teacher unmasking schedule (default {_TEACHER_DEFAULTS['sched']}; "
                            "text-to-image: cosine or linear, the scheduler config's)")
   parser.add_argument("--batch-size", type=int, default=32, help="images sampled at once")
-  parser.add_argument("--dtype", choices=sorted(_DTYPES), default="f32",
+  parser.add_argument("--dtype", choices=sorted(dtypes.DTYPES), default="fp32",
                       help="compute dtype of the transformer")
   parser.add_argument("--out", required=True, help="the PNG to write")
   return parser

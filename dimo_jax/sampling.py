@@ -1,4 +1,6 @@
-"""Samplers: the teacher's multi-step confidence-based decoding and the one-step generator.
+"""Every decode rule, each over a pluggable logits function: MaskGIT's confidence-based
+parallel decoding (`maskgit_sample`), Meissonic's scheduler (`meissonic_sample`, the release's
+src/scheduler.py) and the one step of a distilled generator (`generator_sample`).
 
 A `LogitsFn` is `(tokens int32[B, L], labels, drop bool[B]) -> float32[B, L, V]`; the teacher,
 the generator and the auxiliary model all reduce to one with `functools.partial`. `labels` is
@@ -210,3 +212,141 @@ def generator_sample(
                                mask_id)
   logits = gen_logits_fn(x_init, labels, noise_rng)
   return sample_tokens(sample_rng, logits, gen_temp, top_k, top_p), logits
+
+# --- Meissonic's scheduler (the release's src/scheduler.py, diffusers' AmusedScheduler) --------
+# Starting from all masks, at step i of N (timestep N-1-i):
+#   z = z_neg + w (z_cond - z_neg)        guidance with the negative prompt when w > 1
+#   x0 ~ Cat(softmax(z)) at every position; positions already known keep their code
+#   c = log(max(p(x0), 1e-20)) + tau_i * g    g = -log(-log(u)) (u ~ U[0, 1), both logs clamped
+#                                             at 1e-20), tau_i = linspace(2, 0, N)[i]; known
+#                                             positions take p = float32 max, so never lose
+#   n_i = max(1, min(#masked - 1, floor(L * cos(pi/2 * (i+1)/N))))   ("linear": 1 - (i+1)/N)
+#   the n_i positions of lowest confidence are masked again; the last step keeps every code.
+
+# What the release's inference.py and Di[M]O's validation sample with.
+MEISSONIC_STEPS = 64
+MEISSONIC_CFG = 9.0
+MEISSONIC_TEMPERATURE = (2.0, 0.0)
+MEISSONIC_SCHEDULES = ("cosine", "linear")  # what the release's Scheduler.step knows
+_PROB_FLOOR = 1e-20  # the release clamps probabilities and uniforms here before each log
+
+# logits_fn(tokens int32[B, L] (mask = V), cond, drop bool[B], timestep float32[]) -> [B, L, V]
+TimedLogitsFn = Callable[[jax.Array, Any, jax.Array, jax.Array], jax.Array]
+
+
+def temperatures(steps: int, temperature=MEISSONIC_TEMPERATURE) -> np.ndarray:
+  """float32[steps]: the Gumbel scale of each step, as `Scheduler.set_timesteps` lays it out:
+  linspace(t0, t1) for a pair, linspace(t, 0.01) for a number."""
+  if isinstance(temperature, (tuple, list)):
+    return np.linspace(temperature[0], temperature[1], steps, dtype=np.float32)
+  return np.linspace(temperature, 0.01, steps, dtype=np.float32)
+
+
+def mask_ratio(step: jax.Array, steps: int, masking_schedule: str = "cosine") -> jax.Array:
+  """float32[]: the share of tokens still masked after step `step` (0-based) of `steps`."""
+  if masking_schedule not in MEISSONIC_SCHEDULES:
+    raise ValueError(f"masking_schedule must be one of {MEISSONIC_SCHEDULES}, "
+                     f"got {masking_schedule!r}")
+  ratio = (jnp.asarray(step, jnp.float32) + 1) / jnp.float32(steps)
+  if masking_schedule == "cosine":
+    return jnp.cos(ratio * jnp.float32(math.pi) / 2)
+  return 1 - ratio
+
+
+def gumbel_noise(rng: jax.Array, shape) -> jax.Array:
+  """float32[shape]: -log(-log(u)), u ~ U[0, 1), each log's argument clamped at 1e-20."""
+  u = jax.random.uniform(rng, shape, jnp.float32)
+  return -jnp.log(jnp.maximum(-jnp.log(jnp.maximum(u, _PROB_FLOOR)), _PROB_FLOOR))
+
+
+def remask(masked: jax.Array, selected_probs: jax.Array, gumbel: jax.Array, step: jax.Array,
+           steps: int, temperature: jax.Array, masking_schedule: str = "cosine") -> jax.Array:
+  """Which positions the scheduler masks again after step `step`: bool[B, L].
+
+  Args:
+    masked: bool[B, L], the positions masked before this step.
+    selected_probs: float32[B, L], the probability of the code sampled at each position.
+    gumbel: float32[B, L], standard Gumbel noise (`gumbel_noise`).
+    step, steps: the 0-based step index and N; at the last step nothing is masked.
+    temperature: float32[], the step's Gumbel scale (`temperatures(steps)[step]`).
+    masking_schedule: 'cosine' or 'linear'.
+  """
+  seq_len = masked.shape[-1]
+  count = jnp.floor(seq_len * mask_ratio(step, steps, masking_schedule))
+  count = jnp.minimum(masked.sum(-1).astype(jnp.float32) - 1, count)
+  count = jnp.maximum(count, 1).astype(jnp.int32)
+  # Known positions get the largest float, as the release does, so their confidence tops any
+  # masked one's.
+  probs = jnp.where(masked, selected_probs, jnp.finfo(jnp.float32).max)
+  confidence = jnp.log(jnp.maximum(probs, _PROB_FLOOR)) + temperature * gumbel
+  cutoff = jnp.take_along_axis(jnp.sort(confidence, axis=-1), count[:, None], axis=-1)
+  return (confidence < cutoff) & (step < steps - 1)
+
+
+def scheduler_step(rng: jax.Array, logits: jax.Array, tokens: jax.Array, step: jax.Array,
+                   steps: int, temperature: jax.Array, mask_id: int,
+                   masking_schedule: str = "cosine") -> jax.Array:
+  """One step of the release's `Scheduler.step`: int32[B, L] tokens (mask = mask_id) and the
+  (guided) logits float32[B, L, V] -> the next tokens int32[B, L]."""
+  sample_rng, noise_rng = jax.random.split(rng)
+  logits = logits.astype(jnp.float32)
+  masked = tokens == mask_id
+  pred = jax.random.categorical(sample_rng, logits, axis=-1).astype(jnp.int32)
+  pred = jnp.where(masked, pred, tokens)
+  probs = jax.nn.softmax(logits, axis=-1)
+  selected = jnp.take_along_axis(probs, pred[..., None], axis=-1)[..., 0]
+  again = remask(masked, selected, gumbel_noise(noise_rng, masked.shape), step, steps,
+                 temperature, masking_schedule)
+  return jnp.where(again, mask_id, pred)
+
+
+@flax.struct.dataclass
+class _SampleState:
+  rng: jax.Array
+  tokens: jax.Array  # int32[B, L]
+
+
+def meissonic_sample(
+    logits_fn: TimedLogitsFn,
+    rng: jax.Array,
+    cond: Any,
+    seq_len: int,
+    mask_id: int,
+    steps: int = MEISSONIC_STEPS,
+    cfg: float = MEISSONIC_CFG,
+    temperature=MEISSONIC_TEMPERATURE,
+    masking_schedule: str = "cosine",
+) -> jax.Array:
+  """The release's multi-step sampler (module docstring) as a `lax.fori_loop`.
+
+  Args:
+    logits_fn: (tokens int32[B, L], cond, drop bool[B], timestep float32[]) -> float32[B, L, V];
+      `drop` rows take the negative prompt (`TextConditioned` does this with `cond`).
+    rng: PRNG key.
+    cond: the condition pytree, batch-leading (`teachers.meissonic.prompt_condition`).
+    seq_len, mask_id: L and the mask id logits_fn expects.
+    steps: N (the release samples with 64).
+    cfg: guidance scale w; at most 1 means no guidance (no negative-prompt pass), as the
+      pipeline.
+    temperature: Gumbel scale, a pair (start, end) or a number (`temperatures`).
+    masking_schedule: the scheduler config's, 'cosine' or 'linear'.
+
+  Returns:
+    int32[B, L] codes, no mask left.
+  """
+  batch = condition_batch(cond)
+  taus = jnp.asarray(temperatures(steps, temperature))
+
+  def body(i, state: _SampleState) -> _SampleState:
+    rng, step_rng = jax.random.split(state.rng)
+    # The pipeline's timesteps run N-1 ... 0 and reach the transformer unchanged.
+    timestep = (steps - 1 - i).astype(jnp.float32)
+    fn = lambda tokens, cond_, drop: logits_fn(tokens, cond_, drop, timestep)
+    logits = (guided_logits(fn, state.tokens, cond, cfg) if cfg > 1
+              else fn(state.tokens, cond, jnp.zeros((batch,), bool)))
+    tokens = scheduler_step(step_rng, logits, state.tokens, i, steps, taus[i], mask_id,
+                            masking_schedule)
+    return _SampleState(rng=rng, tokens=tokens)
+
+  init = _SampleState(rng=rng, tokens=jnp.full((batch, seq_len), mask_id, jnp.int32))
+  return jax.lax.fori_loop(0, steps, body, init).tokens

@@ -9,7 +9,6 @@ every parameter at init), and a `downsample_factor` property (H / h).
 """
 
 import dataclasses
-import os
 from typing import Any, Dict
 
 import flax.linen as nn

@@ -19,34 +19,23 @@ from typing import Any, Callable, Dict, Optional
 from absl import logging
 from clu import metric_writers
 import jax
-import jax.numpy as jnp
-from jax.sharding import Mesh
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from dimo_jax import (config_check, data, distill, distributed, masking, modeldir, parallel,
-                      sampling, teachers, visualize)
+from dimo_jax import (config_check, data, distill, distributed, dtypes, modeldir, parallel,
+                      samplers, teachers, visualize)
 from dimo_jax.errors import UserError
-
-_DTYPES = {"no": jnp.float32, "fp32": jnp.float32, "bf16": jnp.bfloat16}
-
-
-def _dtype(config: ml_collections.ConfigDict, key: str):
-  if config[key] not in _DTYPES:
-    raise ValueError(f"{key} must be one of {sorted(_DTYPES)}, got {config[key]!r}")
-  return _DTYPES[config[key]]
-
 
 def compute_dtype(config: ml_collections.ConfigDict):
   """The dtype the networks compute in (`mixed_precision`); parameters stay float32."""
-  return _dtype(config, "mixed_precision")
+  return dtypes.get(config.mixed_precision, "mixed_precision", dtypes.COMPUTE_DTYPES)
 
 
 def hold_teacher(config: ml_collections.ConfigDict, teacher_params):
   """The frozen teacher's parameters in `teacher_dtype`, each leaf where it was placed."""
-  dtype = _dtype(config, "teacher_dtype")
+  dtype = dtypes.get(config.teacher_dtype, "teacher_dtype")
   return jax.tree_util.tree_map(lambda x: x.astype(dtype), teacher_params)
 
 
@@ -95,103 +84,17 @@ _UNGUIDED = {"true_cfg": 1.0, "fake_cfg_eval": 1.0, "fake_cfg_train": 1.0,
              "fake_cfg_drop_ratio": 0.0, "cfg_w": 0.0}
 
 
-def check_guidance(config: ml_collections.ConfigDict, model, keys=tuple(_UNGUIDED)) -> None:
+def check_guidance(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
+                   keys=tuple(_UNGUIDED)) -> None:
   """Refuses guidance (the config `keys`) for a teacher without an unconditional input."""
-  if getattr(model, "supports_guidance", True):
+  if teacher.supports_guidance:
     return
   wrong = {k: config[k] for k in keys if config[k] != _UNGUIDED[k]}
   if wrong:
     expected = ", ".join(f"{k}={_UNGUIDED[k]}" for k in keys)
     raise config_check.ConfigError(
-        f"the {type(model).__name__} teacher has no unconditional token, so it "
+        f"the {teacher.kind.name} teacher has no unconditional input, so it "
         f"cannot be guided; set {expected} (found {wrong})")
-
-
-def generator_noise(config: ml_collections.ConfigDict, step: int) -> float:
-  """The embedding-noise level sigma the generator sees after `step` generator updates."""
-  return float(masking.noise_level(config.noise_emb_perturb, step * config.fake_rounds))
-
-
-class Samplers:
-  """Jitted eval-mode samplers of the teacher (multi-step) and of a generator (one step).
-
-  A batch of labels is split over every device of `mesh` (all local devices when None) and the
-  codes come back replicated, so every process of a multi-process run holds all of them.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, teacher: teachers.Teacher,
-               mesh: Optional[Mesh] = None, model=None,
-               condition: Callable[[np.ndarray], Any] = lambda labels: labels):
-    """`model`: what the samplers call (default `teacher.model`; a text teacher's
-    `conditioned()` adapter); `condition`: labels int32[B] -> the model's condition (the labels
-    themselves, or a text dataset's prompt encodings)."""
-    self.config = config
-    self.teacher_variables = teacher.variables
-    self.condition = condition
-    model = teacher.model if model is None else model
-    mesh = parallel.make_mesh() if mesh is None else mesh
-    self._replicated = parallel.replicated(mesh)
-    self._labels = (parallel.batch_sharded(mesh)
-                    if config.eval_batch_size % parallel.batch_devices(mesh) == 0
-                    else self._replicated)
-
-    def teacher_fn(variables):
-      return lambda tokens, labels, drop: model.apply(variables, tokens, labels, drop)
-    # Guided as in distillation (a text teacher against the negative prompt).
-    teacher_condition = getattr(model, "teacher_condition", lambda labels: labels)
-
-    @functools.partial(jax.jit, static_argnames="steps", out_shardings=self._replicated)
-    def teacher_sample(variables, rng, labels, steps):
-      return sampling.maskgit_sample(
-          teacher_fn(variables), rng, teacher_condition(labels), model.seq_len, model.mask_id,
-          steps,
-          config.cfg_w, config.r_temp, config.sm_temp, config.sched_mode)
-
-    @functools.partial(jax.jit, static_argnames="gen_temp", out_shardings=self._replicated)
-    def generator_sample(params, rng, labels, sigma, gen_temp):
-      def gen_fn(tokens, labels_, noise_rng):
-        return model.apply(params, tokens, labels_, emb_noise=sigma, rngs={"noise": noise_rng})
-      return sampling.generator_sample(
-          gen_fn, rng, labels, model.seq_len, model.codebook_size, model.mask_id,
-          config.fixed_ratio, gen_temp, config.top_k, config.top_p)[0]
-
-    self._teacher_sample = teacher_sample
-    self._generator_sample = generator_sample
-
-  def _batched(self, sample_fn: Callable, rng: jax.Array, labels: np.ndarray) -> np.ndarray:
-    size = self.config.eval_batch_size
-    out = []
-    for start in range(0, len(labels), size):
-      chunk = labels[start:start + size]
-      padded = np.pad(chunk, (0, size - len(chunk)))  # one compiled shape for every batch
-      # Host values placed on the mesh: every process passes the same, as jit requires.
-      key = jax.device_put(np.asarray(jax.random.fold_in(rng, start)), self._replicated)
-      cond = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x), self._labels),
-                                    self.condition(padded.astype(np.int32)))
-      codes = sample_fn(key, cond)
-      out.append(np.asarray(codes)[: len(chunk)])
-    return np.concatenate(out)
-
-  def teacher(self, rng, labels, steps: int) -> np.ndarray:
-    """int32[N, L] codes from the teacher at `steps` decoding steps."""
-    return self._batched(
-        lambda r, l: self._teacher_sample(self.teacher_variables, r, l, steps), rng, labels)
-
-  def generator(self, params, rng, labels, sigma: float,
-                gen_temp: Optional[float] = None) -> np.ndarray:
-    """int32[N, L] codes from a generator in one step, at `gen_temp` (default the config's)."""
-    sigma = jax.device_put(np.float32(sigma), self._replicated)
-    gen_temp = float(self.config.gen_temp if gen_temp is None else gen_temp)
-    return self._batched(lambda r, l: self._generator_sample(params, r, l, sigma, gen_temp),
-                         rng, labels)
-
-
-def timed(sample: Callable[[], np.ndarray]):
-  """(samples, seconds) of a second call: the first compiles (and warms caches)."""
-  sample()
-  start = time.perf_counter()
-  out = sample()
-  return out, time.perf_counter() - start
 
 
 def grid_classes(config: ml_collections.ConfigDict, num_classes: int) -> np.ndarray:
@@ -218,31 +121,42 @@ def eval_labels(config: ml_collections.ConfigDict, num_classes: int) -> np.ndarr
   return (np.arange(config.eval_samples) % num_classes).astype(np.int32)
 
 
-def evaluate(config: ml_collections.ConfigDict, samplers: Samplers, gen_params, step: int,
-             workdir: str, dataset, score: data.Scorer) -> Dict[str, Dict[str, float]]:
+def eval_seed(config: ml_collections.ConfigDict) -> int:
+  """The sampling seed of a run's final evaluation (also `evaluate`'s default)."""
+  return config.global_seed + 1
+
+
+def teacher_sampler(config: ml_collections.ConfigDict, teacher: teachers.Teacher, steps: int,
+                    variables: Any = None) -> samplers.Sampler:
+  """The teacher at `steps` steps of its own decode rule with the run's `cfg_w` (and, for
+  MaskGIT's rule, `r_temp`, `sm_temp`, `sched_mode`)."""
+  return samplers.teacher(teacher, steps, config.cfg_w, teacher.decode_options(config),
+                          variables)
+
+
+def evaluate(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh, gen_params,
+             step: int, workdir: str, dataset, score: data.Scorer) -> Dict[str, Dict[str, float]]:
   """Samples the teacher (at `sampling_step` and 1 step) and the generator on the same labels.
 
   Writes samples/comparison.png and returns {"teacher_<n>step"|"teacher_1step"|
   "generator_1step": {<the dataset's metrics>, "sec_per_image"}}: fd and accuracy on digits,
   true_nll, mode_coverage and in_mode on the synthetic set, none yet on ImageNet. With
   `eval_gen_temps`, also "generator_1step_T<t>" for each temperature t (same labels and key).
+  `python -m dimo_jax.evaluate` with the same seed (`eval_seed`) and batch draws the same codes.
   """
   labels = eval_labels(config, dataset.num_classes)
   classes = grid_classes(config, dataset.num_classes)
-  rng = jax.random.PRNGKey(config.global_seed + 1)
-  sigma = generator_noise(config, step)
-  runs = {
-      f"teacher_{config.sampling_step}step":
-          lambda: samplers.teacher(rng, labels, config.sampling_step),
-      "teacher_1step": lambda: samplers.teacher(rng, labels, 1),
-      "generator_1step": lambda: samplers.generator(gen_params, rng, labels, sigma),
-  }
+  seed = eval_seed(config)
+  runs = {f"teacher_{config.sampling_step}step":
+              teacher_sampler(config, teacher, config.sampling_step),
+          "teacher_1step": teacher_sampler(config, teacher, 1),
+          "generator_1step": samplers.generator(teacher, gen_params, config, step)}
   for temp in config.eval_gen_temps:
-    runs[gen_temp_name(temp)] = functools.partial(samplers.generator, gen_params, rng, labels,
-                                                  sigma, temp)
+    runs[gen_temp_name(temp)] = samplers.generator(teacher, gen_params, config, step, temp)
   metrics, panels = {}, {}
-  for name, run in runs.items():
-    codes, seconds = timed(run)
+  for name, sampler in runs.items():
+    run = samplers.MeshSampler(sampler, mesh, config.eval_batch_size, dataset.condition)
+    codes, seconds = samplers.timed(lambda: run(labels, seed))
     metrics[name] = {**score(codes, labels), "sec_per_image": seconds / len(labels)}
     if not name.startswith("generator_1step_T"):  # one panel of the generator is enough
       panels[name.replace("_", " ")] = class_rows(dataset, codes, labels, 10, classes)
@@ -389,15 +303,15 @@ class SkipWatch:
     self.pending = []
 
 
-def initial_state(config: ml_collections.ConfigDict, model, teacher_params, mesh,
-                  manager: ocp.CheckpointManager) -> distill.DistillState:
+def initial_state(config: ml_collections.ConfigDict, teacher: teachers.Teacher, teacher_params,
+                  mesh, manager: ocp.CheckpointManager) -> distill.DistillState:
   """The latest checkpoint of `manager`, else a fresh state; placed by `parallel.param_sharding`.
 
   Neither path holds a whole replicated copy anywhere: the fresh state is built inside `jit`
   straight into its shardings, and orbax reads a checkpoint's shards into place. A checkpoint
   that cannot be read (truncated, another state tree) raises a `RunError` naming its step.
   """
-  init = functools.partial(distill.create_state, config, frozen=distill.frozen_prefixes(model))
+  init = functools.partial(distill.create_state, config, frozen=teacher.frozen_with_emb)
   rng = jax.random.PRNGKey(config.global_seed)
   shapes = jax.eval_shape(init, teacher_params, rng)
   sharding = parallel.param_sharding(mesh, shapes)
@@ -418,8 +332,8 @@ def initial_state(config: ml_collections.ConfigDict, model, teacher_params, mesh
                    f"{hint}, or choose another --workdir") from None
 
 
-def jit_train_step(config: ml_collections.ConfigDict, model, mesh, state, teacher_params,
-                   conditions=None) -> Callable:
+def jit_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh, state,
+                   teacher_params, conditions=None) -> Callable:
   """`distill.make_train_step` jitted to keep `state`, `teacher_params` (and the fed
   `conditions` of a text-to-image run, see `place_conditions`) where they are.
 
@@ -430,7 +344,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model, mesh, state, teache
   if conditions is not None:
     in_shardings += (where(conditions),)
   return jax.jit(
-      distill.make_train_step(config, model,
+      distill.make_train_step(config, teacher,
                               parallel.batch_constraint(mesh, config.train_batch_size)),
       in_shardings=in_shardings,
       out_shardings=(where(state), parallel.replicated(mesh)),
@@ -445,17 +359,8 @@ def place_conditions(conditions, indices: Dict[str, np.ndarray], mesh) -> Dict[s
     indices: {"generator": int[B], "auxiliary": int[rounds, B]} prompt indices, the same in
       every process (`PromptConditions.draw`).
   """
-  row = {k: v.shape[1:] for k, v in conditions.condition(np.zeros((1,), np.int64)).items()}
-
-  def place(idx: np.ndarray) -> Dict[str, jax.Array]:
-    sharding = parallel.batch_sharded_at(mesh, idx.ndim - 1)
-    def leaf(key):
-      return jax.make_array_from_callback(
-          idx.shape + row[key], sharding,
-          lambda where: conditions.condition(idx[where[:idx.ndim]])[key])
-    return {key: leaf(key) for key in row}
-
-  return {name: place(np.asarray(idx)) for name, idx in indices.items()}
+  return {name: parallel.place_rows(conditions.condition, idx, mesh, np.ndim(idx) - 1)
+          for name, idx in indices.items()}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
@@ -476,20 +381,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   config = config.copy_and_resolve_references()
   config.train_batch_size = global_batch_size(config, parallel.batch_devices(mesh))
   teacher = teachers.load(config.teacher_path, compute_dtype(config))
-  dataset = data.get(config)
-  # A text-to-image teacher is called through its adapter, with prompt encodings fed per step.
-  text = hasattr(teacher, "conditioned")
-  if text and not hasattr(dataset, "conditions"):
-    raise ValueError(f"{config.teacher_path} is a text-to-image teacher: config.dataset must "
-                     f"name prompts ('prompts' or 'digits_text'), not {config.get('dataset')!r}")
-  plain_model = teacher.conditioned() if text else teacher.model
-  model = plain_model.clone(remat=config.gradient_checkpointing)
-  check_guidance(config, model)
+  dataset = data.get(config, teacher)
+  if teacher.kind.conditioning != dataset.conditioning:
+    raise config_check.ConfigError(
+        f"{config.teacher_path} is a {teacher.kind.conditioning}-conditioned teacher; "
+        f"config.dataset {config.get('dataset')!r} conditions on "
+        f"{dataset.conditioning} (text teachers: 'prompts' or 'digits_text')")
+  check_guidance(config, teacher)
   teacher_params = parallel.shard_params(teacher.variables, mesh)
+  # The step calls the teacher's module rematerialized when asked; the samplers do not.
+  step_teacher = teacher.with_model(teacher.model.clone(remat=config.gradient_checkpointing))
 
   def fed(step: int):
     """The conditions step `step` is fed (a text-to-image run), placed on the mesh."""
-    if not text:
+    if not teacher.text_conditioned:
       return ()
     indices = dataset.train_conditions(step, config.train_batch_size, config.fake_rounds)
     return (place_conditions(dataset.conditions, indices, mesh),)
@@ -497,7 +402,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   saved = check_resume(config, workdir)
   manager = checkpoint_manager(workdir, config)
   # theta, psi and the EMA start from the float32 teacher before it is (maybe) cast down.
-  state = initial_state(config, model, teacher_params, mesh, manager)
+  state = initial_state(config, teacher, teacher_params, mesh, manager)
   # The record of the run is written only once the state it describes was restored (or built);
   # a deliberate change keeps the previous record beside it.
   config_path = os.path.join(workdir, "checkpoints", "config.json")
@@ -511,16 +416,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
     logging.info("resumed from step %d", int(state.step))
   example = fed(int(state.step))
   step_fn = distributed.compile_together(
-      jit_train_step(config, model, mesh, state, teacher_params, *example),
+      jit_train_step(config, step_teacher, mesh, state, teacher_params, *example),
       state, teacher_params, *example, name="train_step")
-  samplers = Samplers(config, teacher, mesh, model=plain_model,
-                      condition=dataset.condition if text else (lambda labels: labels))
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  classes = grid_classes(config, dataset.num_classes)
-  grid_labels = np.repeat(classes, 8)
-  labels = eval_labels(config, dataset.num_classes)
   # The digits scorer trains its feature classifier: build it once, and only if it is used.
   score = dataset.make_scorer() if config.validation_metrics or config.final_eval else None
+  # One compiled one-step sampler for every validation, fed the parameters of the moment.
+  validation = samplers.MeshSampler(
+      samplers.generator(teacher, state.ema_params, config, int(state.step)), mesh,
+      config.eval_batch_size, dataset.condition)
 
   start_step = int(state.step)
   watch = SkipWatch(config.max_consecutive_skips, config.fake_rounds, state.skipped, workdir)
@@ -529,7 +433,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
                   disable=jax.process_index() > 0)
   try:
     state = _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer,
-                  samplers, dataset, classes, grid_labels, labels, score, manager, workdir)
+                  validation, dataset, score, manager, workdir)
   finally:  # a stopped run still finishes the checkpoint it was writing
     manager.wait_until_finished()
   writer.flush()
@@ -537,14 +441,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   if not config.final_eval:
     return {}
   params = state.ema_params if config.eval_params == "ema" else state.gen_params
-  metrics = evaluate(config, samplers, params, int(state.step), workdir, dataset, score)
+  metrics = evaluate(config, teacher, mesh, params, int(state.step), workdir, dataset, score)
   write_json(os.path.join(workdir, "metrics.json"), metrics)
   return metrics
 
 
-def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, samplers,
-          dataset, classes, grid_labels, labels, score, manager, workdir):
+def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, validation,
+          dataset, score, manager, workdir):
   """The training loop: steps, logs, validation grids and checkpoints; returns the last state."""
+  classes = grid_classes(config, dataset.num_classes)
+  grid_labels = np.repeat(classes, 8)
+  labels = eval_labels(config, dataset.num_classes)
   for step in progress:
     state, metrics = step_fn(state, teacher_params, *fed(step))
     done = step + 1
@@ -555,15 +462,15 @@ def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, 
       progress.set_postfix(loss_g=f"{scalars['loss_generator']:.3g}",
                            loss_fake=f"{scalars['loss_fake']:.3g}")
     if done % config.validation_steps == 0:
-      sigma = generator_noise(config, done)
-      codes = samplers.generator(state.ema_params, jax.random.PRNGKey(0), grid_labels, sigma)
+      sigma = np.float32(samplers.generator_noise(config, done))
+      codes = validation(grid_labels, 0, (state.ema_params, sigma))
       grid = class_rows(dataset, codes, grid_labels, 8, classes)
       if jax.process_index() == 0:
         visualize.save_png(grid, os.path.join(workdir, "samples", f"ema_step{done:06d}.png"))
       writer.write_images(done, {"ema_one_step": grid[None]})
       if config.validation_metrics:
         for name, params in (("ema", state.ema_params), ("generator", state.gen_params)):
-          codes = samplers.generator(params, jax.random.PRNGKey(1), labels, sigma)
+          codes = validation(labels, 1, (params, sigma))
           writer.write_scalars(done, {f"val_{name}/{k}": v
                                       for k, v in score(codes, labels).items()})
     manager.save(done, args=ocp.args.StandardSave(state))

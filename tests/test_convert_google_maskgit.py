@@ -13,7 +13,6 @@ from dimo_jax import defaults, distill, teachers
 from dimo_jax.convert.__main__ import main
 from dimo_jax.convert.common import ConversionError, flatten, unflatten
 from dimo_jax.convert.google_maskgit import convert, convert_params
-from dimo_jax.models.google_maskgit import GoogleMaskGIT
 from tests.reference import google_maskgit_numpy as ref
 
 # The CLI cannot pass codebook_size, so the CLI checkpoint keeps the release's 1024 codes;
@@ -149,7 +148,7 @@ def test_emb_noise_and_drop_label(small):
   assert np.abs(noisy - plain).max() > 1e-3
   np.testing.assert_array_equal(noisy, noised(0.5, key))
 
-  assert GoogleMaskGIT.supports_guidance is False
+  assert teachers.KINDS["google-maskgit"].guidance is False
   np.testing.assert_array_equal(model.apply(variables, tokens, labels, jnp.zeros(3, bool)), plain)
   drop = jnp.array([False, True, False])
   with pytest.raises(ValueError, match="no unconditional token"):
@@ -159,11 +158,11 @@ def test_emb_noise_and_drop_label(small):
 
 
 def test_fix_emb_layer_freezes_the_tables_and_output_bias(small):
-  """distill's optimizer labels, driven by the module's FROZEN_WITH_EMB, freeze exactly those."""
+  """distill's optimizer labels, driven by the kind's frozen_with_emb, freeze exactly those."""
   from dimo_jax import distill
   _, _, variables = small
   labels = flatten(distill.trainable_labels(
-      variables, True, distill.frozen_prefixes(GoogleMaskGIT)))
+      variables, True, teachers.KINDS["google-maskgit"].frozen_with_emb))
   frozen = {k for k, v in labels.items() if v == "frozen"}
   assert frozen == {"params/Embed_0/word_embeddings/embedding",
                     "params/Embed_0/position_embeddings/embedding",
@@ -225,8 +224,8 @@ def test_one_distillation_step_is_finite(small):
   c.true_cfg = 1.0
   c.lr_scheduler_type = "constant"
   state = distill.create_state(c, teacher, jax.random.PRNGKey(1),
-                               distill.frozen_prefixes(model))
-  step = jax.jit(distill.make_train_step(c, model)).lower(state, teacher).compile(
+                               teachers.of_module(model).frozen_with_emb)
+  step = jax.jit(distill.make_train_step(c, teachers.of_module(model))).lower(state, teacher).compile(
       compiler_options={"xla_backend_optimization_level": 0})
   state, metrics = step(state, teacher)
   assert np.isfinite(float(metrics["loss_generator"]))
@@ -234,13 +233,14 @@ def test_one_distillation_step_is_finite(small):
   assert int(state.step) == 1
 
 
-def test_a_run_refuses_guidance_for_this_teacher():
+def test_a_run_refuses_guidance_for_this_teacher(small):
   from dimo_jax import train
+  GOOGLE = teachers.of_module(small[1])
   c = defaults.reference_config()  # true_cfg 2, cfg_w 3, condition dropout 0.1
   with pytest.raises(ValueError, match="true_cfg.*cfg_w") as e:
-    train.check_guidance(c, GoogleMaskGIT)
+    train.check_guidance(c, GOOGLE)
   assert "fake_cfg_drop_ratio" in str(e.value)
   c.update(true_cfg=1.0, cfg_w=0.0, fake_cfg_drop_ratio=0.0)
-  train.check_guidance(c, GoogleMaskGIT)
+  train.check_guidance(c, GOOGLE)
   c.true_cfg = 3.0
-  train.check_guidance(c, GoogleMaskGIT, keys=("cfg_w",))  # what sampling alone checks
+  train.check_guidance(c, GOOGLE, keys=("cfg_w",))  # what sampling alone checks

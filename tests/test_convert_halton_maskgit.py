@@ -157,8 +157,8 @@ def test_distillation_starts_from_a_converted_teacher(converted):
   config.generator_lr = config.fake_lr = 1e-3
   config.distill_dropout = False  # a shorter compile; dropout is not what is tested here
   state = distill.create_state(config, teacher.variables, jax.random.PRNGKey(0),
-                               distill.frozen_prefixes(teacher.model))
-  step = jax.jit(distill.make_train_step(config, teacher.model)).lower(
+                               teacher.frozen_with_emb)
+  step = jax.jit(distill.make_train_step(config, teacher)).lower(
       state, teacher.variables).compile(compiler_options={"xla_backend_optimization_level": 0})
   start, losses = state, []
   for _ in range(5):

@@ -1,6 +1,6 @@
 """The text-conditional digits toy ('digits_text'): its prompts, the word tokenizer against
 transformers.CLIPTokenizer, the prompt encodings against transformers' CLIP text model, and a
-Meissonic-style teacher pretrained on it that loads back as a TextTeacher."""
+Meissonic-style teacher pretrained on it that loads back as a text-conditioned Teacher."""
 
 import json
 import os
@@ -14,7 +14,8 @@ import torch
 import transformers
 
 from configs import digits_text_teacher
-from dimo_jax import clip_tokenizer, data, pretrain, teachers, text_to_image
+from dimo_jax import clip_tokenizer, data, pretrain, teachers
+from dimo_jax.teachers import meissonic
 from dimo_jax.convert import clip as convert_clip
 from dimo_jax.convert import common
 from dimo_jax.data import digit_prompts, digits
@@ -172,8 +173,8 @@ def test_pretraining_writes_a_text_teacher_that_reads_its_prompts(tmp_path):
   assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]  # nothing half-written left
 
   teacher = teachers.load(path)
-  assert isinstance(teacher, text_to_image.TextTeacher)
-  assert teacher.tokenizer.max_length == 16 and teacher.codebook_size == 17
+  assert isinstance(teacher, teachers.Teacher) and teacher.text_conditioned
+  assert teacher.text.tokenizer.max_length == 16 and teacher.codebook_size == 17
   # The saved text stack is the one pretraining encoded with.
   loaded = data.get(ml_collections.ConfigDict(dict(dataset="digits_text", teacher_path=path)))
   fresh = DigitPrompts.toy(**config.text_encoder.to_dict())
@@ -181,13 +182,12 @@ def test_pretraining_writes_a_text_teacher_that_reads_its_prompts(tmp_path):
                                 fresh.conditions.embeddings.hidden)
   labels = np.arange(10)
   cond = loaded.condition(labels)
-  own = teacher.condition([loaded.prompts[d * len(TEMPLATES)] for d in labels])
+  own = meissonic.prompt_condition(teacher, [loaded.prompts[d * len(TEMPLATES)] for d in labels])
   np.testing.assert_allclose(own["hidden"], cond["hidden"], atol=1e-6)
   np.testing.assert_allclose(own["micro_conds"], cond["micro_conds"])
 
-  adapter = teacher.conditioned()
-  tokens = jnp.full((10, 64), adapter.mask_id, jnp.int32)
-  logits = adapter.apply(teacher.variables, tokens, cond)
+  tokens = jnp.full((10, 64), teacher.mask_id, jnp.int32)
+  logits = teacher.logits(tokens, cond)
   assert logits.shape == (10, 64, 17) and np.isfinite(np.asarray(logits)).all()
 
 
@@ -201,8 +201,8 @@ def test_pretraining_step_feeds_each_digit_its_prompt_and_drops_to_the_empty_one
   np.testing.assert_array_equal(cond["hidden"], dataset.conditions.embeddings.hidden[indices])
   np.testing.assert_array_equal(cond["pooled"], dataset.conditions.embeddings.pooled[indices])
 
-  model = pretrain.build_model(config)
-  variables = pretrain.init_variables(model, jax.random.PRNGKey(0))
+  teacher = pretrain.build_teacher(config)
+  model, variables = teacher.model, teacher.init_variables(jax.random.PRNGKey(0))
   other = dataset.conditions.condition((indices + 25) % 50)  # the digits 5 apart
 
   def losses(drop_label):

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from dimo_jax import defaults, distill
+from dimo_jax import defaults, distill, divergence, teachers
 from dimo_jax.models.maskgit import MaskTransformer
 
 FROZEN = ("tok_emb", "pos_emb", "bias")
@@ -58,7 +58,7 @@ class Run:
     self.state0 = distill.create_state(self.config, teacher, jax.random.PRNGKey(1),
                                        distill.FROZEN_WITH_EMB)
     # LLVM at -O0 compiles the step in about a third of the time; the numbers barely move.
-    self.step = jax.jit(distill.make_train_step(self.config, model)).lower(
+    self.step = jax.jit(distill.make_train_step(self.config, teachers.of_module(model))).lower(
         self.state0, teacher).compile(compiler_options={"xla_backend_optimization_level": 0})
     self.state1, self.metrics1 = self.step(self.state0, teacher)
     self.state2, self.metrics2 = self.step(self.state1, teacher)
@@ -171,7 +171,7 @@ def test_non_finite_auxiliary_gradient_skips_its_update(frozen_run, teacher):
 
 def test_mask_value_must_match_the_model(model):
   with pytest.raises(ValueError):
-    distill.make_train_step(_config(mask_value=1024), model)
+    distill.make_train_step(_config(mask_value=1024), teachers.of_module(model))
 
 
 # ----------------------------------------------------------------------------- auxiliary loss
@@ -189,9 +189,9 @@ def test_label_smoothed_ce_matches_torch_formula():
   # torch.nn.functional.cross_entropy(label_smoothing=s, ignore_index=..., reduction='mean').
   per_token = (1 - s) * nll + s * np.mean(-log_p, -1)
   expected = per_token[mask].mean()
-  got = distill.label_smoothed_ce(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), s)
+  got = divergence.label_smoothed_ce(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), s)
   assert float(got) == pytest.approx(expected, rel=1e-5)
-  plain = distill.label_smoothed_ce(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
+  plain = divergence.label_smoothed_ce(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
                                     0.0)
   assert float(plain) == pytest.approx(nll[mask].mean(), rel=1e-5)
 
@@ -246,9 +246,9 @@ def _call_modes(config, model, teacher):
     return next_fun(*args, **kwargs)
 
   state = distill.create_state(config, teacher, jax.random.PRNGKey(0),
-                               distill.frozen_prefixes(model))
+                               teachers.of_module(model).frozen_with_emb)
   with nn.intercept_methods(interceptor):
-    jax.eval_shape(distill.make_train_step(config, model), state, teacher)
+    jax.eval_shape(distill.make_train_step(config, teachers.of_module(model)), state, teacher)
   return calls
 
 

@@ -277,15 +277,13 @@ def _child(teacher_path: str, tokenizer_path: str, run: str) -> None:
   from dimo_jax import data
   assert jax.device_count() == 8, jax.devices()
   config = image_config({"teacher": teacher_path, "tokenizer": tokenizer_path})
-  model = teachers.load(teacher_path).model
+  teacher = teachers.load(teacher_path)
   tokenizer = data.get(config).tokenizer
   labels = np.arange(20, dtype=np.int32) % 10
   outs = {}
   for name, devices in (("one", 1), ("eight", 8)):
     mesh = parallel.make_mesh(devices)
-    sampler = evaluate.generator_sampler(run, model, "ema")
-    sampler = evaluate.dataclasses.replace(
-        sampler, params=parallel.shard_params(sampler.params, mesh))
+    sampler = evaluate.generator_sampler(run, teacher, "ema")
     outs[name] = evaluate.generate(sampler, labels, mesh, 8, seed=3, tokenizer=tokenizer,
                                    extractor=tiny_extractor())
   report = {name: {"codes_equal": bool(np.array_equal(out["codes"], outs["one"]["codes"])),

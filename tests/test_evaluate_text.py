@@ -4,8 +4,8 @@ A tiny random Meissonic release (8x8 codes, a 16x16-pixel VQ-VAE) converted as a
 the real one, a tiny random CLIPModel converted with `python -m dimo_jax.convert clip`, and a
 Di[M]O checkpoint written by hand (its EMA a perturbed copy of the teacher). The reported CLIP
 score is recomputed from the saved PNGs and prompts by transformers' own CLIPModel, tokenizer
-and image processor; the saved samples are recomputed with text_to_image's own samplers (the
-release's for the teacher, `one_step_sample` for the generator) and decoded outside evaluate.
+and image processor; the saved samples are recomputed with the teacher's own decode rule and the
+one-step generator sampler called directly, and decoded outside evaluate.
 The command line runs in a process with 8 simulated CPU devices (as tests/test_evaluate.py
 does) and must give the one-device samples.
 """
@@ -24,10 +24,10 @@ import torch
 import transformers
 from PIL import Image
 
-from dimo_jax import distill, evaluate, text_to_image, tokenizers, train
+from dimo_jax import distill, evaluate, samplers, teachers, tokenizers, train
 from dimo_jax.convert import clip as convert_clip
 from dimo_jax.convert import meissonic
-from dimo_jax.models.meissonic import FROZEN_WITH_EMB
+from dimo_jax.teachers import meissonic as meissonic_teacher
 from tests.test_clip import TOWER, _randomize, _write_tokenizer
 from tests.test_text_to_image import RESOLUTION, _write_snapshot
 from tests.test_text_train import tiny_config
@@ -59,7 +59,8 @@ def write_clip(root: str):
 def write_checkpoint(workdir: str, config, teacher) -> dict:
   """A Di[M]O checkpoint at CHECKPOINT_STEP without training: the fresh state with its EMA
   moved off the teacher. Returns the EMA parameters."""
-  state = distill.create_state(config, teacher.variables, jax.random.PRNGKey(0), FROZEN_WITH_EMB)
+  state = distill.create_state(config, teacher.variables, jax.random.PRNGKey(0),
+                               teacher.frozen_with_emb)
   leaves, tree = jax.tree_util.tree_flatten(state.ema_params)
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   ema = jax.tree_util.tree_unflatten(tree, [
@@ -82,10 +83,10 @@ def dirs(tmp_path_factory):
   clip_src, clip_dst, clip_reference = write_clip(str(root / "clip"))
   run = str(root / "run")
   os.makedirs(run)
-  # The release's micro-conds at this resolution, as TextTeacher.condition builds them.
+  # The release's micro-conds at this resolution, as meissonic.prompt_condition builds them.
   config = tiny_config(teacher_path, run, mixed_precision="no", eval_batch_size=8,
                        micro_conds=(float(RESOLUTION), float(RESOLUTION), 0.0, 0.0, 6.0))
-  teacher = text_to_image.load(teacher_path)
+  teacher = teachers.load(teacher_path)
   ema = write_checkpoint(run, config, teacher)
   return {"teacher": teacher_path, "run": run, "config": config, "ema": ema,
           "text_teacher": teacher, "clip_src": clip_src, "clip": clip_dst,
@@ -162,24 +163,23 @@ def test_clip_score_is_that_of_the_saved_images_and_prompts(dirs, generator_eval
 
 
 def test_generator_samples_are_the_one_step_sampler_of_the_ema(dirs, generator_eval):
-  """The saved samples against text_to_image.one_step_sample (sample.py's generator path) with
-  the checkpoint's EMA, fed the prompts as the teacher encodes them: batch 0's key, the padded
+  """The saved samples against the one-step sampler (sample.py's generator path) called on the
+  checkpoint's EMA, fed the prompts as the teacher encodes them: batch 0's key, the padded
   batch of 8 (padding rows take prompt 0)."""
   config, teacher = dirs["config"], dirs["text_teacher"]
   images = read_samples(generator_eval[0], str(CHECKPOINT_STEP))[0]
-  cond = teacher.condition([PROMPTS[i] for i in (0, 1, 2, 3, 0, 1, 0, 0)])
-  codes = text_to_image.one_step_sample(
-      teacher.conditioned(), dirs["ema"], jax.random.fold_in(jax.random.PRNGKey(1), 0), cond,
-      config.fixed_ratio, train.generator_noise(config, CHECKPOINT_STEP), config.gen_temp,
-      config.top_k, config.top_p)
+  cond = meissonic_teacher.prompt_condition(teacher, [PROMPTS[i] for i in (0, 1, 2, 3, 0, 1, 0, 0)])
+  key = jax.random.fold_in(jax.random.PRNGKey(1), 0)
+
+  def one_step(params):
+    sampler = samplers.generator(teacher, params, config, CHECKPOINT_STEP)
+    return np.asarray(jax.jit(sampler.fn)(sampler.inputs, key, cond))
+
+  codes = one_step(dirs["ema"])
   expected = decoded(dirs["teacher"], codes)[:6]
   assert np.abs(images.astype(int) - expected).max() <= 1  # rounding of the last float bit
   # The teacher's own parameters give other samples: the EMA was read.
-  other = text_to_image.one_step_sample(
-      teacher.conditioned(), teacher.variables, jax.random.fold_in(jax.random.PRNGKey(1), 0),
-      cond, config.fixed_ratio, train.generator_noise(config, CHECKPOINT_STEP), config.gen_temp,
-      config.top_k, config.top_p)
-  assert not np.array_equal(np.asarray(codes), np.asarray(other))
+  assert not np.array_equal(codes, one_step(teacher.variables))
 
 
 def test_teacher_over_a_prompt_file_is_the_release_sampler(dirs, tmp_path):
@@ -190,7 +190,7 @@ def test_teacher_over_a_prompt_file_is_the_release_sampler(dirs, tmp_path):
   result = evaluate.evaluate(config, workdir, teacher_steps=2, cfg=3.0, prompts=str(prompt_file),
                              num_samples=3, seed=2, clip=convert_clip.load_clip(dirs["clip"]),
                              save_npz=True)
-  assert result["sampler"] == "teacher, 2 steps, cfg 3" and result["steps"] == 2
+  assert result["sampler"] == "teacher, 2 steps, cfg_w 3" and result["steps"] == 2
   assert result["num_samples"] == 3 and result["num_prompts"] == 2
   assert result["prompts"] == str(prompt_file)
   assert 0 <= result["metrics"]["clip_score"] <= 100
@@ -202,10 +202,12 @@ def test_teacher_over_a_prompt_file_is_the_release_sampler(dirs, tmp_path):
   # The release's sampler guided against the config's negative prompt, on the padded batch.
   batch = [prompts[i] for i in (0, 1, 0)] + ["a green tree"] * 5
   rng = jax.random.fold_in(jax.random.PRNGKey(2), 0)
-  codes = teacher.sample(rng, teacher.condition(batch, config.negative_prompt), steps=2, cfg=3.0)
+  decode = jax.jit(teacher.decoder(2, 3.0))
+  codes = decode(teacher.variables, rng,
+                 meissonic_teacher.prompt_condition(teacher, batch, config.negative_prompt))
   assert np.abs(images.astype(int) - decoded(dirs["teacher"], codes)[:3]).max() <= 1
   # Against the empty prompt the samples differ: the negative prompt is what guides.
-  other = teacher.sample(rng, teacher.condition(batch, ""), steps=2, cfg=3.0)
+  other = decode(teacher.variables, rng, meissonic_teacher.prompt_condition(teacher, batch, ""))
   assert not np.array_equal(np.asarray(codes), np.asarray(other))
   # The run's prompt cache holds the training prompts, untouched by another prompt set.
   cache = config.prompt_cache
@@ -253,3 +255,83 @@ def test_cli_on_eight_devices_gives_the_samples_of_one(dirs, generator_eval, tmp
   ours, theirs = read_samples(workdir, tag), read_samples(generator_eval[0], tag)
   np.testing.assert_array_equal(ours[0], theirs[0])
   assert ours[2] == theirs[2]
+
+
+@pytest.fixture(scope="module")
+def text_run(dirs, tmp_path_factory, monkeypatch_module):
+  """A tiny text-to-image run with its final evaluation, counting every restore of a model
+  directory and every VQ-VAE load, and keeping the codes each in-run sampler drew."""
+  from dimo_jax import data, modeldir
+  workdir = str(tmp_path_factory.mktemp("text_run"))
+  config = dirs["config"].copy_and_resolve_references()
+  config.update(max_train_steps=2, validation_steps=1, checkpointing_steps=2,
+                eval_samples=6, sampling_step=2, final_eval=True)
+  restores, vqvae_loads, codes = {}, [], []
+  restore, load_tokenizer = modeldir.restore, tokenizers.load
+
+  def counting_restore(src, init_fn):
+    restores[os.path.abspath(src)] = restores.get(os.path.abspath(src), 0) + 1
+    return restore(src, init_fn)
+
+  def counting_load(src, *args, **kwargs):
+    vqvae_loads.append(src)
+    return load_tokenizer(src, *args, **kwargs)
+
+  def recording_scorer(self):
+    return lambda tokens, labels: codes.append(np.asarray(tokens)) or {}
+
+  monkeypatch_module.setattr(modeldir, "restore", counting_restore)
+  monkeypatch_module.setattr(tokenizers, "load", counting_load)
+  monkeypatch_module.setattr(data.TextPrompts, "make_scorer", recording_scorer)
+  metrics = train.train_and_evaluate(config, workdir)
+  monkeypatch_module.undo()
+  return {"config": config, "metrics": metrics, "restores": restores,
+          "vqvae_loads": vqvae_loads, "codes": dict(zip(metrics, codes))}
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+  with pytest.MonkeyPatch.context() as patch:
+    yield patch
+
+
+def test_a_text_run_reads_its_teacher_and_vqvae_once(dirs, text_run):
+  teacher = os.path.abspath(dirs["teacher"])
+  # The transformer and the text encoder: one restore each, though the dataset, the step and
+  # every sampler use them; the VQ-VAE once for the two validation grids and the comparison.
+  assert text_run["restores"] == {teacher: 1, os.path.join(teacher, "text_encoder"): 1,
+                                  os.path.join(teacher, "vqvae"): 1}
+  assert text_run["vqvae_loads"] == [dirs["teacher"]]
+  assert sorted(text_run["metrics"]) == ["generator_1step", "teacher_1step", "teacher_2step"]
+
+
+def test_the_in_run_teacher_is_the_one_evaluate_samples(dirs, text_run, tmp_path, monkeypatch):
+  """metrics.json's teacher_2step and `evaluate --teacher_steps 2` at the default seed draw the
+  same codes: one sampler (the release's scheduler, guided against the negative prompt)."""
+  drawn = []
+  generate = evaluate.generate
+  monkeypatch.setattr(evaluate, "generate",
+                      lambda *a, **k: drawn.append(generate(*a, **k)) or drawn[-1])
+  config = text_run["config"]
+  evaluate.evaluate(config, str(tmp_path), teacher_steps=2, num_samples=config.eval_samples,
+                    clip=convert_clip.load_clip(dirs["clip"]))
+  in_run = text_run["codes"]["teacher_2step"]
+  np.testing.assert_array_equal(drawn[0]["codes"], in_run)
+  # The release's rule, not MaskGIT's: the same steps, key and prompts under MaskGIT's decoding
+  # give other codes.
+  teacher = dirs["text_teacher"]
+  cond = dataset_condition(config, teacher, np.arange(config.eval_samples) % 4)
+  key = jax.random.fold_in(jax.random.PRNGKey(train.eval_seed(config)), 0)
+  maskgit = teachers.Teacher(teacher.model, teacher.variables,
+                             {**teacher.description, "kind": "maskgit"})
+  padded = jax.tree_util.tree_map(lambda x: np.concatenate([x, x[:1], x[:1]]), cond)
+  other = np.asarray(jax.jit(maskgit.decoder(2, config.cfg_w, r_temp=config.r_temp,
+                                             sm_temp=config.sm_temp,
+                                             sched_mode=config.sched_mode))(
+      teacher.variables, key, teacher.guided_condition(padded)))[:config.eval_samples]
+  assert not np.array_equal(other, in_run)
+
+
+def dataset_condition(config, teacher, labels):
+  from dimo_jax import data
+  return data.get(config, teacher).condition(labels)

@@ -47,8 +47,8 @@ def _child(teacher_path: str, workdir: str) -> None:
     mesh = parallel.make_mesh(devices, data, fsdp)
     params = parallel.shard_params(teacher.variables, mesh)
     manager = train.checkpoint_manager(os.path.join(workdir, name), config)
-    state = train.initial_state(config, teacher.model, params, mesh, manager)
-    step = train.jit_train_step(config, teacher.model, mesh, state, params)
+    state = train.initial_state(config, teacher, params, mesh, manager)
+    step = train.jit_train_step(config, teacher, mesh, state, params)
     for _ in range(3):
       state, _ = step(state, params)
     report["shares"][name] = {"state": device0_share(state), "teacher": device0_share(params)}
@@ -56,7 +56,7 @@ def _child(teacher_path: str, workdir: str) -> None:
     # A checkpoint comes back in the layout the run uses, and equal.
     manager.save(3, args=train.ocp.args.StandardSave(state), force=True)
     manager.wait_until_finished()
-    restored = train.initial_state(config, teacher.model, params, mesh, manager)
+    restored = train.initial_state(config, teacher, params, mesh, manager)
     same_place = jax.tree_util.tree_map(
         lambda a, b: a.sharding.is_equivalent_to(b.sharding, a.ndim), state, restored)
     same_value = jax.tree_util.tree_map(

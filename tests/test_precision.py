@@ -57,12 +57,12 @@ def test_remat_step_matches_and_bf16_teacher_halves_its_bytes(tmp_path):
   for name, overrides in {"plain": {}, "remat": dict(gradient_checkpointing=True),
                           "bf16": dict(teacher_dtype="bf16")}.items():
     config = tiny_config(path, **overrides)
-    model = teacher.model.clone(remat=config.gradient_checkpointing)
+    stepped = teacher.with_model(teacher.model.clone(remat=config.gradient_checkpointing))
     params = parallel.shard_params(teacher.variables, mesh)
     manager = train.checkpoint_manager(str(tmp_path / name), config)
-    state = train.initial_state(config, model, params, mesh, manager)
+    state = train.initial_state(config, stepped, params, mesh, manager)
     held = train.hold_teacher(config, params)
-    step = train.jit_train_step(config, model, mesh, state, held)
+    step = train.jit_train_step(config, stepped, mesh, state, held)
     for _ in range(2):
       state, _ = step(state, held)
     results[name] = (jax.device_get(state), held)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import pytest
 
 from configs import digits_text_teacher
-from dimo_jax import data, modeldir, pretrain, teachers, text_to_image, tokenizers
+from dimo_jax import data, modeldir, pretrain, teachers, tokenizers
 from dimo_jax.errors import UserError
 from dimo_jax.models.google_maskgit import GoogleMaskGIT
 from dimo_jax.models.taming_vqgan import VQModel
@@ -44,9 +44,9 @@ def tiny_text_teacher(path: str) -> str:
   config.model.update(num_layers=1, num_single_layers=1, attention_head_dim=8,
                       num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
                       axes_dims_rope=(2, 2, 4))
-  model = pretrain.build_model(config)
-  variables = pretrain.init_variables(model, jax.random.PRNGKey(0))
-  pretrain.save_text_teacher(path, model, variables, data.get(config), {})
+  teacher = pretrain.build_teacher(config)
+  variables = teacher.init_variables(jax.random.PRNGKey(0))
+  pretrain.save_text_teacher(path, teacher.model, variables, data.get(config), {})
   tiny_tokenizer(os.path.join(path, "vqvae"))
   edit_json(os.path.join(path, "model.json"), lambda d: dict(d, vqvae="vqvae"))
   return path
@@ -107,7 +107,7 @@ def test_the_directories_load(dirs):
   assert tokenizers.load(dirs["tokenizer"]).codebook_size == 17
   assert tokenizers.load(dirs["tokenizer16"]).codebook_size == 16
   teacher = teachers.load(dirs["meissonic"])
-  assert isinstance(teacher, text_to_image.TextTeacher) and teacher.codebook_size == 17
+  assert teacher.text_conditioned and teacher.codebook_size == 17
   assert tokenizers.load(dirs["meissonic"]).codebook_size == 17
 
 

@@ -52,7 +52,7 @@ def test_an_update_that_overflows_is_skipped():
                        jnp.zeros((1,), jnp.int32))
   config = _config(generator_lr=1e39, fake_lr=1e39, distill_dropout=False)
   state = distill.create_state(config, teacher, jax.random.PRNGKey(1), distill.FROZEN_WITH_EMB)
-  step = jax.jit(distill.make_train_step(config, model))
+  step = jax.jit(distill.make_train_step(config, teachers.of_module(model)))
   new, metrics = step(state, teacher)
   assert np.isfinite(float(metrics["loss_generator"]))
   assert np.isfinite(float(metrics["gen_grad_norm"]))

@@ -60,10 +60,10 @@ def test_generator_grid_from_a_run(dirs, tmp_path):
 
 
 def test_generator_checkpoint_lookup_and_params(dirs):
-  model = teachers.load(dirs["teacher"]).model
+  teacher = teachers.load(dirs["teacher"])
   step, state = restore_latest(dirs["workdir"], dirs["config"], dirs["teacher"])
-  ema, config, found = sample.load_generator(dirs["workdir"], model, "ema")
-  raw, _, found_raw = sample.load_generator(f"{dirs['workdir']}/checkpoints/{step}", model,
+  ema, config, found = sample.load_generator(dirs["workdir"], teacher, "ema")
+  raw, _, found_raw = sample.load_generator(f"{dirs['workdir']}/checkpoints/{step}", teacher,
                                             "generator")
   assert found == found_raw == step == 2
   assert config.fixed_ratio == dirs["config"].fixed_ratio

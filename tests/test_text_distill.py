@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimo_jax import defaults, distill
+from dimo_jax import defaults, distill, teachers
 from dimo_jax.models.meissonic import MeissonicTransformer, TextConditioned
 
 BATCH, ROUNDS, TEXT_LEN, TEXT_DIM, WIDTH, CODES, GRID = 4, 2, 5, 24, 32, 16, 4
@@ -61,12 +61,13 @@ def teacher():
 @functools.lru_cache(maxsize=None)
 def jitted_step(model, true_cfg: float):
   """One compile per guidance scale: the step's config is otherwise the same everywhere."""
-  return jax.jit(distill.make_train_step(tiny_config(true_cfg=true_cfg), model))
+  return jax.jit(distill.make_train_step(tiny_config(true_cfg=true_cfg),
+                                         teachers.of_module(model)))
 
 
 def run(model, variables, config, fed, steps: int = 1):
   state = distill.create_state(config, variables, jax.random.PRNGKey(3),
-                               distill.frozen_prefixes(model))
+                               teachers.of_module(model).frozen_with_emb)
   step = jitted_step(model, config.true_cfg)
   for _ in range(steps):
     state, metrics = step(state, variables, fed)
@@ -118,7 +119,9 @@ def test_teacher_guidance_uses_the_negative_prompt(teacher):
 
 def test_the_release_mask_id_is_accepted_as_mask_value(teacher):
   model, _ = teacher
-  distill.make_train_step(tiny_config(mask_value=CODES), model)
-  distill.make_train_step(tiny_config(mask_value=model.reference_mask_value), model)
+  teacher = teachers.of_module(model)
+  distill.make_train_step(tiny_config(mask_value=CODES), teacher)
+  assert set(teacher.mask_values) == {CODES, model.transformer.mask_id}
+  distill.make_train_step(tiny_config(mask_value=model.transformer.mask_id), teacher)
   with pytest.raises(ValueError, match="mask_value 3 does not match"):
-    distill.make_train_step(tiny_config(mask_value=3), model)
+    distill.make_train_step(tiny_config(mask_value=3), teacher)

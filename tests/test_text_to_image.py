@@ -20,9 +20,12 @@ from diffusers.schedulers.scheduling_amused import gumbel_noise as amused_gumbel
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
-from dimo_jax import sample, teachers, text_to_image, tokenizers
+import dataclasses
+
+from dimo_jax import samplers, sample, sampling, teachers, tokenizers
 from dimo_jax.convert import __main__ as convert_cli
 from dimo_jax.convert import meissonic
+from dimo_jax.teachers import meissonic as meissonic_teacher
 from dimo_jax.convert.common import ConversionError
 from tests.test_clip import TOWER, _randomize, _write_tokenizer
 from tests.test_convert_diffusers_vq import _reference as vq_reference
@@ -75,9 +78,10 @@ def test_layout_and_load(release):
   assert sorted(os.listdir(dst)) == ["model.json", "params", "text_encoder", "tokenizer",
                                      "vqvae"]
   assert sorted(os.listdir(os.path.dirname(dst))) == ["converted", "release"]  # no temp left
-  assert isinstance(teacher, text_to_image.TextTeacher)
+  assert isinstance(teacher, teachers.Teacher) and teacher.text_conditioned
   assert teacher.description["kind"] == "meissonic"
-  assert teacher.token_grid == GRID and teacher.resolution == RESOLUTION
+  assert (teacher.model.height, teacher.model.width) == GRID
+  assert teacher.description["resolution"] == RESOLUTION
   assert teacher.description["scheduler"] == {"mask_token_id": V, "masking_schedule": "cosine"}
   assert teacher.mask_id == V and teacher.model.mask_id == V  # ours V, the release's 17 - 1
 
@@ -95,13 +99,13 @@ def test_layout_and_load(release):
 
 def test_encode_prompt_matches_transformers(release):
   teacher, text = release["teacher"], release["text"]
-  ids = teacher.tokenize(PROMPTS + [NEGATIVE])
+  ids = teacher.text.tokenize(PROMPTS + [NEGATIVE])
   expected_ids = transformers.CLIPTokenizer.from_pretrained(
       os.path.join(release["src"], "tokenizer"))(
           PROMPTS + [NEGATIVE], padding="max_length", truncation=True, max_length=77).input_ids
   np.testing.assert_array_equal(ids, np.asarray(expected_ids))
 
-  hidden, pooled = teacher.encode_prompt(ids)
+  hidden, pooled = teacher.text.encode(ids)
   with torch.no_grad():
     out = text(torch.from_numpy(ids).long(), output_hidden_states=True)
   errors = (np.abs(np.asarray(hidden) - out.hidden_states[-2].numpy()).max(),
@@ -114,7 +118,7 @@ def test_encode_prompt_matches_transformers(release):
   # The penultimate state, not the last one (which passes through final_layer_norm).
   assert np.abs(out.hidden_states[-2].numpy() - out.last_hidden_state.numpy()).max() > 0.1
 
-  cond = teacher.condition(PROMPTS, NEGATIVE)
+  cond = meissonic_teacher.prompt_condition(teacher, PROMPTS, NEGATIVE)
   np.testing.assert_allclose(cond["hidden"], hidden[:2], atol=1e-6)
   np.testing.assert_allclose(cond["uncond_pooled"], np.tile(pooled[2:], (2, 1)), atol=1e-6)
   np.testing.assert_array_equal(cond["micro_conds"],
@@ -129,31 +133,41 @@ def _token_inputs(batch=3, seed=0):
   return tokens.astype(np.int32)
 
 
-def test_logits_are_the_transformer_with_the_release_mask_id(release):
+def _cond(hidden, pooled, conds, uncond_hidden=None, uncond_pooled=None):
+  return {"hidden": hidden, "pooled": pooled, "micro_conds": conds,
+          "uncond_hidden": hidden if uncond_hidden is None else uncond_hidden,
+          "uncond_pooled": pooled if uncond_pooled is None else uncond_pooled}
+
+
+@pytest.mark.parametrize("timestep", [0.0, 7.0])
+def test_logits_are_the_transformer_with_the_release_mask_id(release, timestep):
+  """The teacher's call (our mask id V, a cond dict) against the converted transformer called
+  directly and against the torch reference, both with the release's mask id."""
   teacher = release["teacher"]
   tokens = _token_inputs()
   rng = np.random.default_rng(1)
   hidden = rng.standard_normal((3, 77, RELEASE_LIKE["joint_attention_dim"]), np.float32)
   pooled = rng.standard_normal((3, RELEASE_LIKE["pooled_projection_dim"]), np.float32)
   conds = np.array([[16, 16, 0, 0, 6]] * 3, np.float32)
-  timestep = np.array([0.0, 3.0, 7.0], np.float32)
-  logits = np.asarray(teacher.logits(tokens, hidden, pooled, conds, timestep))
+  at = teachers.Teacher(dataclasses.replace(teacher.model, timestep=timestep),
+                        teacher.variables, teacher.description)
+  logits = np.asarray(jax.jit(at.logits)(tokens, _cond(hidden, pooled, conds)))
   assert logits.shape == (3, GRID[0] * GRID[1], V) and logits.dtype == np.float32
 
   model, variables = meissonic.transformer_from_folder(release["src"])
   release_tokens = np.where(tokens == V, model.mask_id, tokens)
+  times = np.full((3,), timestep, np.float32)
   direct = np.asarray(jax.jit(model.apply)(variables, release_tokens, hidden, pooled, conds,
-                                           timestep))
+                                           times))
   np.testing.assert_allclose(logits, direct, atol=1e-5)  # jitted against eager
   # The mask matters (rows 0 and 2 are masked): the same call with the codes unmasked differs.
-  other = np.asarray(teacher.logits(np.where(tokens == V, 3, tokens), hidden, pooled, conds,
-                                    timestep))
+  other = np.asarray(at.logits(np.where(tokens == V, 3, tokens), _cond(hidden, pooled, conds)))
   assert np.abs(other[0] - logits[0]).max() > 1e-3
 
   with torch.no_grad():  # the torch reference, called as the pipeline calls the release
     expected = release["transformer"](
         torch.from_numpy(release_tokens).long(), torch.from_numpy(hidden),
-        torch.from_numpy(pooled), torch.from_numpy(timestep), pipeline_image_ids(*GRID),
+        torch.from_numpy(pooled), torch.from_numpy(times), pipeline_image_ids(*GRID),
         torch.zeros(hidden.shape[1], 3), torch.from_numpy(conds))
   expected = expected.reshape(3, V, -1).permute(0, 2, 1).numpy()
   error = np.abs(logits - expected).max()
@@ -163,15 +177,13 @@ def test_logits_are_the_transformer_with_the_release_mask_id(release):
 
 def test_conditioned_adapter_takes_the_negative_prompt_when_dropped(release):
   teacher = release["teacher"]
-  cond = teacher.condition(PROMPTS + ["a third prompt"], NEGATIVE)
+  cond = meissonic_teacher.prompt_condition(teacher, PROMPTS + ["a third prompt"], NEGATIVE)
   tokens = _token_inputs()
   drop = jnp.array([False, True, True])
-  logits = jax.jit(teacher.conditioned().apply)(teacher.variables,
-                                                jnp.asarray(tokens.reshape(3, -1)), cond, drop)
-  zero = jnp.zeros((3,), jnp.float32)
-  conditional = teacher.logits(tokens, cond["hidden"], cond["pooled"], cond["micro_conds"], zero)
-  negative = teacher.logits(tokens, cond["uncond_hidden"], cond["uncond_pooled"],
-                            cond["micro_conds"], zero)
+  logits = jax.jit(teacher.logits)(tokens, cond, drop)
+  conditional = teacher.logits(tokens, cond)
+  negative = teacher.logits(tokens, {**cond, "hidden": cond["uncond_hidden"],
+                                     "pooled": cond["uncond_pooled"]})
   np.testing.assert_allclose(logits[0], conditional[0], atol=1e-5)
   np.testing.assert_allclose(logits[1:], negative[1:], atol=1e-5)
   assert np.abs(conditional[1] - negative[1]).max() > 1e-3  # the prompts do matter
@@ -201,7 +213,7 @@ def test_unmasking_rule_matches_amused_scheduler(schedule, step):
   steps, batch, seq_len, vocab = 12, 3, 48, V
   scheduler = AmusedScheduler(mask_token_id=vocab, masking_schedule=schedule)
   scheduler.set_timesteps(steps, temperature=(2, 0))
-  np.testing.assert_allclose(text_to_image.temperatures(steps), scheduler.temperatures.numpy(),
+  np.testing.assert_allclose(sampling.temperatures(steps), scheduler.temperatures.numpy(),
                              rtol=1e-6)
 
   rng = np.random.default_rng(step)
@@ -224,9 +236,9 @@ def test_unmasking_rule_matches_amused_scheduler(schedule, step):
   np.testing.assert_array_equal(pred, out.pred_original_sample.numpy())
 
   selected = np.take_along_axis(np.asarray(jax.nn.softmax(logits, -1)), pred[..., None], -1)
-  again = text_to_image.remask(jnp.asarray(masked), jnp.asarray(selected[..., 0]),
-                               jnp.asarray(gumbel.numpy()), jnp.int32(step), steps,
-                               jnp.float32(scheduler.temperatures[step]), schedule)
+  again = sampling.remask(jnp.asarray(masked), jnp.asarray(selected[..., 0]),
+                          jnp.asarray(gumbel.numpy()), jnp.int32(step), steps,
+                          jnp.float32(scheduler.temperatures[step]), schedule)
   ours = np.where(np.asarray(again), vocab, pred)
   expected = out.prev_sample.numpy()
   np.testing.assert_array_equal(ours == vocab, expected == vocab)  # which tokens stay masked
@@ -253,7 +265,7 @@ def test_sampler_reveals_the_release_counts_at_the_pipeline_timesteps(schedule):
     return jnp.where(jnp.arange(V) == code, 40.0, -40.0) * jnp.ones((*tokens.shape, 1))
 
   cond = {"hidden": jnp.zeros((batch, 1))}
-  codes = np.asarray(text_to_image.meissonic_sample(
+  codes = np.asarray(sampling.meissonic_sample(
       logits_fn, jax.random.PRNGKey(0), cond, seq_len, V, steps=steps, cfg=9.0,
       masking_schedule=schedule))
   assert codes.shape == (batch, seq_len) and codes.dtype == np.int32
@@ -267,21 +279,28 @@ def test_sampler_reveals_the_release_counts_at_the_pipeline_timesteps(schedule):
 
 def test_teacher_sampler_and_one_step_sampler(release):
   teacher = release["teacher"]
-  cond = teacher.condition(PROMPTS, NEGATIVE)
-  codes = np.asarray(teacher.sample(jax.random.PRNGKey(0), cond, steps=4))
-  again = np.asarray(teacher.sample(jax.random.PRNGKey(0), cond, steps=4))
-  other = np.asarray(teacher.sample(jax.random.PRNGKey(1), cond, steps=4))
+  cond = meissonic_teacher.prompt_condition(teacher, PROMPTS, NEGATIVE)
+  decode = jax.jit(teacher.decoder(4, sampling.MEISSONIC_CFG))
+  codes = np.asarray(decode(teacher.variables, jax.random.PRNGKey(0), cond))
+  again = np.asarray(decode(teacher.variables, jax.random.PRNGKey(0), cond))
+  other = np.asarray(decode(teacher.variables, jax.random.PRNGKey(1), cond))
   assert codes.shape == (2, 64) and ((codes >= 0) & (codes < V)).all()
   np.testing.assert_array_equal(codes, again)
   assert (codes != other).any()
 
-  adapter = teacher.conditioned()
-  one = np.asarray(text_to_image.one_step_sample(adapter, teacher.variables,
-                                                 jax.random.PRNGKey(0), cond, 0.5, 0.3))
+  run = defaults_config(fixed_ratio="fix_0.5", noise_emb_perturb="fix_0.3")
+  one_step = samplers.generator(teacher, teacher.variables, run, 0)
+  one = np.asarray(jax.jit(one_step.fn)(one_step.inputs, jax.random.PRNGKey(0), cond))
   assert one.shape == (2, 64) and ((one >= 0) & (one < V)).all()
-  again = np.asarray(text_to_image.one_step_sample(adapter, teacher.variables,
-                                                   jax.random.PRNGKey(0), cond, 0.5, 0.3))
+  again = np.asarray(jax.jit(one_step.fn)(one_step.inputs, jax.random.PRNGKey(0), cond))
   np.testing.assert_array_equal(one, again)
+
+
+def defaults_config(**overrides):
+  from dimo_jax import defaults
+  config = defaults.reference_config()
+  config.update(overrides)
+  return config
 
 
 # --- bad releases ------------------------------------------------------------------------------

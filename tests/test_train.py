@@ -114,7 +114,7 @@ _SHARDED = textwrap.dedent("""
           distill.create_state(config, params, jax.random.PRNGKey(7), distill.FROZEN_WITH_EMB),
           mesh)
       step = jax.jit(distill.make_train_step(
-          config, teacher.model, parallel.batch_constraint(mesh, config.train_batch_size)),
+          config, teacher, parallel.batch_constraint(mesh, config.train_batch_size)),
           in_shardings=(rep, rep), out_shardings=(rep, rep))
       for _ in range(3):
         state, metrics = step(state, params)

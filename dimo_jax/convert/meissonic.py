@@ -21,7 +21,7 @@ sub-folder of the release and writes one model directory (`dimo_jax.modeldir`):
   DST/tokenizer/      the CLIP tokenizer files, copied (vocab.json, merges.txt, ...)
   DST/vqvae/          tokenizer directory of the VQ-VAE (kind "diffusers-vq")
 
-`dimo_jax.teachers.load(DST)` returns the text-to-image teacher (`dimo_jax.text_to_image`) and
+`dimo_jax.teachers.load(DST)` returns the text-to-image teacher (`dimo_jax.teachers.meissonic`) and
 `dimo_jax.tokenizers.load(DST)` the VQ-VAE. Everything is read and checked before anything is
 written; DST appears whole or not at all.
 """
@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dimo_jax import clip_tokenizer, modeldir, tokenizers
-from dimo_jax.text_to_image import KIND, MASKING_SCHEDULES, PROMPT_LENGTH
+from dimo_jax.teachers.meissonic import KIND, MASKING_SCHEDULES, PROMPT_LENGTH
 from dimo_jax.convert import clip as convert_clip
 from dimo_jax.convert import common, diffusers_vq
 from dimo_jax.convert.common import ConversionError

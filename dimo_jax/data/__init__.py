@@ -1,27 +1,37 @@
 """The token datasets a run can name in its config (`config.dataset`).
 
 Each gives what pretraining, the sample grids and the final evaluation need:
+  conditioning: teachers.CLASS or teachers.TEXT, what its teacher must be conditioned on
   sizes:        num_classes, seq_len, codebook_size
+  condition:    labels int[N] -> what the teacher is conditioned on: the labels themselves
+                (int32[N]), or the cond dict of models/meissonic.TextConditioned
   train_batch:  (np.random.Generator, batch) -> (tokens int32[B, L], labels int32[B])
+  train_condition: train_batch's labels -> the teacher's condition (pretraining)
   images:       tokens int[N, L] -> float32[N, h, w] (grey) or [N, H, W, 3] (RGB) in [0, 1]
   make_scorer:  () -> (tokens, labels) -> {metric: float}; digits: fd and accuracy in a trained
                 classifier's features, synthetic: true_nll, mode_coverage and in_mode,
                 imagenet256: none (an empty dict: FID is dimo_jax/evaluate.py's).
-Text-to-image datasets ('prompts', 'digits_text') add what their teacher is conditioned on:
+Text-to-image datasets ('prompts', 'digits_text') add the prompts the step is fed:
   conditions:        data.prompts.PromptConditions (the prompts' encodings)
-  condition:         labels int[N] -> the cond dict of models/meissonic.TextConditioned
   train_conditions:  (step, batch, rounds) -> the prompt indices the step is fed
 """
 
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import ml_collections
 import numpy as np
 
+from dimo_jax.teachers import CLASS, TEXT, Teacher
+
 Scorer = Callable[[np.ndarray, np.ndarray], Dict[str, float]]
+
+
+def class_condition(labels) -> np.ndarray:
+  """A class-conditional dataset's condition of labels int[N]: the labels, int32[N]."""
+  return np.asarray(labels, np.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +40,8 @@ class Digits:
   num_classes: int = 10
   seq_len: int = 64
   codebook_size: int = 17
+  conditioning = CLASS
+  condition = train_condition = staticmethod(class_condition)
 
   def train_batch(self, rng: np.random.Generator, batch: int):
     from dimo_jax.data import digits
@@ -52,6 +64,8 @@ class Digits:
 class Synthetic:
   """Prototype mixtures with per-token corruption: exact likelihood and mode coverage."""
   spec: ml_collections.ConfigDict
+  conditioning = CLASS
+  condition = train_condition = staticmethod(class_condition)
 
   @property
   def distribution(self):
@@ -130,6 +144,8 @@ class ImageNet256:
   num_classes: int = 1000
   seq_len: int = 256
   codebook_size: int = 1024
+  conditioning = CLASS
+  condition = train_condition = staticmethod(class_condition)
 
   @functools.cached_property
   def tokenizer(self):
@@ -155,29 +171,32 @@ class TextPrompts:
 
   A "label" is a prompt's index: `condition(indices)` is what the step and the samplers are
   conditioned on, `train_conditions(step, ...)` the prompts step `step` draws. Pictures are the
-  teacher's VQ-VAE decodes; there is no image metric in the run (see dimo_jax/evaluate.py).
+  teacher's VQ-VAE decodes (read once); there is no image metric in the run (see
+  dimo_jax/evaluate.py).
   """
   config: ml_collections.ConfigDict
-
-  @functools.cached_property
-  def teacher(self):
-    from dimo_jax import text_to_image
-    return text_to_image.load(self.config.teacher_path)
+  teacher: Teacher
+  conditioning = TEXT
 
   @functools.cached_property
   def conditions(self):
     from dimo_jax.data import prompts
-    c, teacher = self.config, self.teacher
+    c, text = self.config, self.teacher.text
     texts = prompts.config_prompts(c) + [""]
-    encoder = (teacher.text_encoder, teacher.text_variables)
+    encoder = (text.encoder, text.variables)
     negative = c.negative_prompt if c.distil_neg_prompt else ""
     if c.get("prompt_cache"):
-      embeddings = prompts.cached_prompt_embeddings(c.prompt_cache, encoder, teacher.tokenizer,
+      embeddings = prompts.cached_prompt_embeddings(c.prompt_cache, encoder, text.tokenizer,
                                                     texts, negative)
     else:
-      embeddings = prompts.encode_prompts(encoder, teacher.tokenizer, texts, negative)
+      embeddings = prompts.encode_prompts(encoder, text.tokenizer, texts, negative)
     return prompts.PromptConditions(embeddings, tuple(c.micro_conds), c.distil_neg_prompt,
                                     c.global_seed)
+
+  @functools.cached_property
+  def tokenizer(self):
+    from dimo_jax import tokenizers
+    return tokenizers.load(self.config.teacher_path)
 
   @property
   def num_classes(self) -> int:
@@ -198,16 +217,17 @@ class TextPrompts:
     return self.conditions.draw(step, batch, rounds)
 
   def images(self, tokens) -> np.ndarray:
-    from dimo_jax import tokenizers
-    return decode_images(tokenizers.load(self.config.teacher_path), tokens)
+    return decode_images(self.tokenizer, tokens)
 
   def make_scorer(self) -> Scorer:
     return lambda tokens, labels: {}
 
 
-def get(config: ml_collections.ConfigDict):
-  """The dataset a config names: 'digits', 'synthetic' (with `config.synthetic`) or
-  'imagenet256' (with `config.tokenizer_path`)."""
+def get(config: ml_collections.ConfigDict, teacher: Optional[Teacher] = None):
+  """The dataset a config names: 'digits', 'synthetic' (with `config.synthetic`),
+  'imagenet256' (with `config.tokenizer_path`), or a text-to-image one, 'prompts' or
+  'digits_text', whose prompts `teacher`'s text encoder encodes (read from
+  `config.teacher_path` when not given; pretraining on 'digits_text' needs no teacher)."""
   name = config.get("dataset", "digits")
   if name == "digits":
     return Digits()
@@ -216,9 +236,12 @@ def get(config: ml_collections.ConfigDict):
   if name == "imagenet256":
     return ImageNet256(config.tokenizer_path)
   if name == "prompts":
-    return TextPrompts(config)
+    if teacher is None:
+      from dimo_jax import teachers
+      teacher = teachers.load(config.teacher_path)
+    return TextPrompts(config, teacher)
   if name == "digits_text":
     from dimo_jax.data import digit_prompts
-    return digit_prompts.from_config(config)
+    return digit_prompts.from_config(config, teacher)
   raise ValueError(f"unknown dataset {name!r}; known: 'digits', 'synthetic', 'imagenet256', "
                    "'prompts', 'digits_text'")

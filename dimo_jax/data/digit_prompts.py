@@ -35,6 +35,8 @@ import numpy as np
 from dimo_jax import clip_tokenizer, modeldir
 from dimo_jax.data import digits
 from dimo_jax.models.clip import CLIPTextEncoder
+from dimo_jax.teachers import TEXT, Teacher
+from dimo_jax.teachers.meissonic import TextStack
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # {word} is the digit's name, {n} its numeral.
@@ -160,14 +162,6 @@ def toy_text_encoder(vocab_size: int, eos_token_id: int, max_length: int = PROMP
 
 
 @dataclasses.dataclass(frozen=True)
-class TextStack:
-  """What turns prompts into the teacher's condition: the CLIP tower and its tokenizer."""
-  encoder: CLIPTextEncoder
-  variables: Any
-  tokenizer: clip_tokenizer.CLIPTokenizer
-
-
-@dataclasses.dataclass(frozen=True)
 class DigitPrompts:
   """The digits with prompts ('digits_text'): the `Digits` interface plus prompt conditions.
 
@@ -178,21 +172,23 @@ class DigitPrompts:
   against that digit.
 
   Attributes:
-    teacher_path: a teacher directory whose text_encoder/ and tokenizer/ encode the prompts;
-      None for a fresh toy encoder (pretraining, which saves it with `save_text`).
+    teacher: the loaded teacher whose text encoder and tokenizer encode the prompts; None for a
+      fresh toy encoder (pretraining, which saves it with `save_text`).
     encoder_fields: (name, value) pairs updating TOY_ENCODER for the fresh encoder.
     seed: the stream of `train_conditions` draws.
   """
-  teacher_path: Optional[str] = None
+  teacher: Optional[Teacher] = None
   encoder_fields: Tuple[Tuple[str, Any], ...] = ()
   seed: int = 0
   num_classes: int = digits.NUM_CLASSES
   seq_len: int = digits.SEQ_LEN
   codebook_size: int = digits.CODEBOOK_SIZE
 
+  conditioning = TEXT
+
   @classmethod
-  def from_teacher(cls, path: str, seed: int = 0) -> "DigitPrompts":
-    return cls(teacher_path=path, seed=seed)
+  def from_teacher(cls, teacher: Teacher, seed: int = 0) -> "DigitPrompts":
+    return cls(teacher=teacher, seed=seed)
 
   @classmethod
   def toy(cls, seed: int = 0, **encoder_fields) -> "DigitPrompts":
@@ -200,10 +196,8 @@ class DigitPrompts:
 
   @functools.cached_property
   def text(self) -> TextStack:
-    if self.teacher_path is not None:
-      from dimo_jax import text_to_image
-      teacher = text_to_image.load(self.teacher_path)
-      return TextStack(teacher.text_encoder, teacher.text_variables, teacher.tokenizer)
+    if self.teacher is not None:
+      return self.teacher.text
     vocab, merges = word_vocabulary(prompt_words())
     tokenizer = clip_tokenizer.CLIPTokenizer(vocab, merges, {}, PROMPT_LENGTH)
     encoder, variables = toy_text_encoder(len(vocab), tokenizer.eos_id,
@@ -253,6 +247,10 @@ class DigitPrompts:
     choice = rng.integers(0, per_digit, batch)
     return tokens[index], (labels[index] * per_digit + choice).astype(np.int32)
 
+  def train_condition(self, indices) -> Dict[str, np.ndarray]:
+    """The cond dict of `train_batch`'s prompt indices."""
+    return self.conditions.condition(indices)
+
   def condition(self, labels) -> Dict[str, np.ndarray]:
     """The `TextConditioned` cond dict of digits `labels` int[B]: each digit's prompt of
     TEMPLATES[EVAL_TEMPLATE]."""
@@ -287,10 +285,15 @@ class DigitPrompts:
                     stack.tokenizer.max_length)
 
 
-def from_config(config: ml_collections.ConfigDict) -> DigitPrompts:
-  """The teacher's text stack when the config names a `teacher_path` (distillation), else a
-  fresh toy encoder updated by `config.text_encoder` (pretraining)."""
+def from_config(config: ml_collections.ConfigDict,
+                teacher: Optional[Teacher] = None) -> DigitPrompts:
+  """The teacher's text stack when the config names a `teacher_path` (distillation; `teacher`,
+  read from there when not given), else a fresh toy encoder updated by `config.text_encoder`
+  (pretraining)."""
   if config.get("teacher_path"):
-    return DigitPrompts.from_teacher(config.teacher_path, seed=config.get("global_seed", 0))
+    if teacher is None:
+      from dimo_jax import teachers
+      teacher = teachers.load(config.teacher_path)
+    return DigitPrompts.from_teacher(teacher, seed=config.get("global_seed", 0))
   fields = config.get("text_encoder") or ml_collections.ConfigDict()
   return DigitPrompts.toy(seed=config.get("seed", 0), **fields.to_dict())

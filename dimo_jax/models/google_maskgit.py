@@ -19,8 +19,8 @@ row V + C. This module takes our layout (L visual tokens with mask id V, labels 
 it to the release's, and returns only the visual positions and the V codebook columns.
 
 The release's vocabulary is codes, classes and the mask: there is no unconditional token, so
-this teacher cannot be guided. `supports_guidance` is False and every guidance scale must be 1
-for this kind (see `drop_label` below for what happens otherwise).
+this teacher cannot be guided: its kind declares no guidance (`teachers.KINDS`) and every
+guidance scale must be 1 (see `drop_label` below for what happens otherwise).
 """
 
 from typing import Any, Optional
@@ -159,13 +159,6 @@ class GoogleMaskGIT(nn.Module):
   dropout: float = 0.1
   dtype: Dtype = jnp.float32
   remat: bool = False
-
-  # The release has no unconditional token: a guidance scale other than 1 has no meaning.
-  supports_guidance = False
-  # Path prefixes (under "params") of what Di[M]O's `fix_emb_layer` freezes: the tied
-  # word embedding / output table, the position embedding and the output bias.
-  FROZEN_WITH_EMB = ("Embed_0/word_embeddings", "Embed_0/position_embeddings",
-                     "MlmLayer_0/mlm_bias")
 
   @property
   def mask_id(self) -> int:

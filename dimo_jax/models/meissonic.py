@@ -498,10 +498,6 @@ class MeissonicTransformer(nn.Module):
     return logits.reshape(batch, height * width_tokens, self.codebook_size).astype(jnp.float32)
 
 
-# Di[M]O's `fix_emb_layer` freezes these submodules of Meissonic's generator and auxiliary model.
-FROZEN_WITH_EMB = ("embed", "mlm_layer")
-
-
 @dataclasses.dataclass(frozen=True)
 class TextConditioned:
   """A MeissonicTransformer behind the call the Di[M]O step and samplers make of every teacher.
@@ -521,9 +517,6 @@ class TextConditioned:
   width: int
   timestep: float = 0.0
 
-  supports_guidance = True
-  FROZEN_WITH_EMB = FROZEN_WITH_EMB
-
   @property
   def codebook_size(self) -> int:
     return self.transformer.codebook_size
@@ -535,19 +528,6 @@ class TextConditioned:
   @property
   def seq_len(self) -> int:
     return self.height * self.width
-
-  @property
-  def reference_mask_value(self) -> int:
-    """The release's mask id, what the reference's config calls `mask_value` (8255)."""
-    return self.transformer.mask_id
-
-  @staticmethod
-  def teacher_condition(cond):
-    """`cond` as the guided teacher sees it: its unconditional branch is the negative prompt
-    (`neg_hidden` / `neg_pooled`, when `cond` carries them: Di[M]O's `distil_neg_prompt`)."""
-    if "neg_hidden" not in cond:
-      return cond
-    return {**cond, "uncond_hidden": cond["neg_hidden"], "uncond_pooled": cond["neg_pooled"]}
 
   def clone(self, **updates) -> "TextConditioned":
     """A copy whose transformer has `updates` (e.g. remat=True)."""

@@ -1,0 +1,146 @@
+"""What is sampled, and the one loop that samples it over a mesh.
+
+A `Sampler` is a teacher at n decoding steps (its kind's own rule, `Teacher.decoder`) or a
+Di[M]O generator in one step; `sample` runs either over every label, a global batch at a time
+split over all devices, with the key of the batch starting at sample s being
+fold_in(PRNGKey(seed), s): the in-run evaluation, `python -m dimo_jax.evaluate` and
+`python -m dimo_jax.sample` draw the same codes for the same seed and batch size.
+"""
+
+import dataclasses
+import time
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from dimo_jax import masking, parallel, sampling
+from dimo_jax.teachers import Teacher
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """`fn(inputs, rng, cond) -> codes int32[B, L]` and what names it.
+
+  inputs: what `fn` reads besides the key and the condition (the teacher's variables, or the
+  generator's parameters and embedding-noise level), placed on the mesh by `sample`.
+  """
+  fn: Callable[[Any, jax.Array, Any], jax.Array]
+  inputs: Any
+  tag: str  # names output files and metrics
+  description: str  # names a table row
+  steps: int
+  step: int = 0  # the generator's checkpoint step (0 for the teacher)
+
+
+def teacher(teacher: Teacher, steps: int, cfg: float, options: Dict[str, Any],
+            variables: Any = None) -> Sampler:
+  """The teacher at `steps` steps of its own decode rule, guidance `cfg` (`Teacher.decoder`);
+  `options`: `Teacher.decode_options(config)` or the rule's flags."""
+  return Sampler(lambda v, rng, cond: teacher.decoder(steps, cfg, **options)(v, rng, cond),
+                 teacher.variables if variables is None else variables,
+                 f"teacher_{steps}step", f"teacher, {steps} steps, cfg_w {cfg:g}", steps)
+
+
+def generator_noise(config: ml_collections.ConfigDict, step: int) -> float:
+  """The embedding-noise level sigma a generator sees after `step` generator updates."""
+  return float(masking.noise_level(config.noise_emb_perturb, step * config.fake_rounds))
+
+
+def generator(teacher: Teacher, params: Any, run: ml_collections.ConfigDict, step: int,
+              gen_temp: Optional[float] = None, which: str = "ema") -> Sampler:
+  """A Di[M]O generator (parameters `params` of the teacher's module) in one step, as its run
+  `run` samples it: x_init (`fixed_ratio`), the embedding noise after `step` updates, no
+  guidance, then Cat(softmax(z / gen_temp)) with the run's top-k / top-p filtering.
+  `gen_temp` defaults to the run's."""
+  temp = float(run.gen_temp if gen_temp is None else gen_temp)
+  model = teacher.model
+
+  def fn(inputs, rng, cond):
+    variables, sigma = inputs
+    def logits_fn(tokens, cond_, noise_rng):
+      return model.apply(variables, tokens, cond_, emb_noise=sigma, rngs={"noise": noise_rng})
+    return sampling.generator_sample(logits_fn, rng, cond, teacher.seq_len,
+                                     teacher.codebook_size, teacher.mask_id, run.fixed_ratio,
+                                     temp, run.top_k, run.top_p)[0]
+
+  tag = f"{step}" if which == "ema" else f"{step}_{which}"
+  description = f"generator ({which}) step {step}, 1 step"
+  if gen_temp is not None:
+    tag, description = f"{tag}_T{temp:g}", f"{description}, gen_temp {temp:g}"
+  return Sampler(fn, (params, np.float32(generator_noise(run, step))), tag, description, 1,
+                 step)
+
+
+def class_rows(labels: np.ndarray) -> np.ndarray:
+  """The condition of class labels: the labels themselves (`parallel.place_rows`' `rows`)."""
+  return np.asarray(labels, np.int32)
+
+
+def padded_batches(count: int, batch_size: int) -> Iterator[Tuple[int, int]]:
+  """(start, rows) of every batch of `count` samples: the last one is padded to `batch_size`."""
+  for start in range(0, count, batch_size):
+    yield start, min(batch_size, count - start)
+
+
+def gather(tree: Any, count: int) -> Any:
+  """The first `count` rows of every batch-sharded leaf, as numpy arrays on every process."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(x)[:count],
+                                multihost_utils.process_allgather(tree, tiled=True))
+
+
+class MeshSampler:
+  """A `Sampler` jitted over a mesh, optionally followed on the device by `post`
+  (`post(post_inputs, codes) -> {name: [B, ...]}`: decoding, features).
+
+  Args:
+    sampler: what is sampled.
+    mesh: its devices; `batch_size` is rounded up to a multiple of their count.
+    rows: label indices int[n] -> the condition of n rows (`class_rows`, or a text dataset's
+      `PromptConditions.condition`).
+  """
+
+  def __init__(self, sampler: Sampler, mesh, batch_size: int,
+               rows: Callable[[np.ndarray], Any] = class_rows,
+               post: Optional[Callable[[Any, jax.Array], Dict[str, jax.Array]]] = None,
+               post_inputs: Any = None):
+    self.sampler, self.mesh, self.rows = sampler, mesh, rows
+    self.batch_size = parallel.round_batch(batch_size, mesh)
+    self.inputs = parallel.shard_params(sampler.inputs, mesh)
+    self.post_inputs = parallel.replicate(post_inputs, mesh)
+
+    def run(inputs, post_inputs, seed, start, cond):
+      rng = jax.random.fold_in(jax.random.PRNGKey(seed), start)
+      codes = sampler.fn(inputs, rng, cond)
+      return {"codes": codes, **({} if post is None else post(post_inputs, codes))}
+
+    self._run = jax.jit(run, out_shardings=parallel.batch_sharded(mesh))
+
+  def batches(self, labels: np.ndarray, seed: int, inputs: Any = None,
+              keep: Optional[Sequence[str]] = None) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(start, outputs of the batch's real rows as numpy arrays, on every process).
+
+    `inputs` replaces the sampler's (a generator's parameters as training goes on), placed like
+    them; `keep` names the outputs gathered to the host (default all).
+    """
+    inputs = self.inputs if inputs is None else parallel.shard_params(inputs, self.mesh)
+    labels = np.asarray(labels)
+    for start, count in padded_batches(len(labels), self.batch_size):
+      chunk = parallel.pad_rows(labels[start:start + count], self.batch_size)
+      cond = parallel.place_rows(self.rows, chunk, self.mesh)
+      out = self._run(inputs, self.post_inputs, np.uint32(seed), np.int32(start), cond)
+      yield start, gather(out if keep is None else {k: out[k] for k in keep}, count)
+
+  def __call__(self, labels: np.ndarray, seed: int, inputs: Any = None) -> np.ndarray:
+    """int32[N, L] codes of every label (see `batches`)."""
+    return np.concatenate([out["codes"] for _, out in self.batches(labels, seed, inputs)])
+
+
+def timed(sample: Callable[[], np.ndarray]):
+  """(samples, seconds) of a second call: the first compiles (and warms caches)."""
+  sample()
+  start = time.perf_counter()
+  out = sample()
+  return out, time.perf_counter() - start
