@@ -34,7 +34,7 @@ from dimo_jax import distill, teachers  # noqa: E402
 from dimo_jax.models.maskgit import MaskTransformer  # noqa: E402
 
 _NUM_CLASSES = 1000
-_MIXED_PRECISION = {"bf16": "bf16", "f32": "no"}
+_MIXED_PRECISION = {"bf16": "bf16", "fp32": "no"}  # the dtypes.DTYPES names
 
 
 def jax_config(args, fake_rounds: int):

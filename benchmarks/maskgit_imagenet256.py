@@ -27,10 +27,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from configs import maskgit_imagenet256  # noqa: E402
-from dimo_jax import distill, parallel, samplers, sampling, teachers, train  # noqa: E402
+from dimo_jax import distill, dtypes, parallel, samplers, sampling, teachers, train  # noqa: E402
 from dimo_jax.models.maskgit import MaskTransformer  # noqa: E402
 
-_MIXED_PRECISION = {"bf16": "bf16", "f32": "no"}
+_MIXED_PRECISION = {"bf16": "bf16", "fp32": "no"}  # the dtypes.DTYPES names
 
 
 def timed_runs(fn, args, repeats: int):
@@ -77,7 +77,7 @@ def main():
   config.train_batch_size = train.global_batch_size(config, mesh.shape[parallel.DATA])
   model = MaskTransformer(codebook_size=1024, num_classes=1000, seq_len=256, hidden_dim=768,
                           depth=args.depth, num_heads=16, mlp_dim=3072, dropout=0.1,
-                          dtype=train.compute_dtype(config))
+                          dtype=dtypes.compute_dtype(config))
   teacher = teachers.of_module(model)
   variables = jax.jit(teacher.init_variables)()
   num_params = sum(x.size for x in jax.tree_util.tree_leaves(variables))

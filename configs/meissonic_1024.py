@@ -86,12 +86,11 @@ def get_config():
   c.top_k = 0
   c.top_p = 0.0
 
-  # In-run teacher sampling (MaskGIT-style decoding of the adapter, for the comparison grid).
-  c.sched_mode = "arccos"
+  # Teacher sampling (the comparison grid, metrics.json, `evaluate --teacher_steps`): its own
+  # rule, the release's scheduler (Gumbel temperature 2 -> 0, the scheduler config's masking
+  # schedule) at the release's 64 steps and guidance 9 against the negative prompt.
   c.sampling_step = 64
-  c.cfg_w = 3.0
-  c.r_temp = 4.5
-  c.sm_temp = 1.0
+  c.cfg_w = 9.0
 
   c.log_every = 50
   c.validation_steps = 200

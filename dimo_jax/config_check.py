@@ -178,3 +178,21 @@ def closest_keys(config: ml_collections.ConfigDict, dotted: str,
       near = [n for n in names if part in n or n in part][:count]
     return [".".join(prefix + [n]) for n in near]
   return None
+
+
+# Config keys that guide the teacher or drop the condition, with their unguided values.
+_UNGUIDED = {"true_cfg": 1.0, "fake_cfg_eval": 1.0, "fake_cfg_train": 1.0,
+             "fake_cfg_drop_ratio": 0.0, "cfg_w": 0.0}
+
+
+def check_guidance(config: ml_collections.ConfigDict, teacher,
+                   keys=tuple(_UNGUIDED)) -> None:
+  """Refuses guidance (the config `keys`) for a teacher without an unconditional input."""
+  if teacher.supports_guidance:
+    return
+  wrong = {k: config[k] for k in keys if config[k] != _UNGUIDED[k]}
+  if wrong:
+    expected = ", ".join(f"{k}={_UNGUIDED[k]}" for k in keys)
+    raise ConfigError(
+        f"the {teacher.kind.name} teacher has no unconditional input, so it "
+        f"cannot be guided; set {expected} (found {wrong})")

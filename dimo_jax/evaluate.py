@@ -34,7 +34,8 @@ names (one prompt a line) in their place; with --num_samples, the prompts repeat
 own devices' rows only. The generator samples in one step (its run's x_init ratio, embedding
 noise and temperature); the teacher with its own rule, the release's scheduler
 (`sampling.meissonic_sample`, --teacher_steps steps, guidance --cfg or the config's `cfg_w`,
-against the config's `negative_prompt`). Codes are decoded by the teacher's VQ-VAE and quantized to uint8. Reported:
+against the config's `negative_prompt`). Codes are decoded by the teacher's VQ-VAE and
+quantized to uint8. Reported:
 clip_score, the mean over samples of 100 * max(cos, 0) between the CLIP image embedding of the
 sample (the uint8 image, CLIP's own preprocessing) and the text embedding of its prompt, with
 the model --clip names (`python -m dimo_jax.convert clip`); and fid, is and PRDC as above when
@@ -60,29 +61,25 @@ checkpoint step, a flag the evaluation cannot honour) is one `error:` line and e
 
 import dataclasses
 import json
-import math
 import os
 import time
 import zipfile
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import flags
 from clu import metric_writers
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-from dimo_jax import (cli, data, distributed, metrics, parallel, sample, samplers, teachers,
-                      tokenizers, train, visualize)
+from dimo_jax import (checkpoints, cli, config_check, data, distributed, dtypes, metrics,
+                      parallel, samplers, teachers, tokenizers, visualize)
 from dimo_jax.data.digits import class_balanced_labels
 from dimo_jax.errors import UserError
-from dimo_jax.models import clip as clip_model
+from dimo_jax.metrics import clip_score, pipeline, reference as references
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 PARAMS = ("ema", "generator")  # --params: the EMA or the raw generator parameters
 
 
@@ -97,70 +94,24 @@ def teacher_sampler(config: ml_collections.ConfigDict, teacher: teachers.Teacher
   rule also reads `r_temp`, `sm_temp`, `sched_mode`; Meissonic's is the release's scheduler,
   guided against the negative prompt), as the run's own final evaluation samples it."""
   try:
-    train.check_guidance(config, teacher, keys=("cfg_w",))
+    config_check.check_guidance(config, teacher, keys=("cfg_w",))
   except ValueError as e:
     raise EvaluateError(f"--cfg / --config.cfg_w: {e}") from None
-  return train.teacher_sampler(config, teacher, steps)
+  return samplers.run_teacher(config, teacher, steps)
 
 
 def generator_sampler(checkpoint: str, teacher: teachers.Teacher, which: str,
                       gen_temp: Optional[float] = None, flag: str = "--checkpoint",
                       teacher_dir: str = "") -> samplers.Sampler:
-  """The Di[M]O generator at `checkpoint` (see `sample.find_checkpoint`) in one step, with its
+  """The Di[M]O generator at `checkpoint` (see `checkpoints.find_checkpoint`) in one step, with its
   run's x_init ratio, embedding noise at that step and sampling temperature (or `gen_temp`).
 
   teacher: its module is the generator's (a text teacher's generator ignores the cond dict's
   unconditional and negative entries: it is never guided); its variables are not read.
   flag, teacher_dir: the flag that gave `checkpoint` and the teacher's directory, for errors.
   """
-  params, run, step = sample.load_generator(checkpoint, teacher, which, flag, teacher_dir)
+  params, run, step = checkpoints.load_generator(checkpoint, teacher, which, flag, teacher_dir)
   return samplers.generator(teacher, params, run, step, gen_temp, which)
-
-
-def to_uint8(images: jax.Array) -> jax.Array:
-  """float[..., H, W, 3] in [0, 1] -> uint8, rounded as a saved PNG is."""
-  return jnp.round(jnp.clip(images, 0.0, 1.0) * 255.0).astype(jnp.uint8)
-
-
-def features_fn(extractor) -> Callable[[Any, jax.Array], Tuple[jax.Array, jax.Array]]:
-  """(variables, uint8[B, H, W, 3]) -> (pool float32[B, F], logits float32[B, C]) of the FID
-  network.
-
-  `extractor` has `.model` and `.variables` (dimo_jax.models.fid_inception.load).
-  """
-  return lambda variables, images: extractor.model.apply(
-      variables, images.astype(jnp.float32) / 255.0)
-
-
-def image_pipeline(tokenizer=None, extractor=None, clip=None
-                   ) -> Optional[Callable[[Any, jax.Array], Dict[str, jax.Array]]]:
-  """What follows sampling on the device (`samplers.MeshSampler`'s `post`):
-  (aux, codes) -> {"images" uint8[B, H, W, 3][, "pool", "logits"][, "clip"]}; None without a
-  tokenizer.
-
-  aux: {"tokenizer", "extractor", "clip"} variables (None without them; "clip" those of the
-  CLIP vision tower of `clip`, a convert.clip.Clip). "clip" is the CLIP image embedding
-  float32[B, P] of each uint8 image.
-  """
-  if tokenizer is None:
-    return None
-  featurize = features_fn(extractor) if extractor is not None else None
-  low, high = data.value_range(tokenizer.description)
-
-  def post(aux, codes):
-    side = math.isqrt(codes.shape[1])
-    pictures = tokenizer.model.apply(aux["tokenizer"], codes.reshape(-1, side, side),
-                                     method=tokenizer.model.decode)
-    out = {"images": to_uint8((pictures.astype(jnp.float32) - low) / (high - low))}
-    if featurize is not None:
-      out["pool"], out["logits"] = featurize(aux["extractor"], out["images"])
-    if clip is not None:
-      pixels = clip_model.preprocess(out["images"].astype(jnp.float32) / 255.0,
-                                     clip.vision.image_size)
-      out["clip"] = clip.vision.apply(aux["clip"], pixels)
-    return out
-
-  return post
 
 
 class NpzWriter:
@@ -228,7 +179,7 @@ def generate(sampler: samplers.Sampler, labels: np.ndarray, mesh, batch_size: in
          "extractor": None if extractor is None else extractor.variables,
          "clip": None if clip is None else clip.variables["vision"]}
   runner = samplers.MeshSampler(sampler, mesh, batch_size, condition,
-                                image_pipeline(tokenizer, extractor, clip), aux)
+                                pipeline.image_pipeline(tokenizer, extractor, clip), aux)
   keep = ("codes",) + (() if extractor is None else ("pool", "logits"))
   keep += () if clip is None else ("clip",)
   parts = {name: [] for name in keep}
@@ -251,135 +202,6 @@ def generate(sampler: samplers.Sampler, labels: np.ndarray, mesh, batch_size: in
   elapsed = time.perf_counter() - started
   result["images_per_second"] = timed / elapsed if timed and elapsed > 0 else None
   return result
-
-
-def load_images(paths: Iterable[str], size: int) -> np.ndarray:
-  """Image files -> uint8[n, size, size, 3], each centre-cropped after a resize (`center_crop`)."""
-  out = []
-  for path in paths:
-    with Image.open(path) as image:
-      out.append(center_crop(image, size))
-  return np.stack(out)
-
-
-def center_crop(image: Image.Image, size: int) -> np.ndarray:
-  """ADM's reference-batch preprocessing: shrink by halves (box filter) while the short side
-  is at least 2 x size, bicubic to a short side of `size`, crop the centre: uint8[size, size, 3]."""
-  image = image.convert("RGB")
-  while min(image.size) >= 2 * size:
-    image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-  scale = size / min(image.size)
-  image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-  array = np.asarray(image)
-  top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
-  return array[top:top + size, left:left + size]
-
-
-def folder_batches(folder: str, size: int, batch_size: int) -> Tuple[int, Iterator[np.ndarray]]:
-  """(count, batches uint8[<= batch_size, size, size, 3]) of every image file under `folder`."""
-  paths = sorted(os.path.join(root, name) for root, _, names in os.walk(folder)
-                 for name in names if name.lower().endswith(IMAGE_SUFFIXES))
-  if not paths:
-    raise FileNotFoundError(f"--images: no {'/'.join(IMAGE_SUFFIXES)} files under {folder}")
-  return len(paths), (load_images(paths[i:i + batch_size], size)
-                      for i in range(0, len(paths), batch_size))
-
-
-def tfds_batches(spec: str, size: int, batch_size: int
-                 ) -> Tuple[Optional[int], Iterator[np.ndarray]]:
-  """(count, batches) of the `image` feature of a tensorflow-datasets 'name:split'.
-
-  count is the split's size in the dataset's metadata (None when it has none: the progress bar
-  then counts without a total).
-  """
-  import tensorflow_datasets as tfds  # only this sub-command needs it
-  name, _, split = spec.partition(":")
-  split = split or "train"
-  dataset, info = tfds.load(name, split=split, shuffle_files=False, with_info=True)
-  try:
-    count = info.splits[split].num_examples or None
-  except KeyError:
-    count = None
-
-  def batches():
-    chunk = []
-    for example in tfds.as_numpy(dataset):
-      chunk.append(center_crop(Image.fromarray(example["image"]), size))
-      if len(chunk) == batch_size:
-        yield np.stack(chunk)
-        chunk = []
-    if chunk:
-      yield np.stack(chunk)
-
-  return count, batches()
-
-
-def image_features(batches: Iterable[np.ndarray], total: int, extractor, mesh,
-                   batch_size: int, keep: int = -1) -> Dict[str, np.ndarray]:
-  """Streams uint8 image batches (the same on every process) through the FID network.
-
-  Returns:
-    {"mu": float64[F], "sigma": float64[F, F], "features": float32[min(keep, N), F] (keep -1:
-    all), "count": N}.
-  """
-  batch_size = parallel.round_batch(batch_size, mesh)
-  featurize = jax.jit(features_fn(extractor), out_shardings=parallel.batch_sharded(mesh))
-  variables = parallel.replicate(extractor.variables, mesh)
-  stats = metrics.FeatureStatistics()
-  kept = []
-  progress = tqdm(total=total, unit="img", desc="features", mininterval=2.0,
-                  disable=jax.process_index() > 0)
-  for images in batches:
-    for start in range(0, len(images), batch_size):
-      chunk = images[start:start + batch_size]
-      padded = parallel.pad_rows(chunk, batch_size)
-      placed = parallel.place_rows(lambda rows: padded[rows], np.arange(batch_size), mesh)
-      pool, _ = samplers.gather(featurize(variables, placed), len(chunk))
-      stats.update(pool)
-      if keep < 0 or sum(map(len, kept)) < keep:
-        kept.append(pool)
-      progress.update(len(chunk))
-  progress.close()
-  mu, sigma = stats.mu_sigma()
-  features = np.concatenate(kept)
-  return {"mu": mu, "sigma": sigma, "features": features if keep < 0 else features[:keep],
-          "count": np.int64(stats.count)}
-
-
-def load_reference(path: str, extractor, mesh, batch_size: int) -> Dict[str, np.ndarray]:
-  """{"mu", "sigma"[, "features"]} of a reference .npz (see the module docstring)."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"--ref: {path} does not exist")
-  with np.load(path) as f:
-    found = {name: f[name] for name in ("mu", "sigma", "features") if name in f.files}
-    if "features" not in found and "arr_0" in f.files:
-      images = f["arr_0"]
-      if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise EvaluateError(f"{path}: arr_0 should be uint8[N, H, W, 3] images, found "
-                            f"{images.dtype}{list(images.shape)}")
-      computed = image_features([images], len(images), extractor, mesh, batch_size)
-      found = {**computed, **{k: v for k, v in found.items() if k in ("mu", "sigma")}}
-    files = f.files
-  if "mu" not in found or "sigma" not in found:
-    raise EvaluateError(f"{path}: expected `mu` and `sigma` (or `arr_0` images), found {files}")
-  dim = found["mu"].shape
-  if len(dim) != 1 or found["sigma"].shape != dim * 2:
-    raise EvaluateError(f"{path}: expected mu [F] and sigma [F, F], found "
-                        f"{found['mu'].shape} and {found['sigma'].shape}")
-  return found
-
-
-def image_metrics(pool: np.ndarray, logits: np.ndarray,
-                  reference: Dict[str, np.ndarray]) -> Dict[str, float]:
-  """fid, is, is_std and (with reference features) precision, recall, density, coverage."""
-  if pool.shape[1:] != reference["mu"].shape:
-    raise EvaluateError(f"the reference statistics are of {reference['mu'].shape[0]} "
-                        f"features, the network gives {pool.shape[1]}")
-  scores = {"fid": metrics.fid(pool, reference["mu"], reference["sigma"])}
-  scores["is"], scores["is_std"] = metrics.inception_score(logits)
-  if "features" in reference:
-    scores.update(metrics.prdc(reference["features"], pool))
-  return scores
 
 
 _TABLE_COLUMNS = (("fid", "FID"), ("is", "IS"), ("precision", "Prec."), ("recall", "Rec."),
@@ -450,7 +272,7 @@ def text_evaluation(config: ml_collections.ConfigDict, teacher: teachers.Teacher
   Args:
     config: the run's config (dataset 'prompts', a `meissonic` teacher; `cfg_w` guides it).
     teacher: the loaded teacher (its text encoder encodes the prompts).
-    checkpoint: the Di[M]O checkpoint (see `sample.find_checkpoint`), unused for the teacher.
+    checkpoint: the Di[M]O checkpoint (see `checkpoints.find_checkpoint`), unused for the teacher.
     params: 'ema' or 'generator'.
     teacher_steps: > 0 samples the teacher with its own rule at this many steps.
     prompts: a prompt file replacing the config's prompt source.
@@ -472,23 +294,6 @@ def text_evaluation(config: ml_collections.ConfigDict, teacher: teachers.Teacher
   labels = (np.arange(num_samples or count) % count).astype(np.int32)
   return TextEvaluation(sampler, labels, tuple(conditions.embeddings.prompts[:-1]),
                         conditions.condition, dataset.tokenizer, prompt_source(config))
-
-
-def prompt_embeds(clip, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-  """float32[P, D]: the CLIP text embedding of every prompt, `batch_size` at a time (the last
-  batch padded with its last prompt, so one shape is compiled)."""
-  out = []
-  for start in range(0, len(prompts), batch_size):
-    chunk = list(prompts[start:start + batch_size])
-    padded = chunk + chunk[-1:] * (batch_size - len(chunk))
-    out.append(np.asarray(clip.text_embeds(padded), np.float32)[:len(chunk)])
-  return np.concatenate(out)
-
-
-def clip_score(image_embeds: np.ndarray, text_embeds: np.ndarray) -> float:
-  """The mean over samples of 100 * max(cos, 0): float[N, D] and float[N, D] -> float."""
-  return float(np.mean(np.asarray(clip_model.clip_score(image_embeds, text_embeds),
-                                  np.float64)))
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Optional[str] = None,
@@ -532,14 +337,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
                         "(pass teacher_steps)")
   mesh = parallel.make_mesh(config.num_devices, config.mesh.data, config.mesh.fsdp)
   batch_size = parallel.round_batch(batch_size or config.eval_batch_size, mesh)
-  seed = train.eval_seed(config) if seed is None else seed
+  seed = samplers.eval_seed(config) if seed is None else seed
   # The generator's run: --checkpoint, else the --workdir results go to.
   flag = "--checkpoint" if checkpoint else "--workdir"
   if cfg is not None:
     config = config.copy_and_resolve_references()
     config.cfg_w = cfg
   # The generator's parameters come from its checkpoint: the teacher's are read only to sample it.
-  teacher = teachers.load(config.teacher_path, train.compute_dtype(config),
+  teacher = teachers.load(config.teacher_path, dtypes.compute_dtype(config),
                           with_variables=bool(teacher_steps))
   condition, text = data.class_condition, None
   if teacher.text_conditioned:
@@ -574,7 +379,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
       sampler = generator_sampler(checkpoint or workdir, teacher, params, gen_temp, flag,
                                   config.teacher_path)
     labels = class_balanced_labels(num_samples or 50000, teacher.num_classes)
-  ref = load_reference(reference, extractor, mesh, batch_size) if images_mode else None
+  ref = (references.load_reference(reference, extractor, mesh, batch_size) if images_mode
+         else None)
 
   os.makedirs(workdir, exist_ok=True)
   sink = SampleSink(workdir, sampler.tag, dataset, labels, save_png, save_npz,
@@ -585,17 +391,18 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
   sink.close()
   scores = {}
   if text is None and not images_mode:
-    scores = dataset.make_scorer()(out["codes"], labels)
+    scores = metrics.scorer(dataset)(out["codes"], labels)
   if images_mode:
-    scores.update(image_metrics(out["pool"], out["logits"], ref))
+    scores.update(references.image_metrics(out["pool"], out["logits"], ref))
   if clip is not None:
-    scores["clip_score"] = clip_score(out["clip"], prompt_embeds(clip, text.prompts)[labels])
+    scores["clip_score"] = clip_score.clip_score(
+        out["clip"], clip_score.prompt_embeds(clip, text.prompts)[labels])
   result = {"sampler": sampler.description, "steps": sampler.steps, "step": sampler.step,
             "num_samples": len(labels), "seed": seed, "reference": reference,
             "images_per_second": out["images_per_second"], "metrics": scores}
   if text is not None:
     result.update(prompts=text.source, num_prompts=len(text.prompts))
-  train.write_json(os.path.join(workdir, f"eval_{sampler.tag}.json"), result)
+  checkpoints.write_json(os.path.join(workdir, f"eval_{sampler.tag}.json"), result)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_scalars(sampler.step, {f"eval_{sampler.tag}/{k}": v for k, v in scores.items()})
   writer.flush()
@@ -640,16 +447,6 @@ class SampleSink:
   def close(self) -> None:
     if self.npz is not None:
       self.npz.close(self.labels)
-
-
-def write_reference(path: str, stats: Dict[str, np.ndarray]) -> None:
-  """Saves `image_features`' output as an .npz (process 0 only, never half-written)."""
-  if jax.process_index() > 0:
-    return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **stats)
-  os.replace(tmp, path)
 
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -714,12 +511,12 @@ def stats_main() -> None:
   mesh = parallel.make_mesh()
   batch_size = parallel.round_batch(_BATCH_SIZE.value or 64, mesh)
   if _IMAGES.value is not None:
-    count, batches = folder_batches(_IMAGES.value, _IMAGE_SIZE.value, batch_size)
+    count, batches = references.folder_batches(_IMAGES.value, _IMAGE_SIZE.value, batch_size)
   else:
-    count, batches = tfds_batches(_TFDS.value, _IMAGE_SIZE.value, batch_size)
-  stats = image_features(batches, count, load_extractor(_INCEPTION.value), mesh, batch_size,
-                         _KEEP.value)
-  write_reference(_OUT.value, stats)
+    count, batches = references.tfds_batches(_TFDS.value, _IMAGE_SIZE.value, batch_size)
+  stats = references.image_features(batches, count, load_extractor(_INCEPTION.value), mesh,
+                                    batch_size, _KEEP.value)
+  references.write_reference(_OUT.value, stats)
   print(f"wrote {_OUT.value}: {int(stats['count'])} images, "
         f"{stats['mu'].shape[0]} features, {len(stats['features'])} kept")
 

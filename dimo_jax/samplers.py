@@ -16,7 +16,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from dimo_jax import masking, parallel, sampling
+from dimo_jax import data, masking, parallel, sampling
 from dimo_jax.teachers import Teacher
 
 
@@ -35,13 +35,25 @@ class Sampler:
   step: int = 0  # the generator's checkpoint step (0 for the teacher)
 
 
-def teacher(teacher: Teacher, steps: int, cfg: float, options: Dict[str, Any],
-            variables: Any = None) -> Sampler:
+def decoding(teacher: Teacher, steps: int, cfg: float, options: Dict[str, Any],
+             variables: Any = None) -> Sampler:
   """The teacher at `steps` steps of its own decode rule, guidance `cfg` (`Teacher.decoder`);
   `options`: `Teacher.decode_options(config)` or the rule's flags."""
   return Sampler(lambda v, rng, cond: teacher.decoder(steps, cfg, **options)(v, rng, cond),
                  teacher.variables if variables is None else variables,
                  f"teacher_{steps}step", f"teacher, {steps} steps, cfg_w {cfg:g}", steps)
+
+
+def eval_seed(config: ml_collections.ConfigDict) -> int:
+  """The sampling seed of a run's final evaluation (also `evaluate`'s default)."""
+  return config.global_seed + 1
+
+
+def run_teacher(config: ml_collections.ConfigDict, teacher: Teacher, steps: int,
+                variables: Any = None) -> Sampler:
+  """The teacher as a run's config samples it: `steps` steps of its own decode rule with the
+  run's `cfg_w` (and, for MaskGIT's rule, `r_temp`, `sm_temp`, `sched_mode`)."""
+  return decoding(teacher, steps, config.cfg_w, teacher.decode_options(config), variables)
 
 
 def generator_noise(config: ml_collections.ConfigDict, step: int) -> float:
@@ -74,11 +86,6 @@ def generator(teacher: Teacher, params: Any, run: ml_collections.ConfigDict, ste
                  step)
 
 
-def class_rows(labels: np.ndarray) -> np.ndarray:
-  """The condition of class labels: the labels themselves (`parallel.place_rows`' `rows`)."""
-  return np.asarray(labels, np.int32)
-
-
 def padded_batches(count: int, batch_size: int) -> Iterator[Tuple[int, int]]:
   """(start, rows) of every batch of `count` samples: the last one is padded to `batch_size`."""
   for start in range(0, count, batch_size):
@@ -98,12 +105,12 @@ class MeshSampler:
   Args:
     sampler: what is sampled.
     mesh: its devices; `batch_size` is rounded up to a multiple of their count.
-    rows: label indices int[n] -> the condition of n rows (`class_rows`, or a text dataset's
-      `PromptConditions.condition`).
+    rows: label indices int[n] -> the condition of n rows (`data.class_condition`, or a text
+      dataset's `PromptConditions.condition`).
   """
 
   def __init__(self, sampler: Sampler, mesh, batch_size: int,
-               rows: Callable[[np.ndarray], Any] = class_rows,
+               rows: Callable[[np.ndarray], Any] = data.class_condition,
                post: Optional[Callable[[Any, jax.Array], Dict[str, jax.Array]]] = None,
                post_inputs: Any = None):
     self.sampler, self.mesh, self.rows = sampler, mesh, rows

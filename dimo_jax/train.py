@@ -24,41 +24,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from dimo_jax import (config_check, data, distill, distributed, dtypes, modeldir, parallel,
-                      samplers, teachers, visualize)
+from dimo_jax import (checkpoints, config_check, data, distill, distributed, dtypes, metrics,
+                      modeldir, parallel, samplers, teachers, visualize)
 from dimo_jax.errors import UserError
-
-def compute_dtype(config: ml_collections.ConfigDict):
-  """The dtype the networks compute in (`mixed_precision`); parameters stay float32."""
-  return dtypes.get(config.mixed_precision, "mixed_precision", dtypes.COMPUTE_DTYPES)
-
-
-def hold_teacher(config: ml_collections.ConfigDict, teacher_params):
-  """The frozen teacher's parameters in `teacher_dtype`, each leaf where it was placed."""
-  dtype = dtypes.get(config.teacher_dtype, "teacher_dtype")
-  return jax.tree_util.tree_map(lambda x: x.astype(dtype), teacher_params)
-
-
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=config.checkpoints_total_limit,
-      save_interval_steps=config.checkpointing_steps, create=True)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
-                               options=options)
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Writes `obj` as JSON through a temporary file, so `path` is never half-written.
-
-  Only process 0 writes: every process of a multi-process run shares the workdir.
-  """
-  if jax.process_index() > 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
 
 def global_batch_size(config: ml_collections.ConfigDict, batch_devices: int) -> int:
   """The step's batch: `train_batch_size`, or `per_device_batch` x `batch_devices` when set.
@@ -77,24 +45,6 @@ def global_batch_size(config: ml_collections.ConfigDict, batch_devices: int) -> 
                      f"train_batch_size {config.train_batch_size} disagree; set one of them "
                      "to -1")
   return per_device * batch_devices
-
-
-# Config keys that guide the teacher or drop the condition, with their unguided values.
-_UNGUIDED = {"true_cfg": 1.0, "fake_cfg_eval": 1.0, "fake_cfg_train": 1.0,
-             "fake_cfg_drop_ratio": 0.0, "cfg_w": 0.0}
-
-
-def check_guidance(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
-                   keys=tuple(_UNGUIDED)) -> None:
-  """Refuses guidance (the config `keys`) for a teacher without an unconditional input."""
-  if teacher.supports_guidance:
-    return
-  wrong = {k: config[k] for k in keys if config[k] != _UNGUIDED[k]}
-  if wrong:
-    expected = ", ".join(f"{k}={_UNGUIDED[k]}" for k in keys)
-    raise config_check.ConfigError(
-        f"the {teacher.kind.name} teacher has no unconditional input, so it "
-        f"cannot be guided; set {expected} (found {wrong})")
 
 
 def grid_classes(config: ml_collections.ConfigDict, num_classes: int) -> np.ndarray:
@@ -121,21 +71,9 @@ def eval_labels(config: ml_collections.ConfigDict, num_classes: int) -> np.ndarr
   return (np.arange(config.eval_samples) % num_classes).astype(np.int32)
 
 
-def eval_seed(config: ml_collections.ConfigDict) -> int:
-  """The sampling seed of a run's final evaluation (also `evaluate`'s default)."""
-  return config.global_seed + 1
-
-
-def teacher_sampler(config: ml_collections.ConfigDict, teacher: teachers.Teacher, steps: int,
-                    variables: Any = None) -> samplers.Sampler:
-  """The teacher at `steps` steps of its own decode rule with the run's `cfg_w` (and, for
-  MaskGIT's rule, `r_temp`, `sm_temp`, `sched_mode`)."""
-  return samplers.teacher(teacher, steps, config.cfg_w, teacher.decode_options(config),
-                          variables)
-
-
 def evaluate(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh, gen_params,
-             step: int, workdir: str, dataset, score: data.Scorer) -> Dict[str, Dict[str, float]]:
+             step: int, workdir: str, dataset,
+             score: metrics.Scorer) -> Dict[str, Dict[str, float]]:
   """Samples the teacher (at `sampling_step` and 1 step) and the generator on the same labels.
 
   Writes samples/comparison.png and returns {"teacher_<n>step"|"teacher_1step"|
@@ -146,24 +84,24 @@ def evaluate(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh,
   """
   labels = eval_labels(config, dataset.num_classes)
   classes = grid_classes(config, dataset.num_classes)
-  seed = eval_seed(config)
+  seed = samplers.eval_seed(config)
   runs = {f"teacher_{config.sampling_step}step":
-              teacher_sampler(config, teacher, config.sampling_step),
-          "teacher_1step": teacher_sampler(config, teacher, 1),
+              samplers.run_teacher(config, teacher, config.sampling_step),
+          "teacher_1step": samplers.run_teacher(config, teacher, 1),
           "generator_1step": samplers.generator(teacher, gen_params, config, step)}
   for temp in config.eval_gen_temps:
     runs[gen_temp_name(temp)] = samplers.generator(teacher, gen_params, config, step, temp)
-  metrics, panels = {}, {}
+  results, panels = {}, {}
   for name, sampler in runs.items():
     run = samplers.MeshSampler(sampler, mesh, config.eval_batch_size, dataset.condition)
     codes, seconds = samplers.timed(lambda: run(labels, seed))
-    metrics[name] = {**score(codes, labels), "sec_per_image": seconds / len(labels)}
+    results[name] = {**score(codes, labels), "sec_per_image": seconds / len(labels)}
     if not name.startswith("generator_1step_T"):  # one panel of the generator is enough
       panels[name.replace("_", " ")] = class_rows(dataset, codes, labels, 10, classes)
-    logging.info("%s: %s", name, metrics[name])
+    logging.info("%s: %s", name, results[name])
   if jax.process_index() == 0:
     visualize.side_by_side(panels, os.path.join(workdir, "samples", "comparison.png"))
-  return metrics
+  return results
 
 
 def gen_temp_name(temp: float) -> str:
@@ -380,14 +318,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   mesh = parallel.make_mesh(config.num_devices, config.mesh.data, config.mesh.fsdp)
   config = config.copy_and_resolve_references()
   config.train_batch_size = global_batch_size(config, parallel.batch_devices(mesh))
-  teacher = teachers.load(config.teacher_path, compute_dtype(config))
+  teacher = teachers.load(config.teacher_path, dtypes.compute_dtype(config))
   dataset = data.get(config, teacher)
   if teacher.kind.conditioning != dataset.conditioning:
     raise config_check.ConfigError(
         f"{config.teacher_path} is a {teacher.kind.conditioning}-conditioned teacher; "
         f"config.dataset {config.get('dataset')!r} conditions on "
         f"{dataset.conditioning} (text teachers: 'prompts' or 'digits_text')")
-  check_guidance(config, teacher)
+  config_check.check_guidance(config, teacher)
   teacher_params = parallel.shard_params(teacher.variables, mesh)
   # The step calls the teacher's module rematerialized when asked; the samplers do not.
   step_teacher = teacher.with_model(teacher.model.clone(remat=config.gradient_checkpointing))
@@ -400,16 +338,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
     return (place_conditions(dataset.conditions, indices, mesh),)
 
   saved = check_resume(config, workdir)
-  manager = checkpoint_manager(workdir, config)
+  manager = checkpoints.manager(workdir, config)
   # theta, psi and the EMA start from the float32 teacher before it is (maybe) cast down.
   state = initial_state(config, teacher, teacher_params, mesh, manager)
   # The record of the run is written only once the state it describes was restored (or built);
   # a deliberate change keeps the previous record beside it.
   config_path = os.path.join(workdir, "checkpoints", "config.json")
   if saved is not None and config_changes(saved, json.loads(config.to_json())):
-    write_json(os.path.join(workdir, "checkpoints", f"config.step{int(state.step)}.json"), saved)
-  write_json(config_path, json.loads(config.to_json()))
-  teacher_params = hold_teacher(config, teacher_params)
+    checkpoints.write_json(
+        os.path.join(workdir, "checkpoints", f"config.step{int(state.step)}.json"), saved)
+  checkpoints.write_json(config_path, json.loads(config.to_json()))
+  teacher_params = dtypes.hold_teacher(config, teacher_params)
   # The samplers use the placed copy, so no whole teacher stays on one device.
   teacher = dataclasses.replace(teacher, variables=teacher_params)
   if int(state.step):
@@ -420,7 +359,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
       state, teacher_params, *example, name="train_step")
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   # The digits scorer trains its feature classifier: build it once, and only if it is used.
-  score = dataset.make_scorer() if config.validation_metrics or config.final_eval else None
+  score = metrics.scorer(dataset) if config.validation_metrics or config.final_eval else None
   # One compiled one-step sampler for every validation, fed the parameters of the moment.
   validation = samplers.MeshSampler(
       samplers.generator(teacher, state.ema_params, config, int(state.step)), mesh,
@@ -441,9 +380,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   if not config.final_eval:
     return {}
   params = state.ema_params if config.eval_params == "ema" else state.gen_params
-  metrics = evaluate(config, teacher, mesh, params, int(state.step), workdir, dataset, score)
-  write_json(os.path.join(workdir, "metrics.json"), metrics)
-  return metrics
+  results = evaluate(config, teacher, mesh, params, int(state.step), workdir, dataset, score)
+  checkpoints.write_json(os.path.join(workdir, "metrics.json"), results)
+  return results
 
 
 def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, validation,

@@ -225,7 +225,8 @@ def test_one_distillation_step_is_finite(small):
   c.lr_scheduler_type = "constant"
   state = distill.create_state(c, teacher, jax.random.PRNGKey(1),
                                teachers.of_module(model).frozen_with_emb)
-  step = jax.jit(distill.make_train_step(c, teachers.of_module(model))).lower(state, teacher).compile(
+  step_fn = distill.make_train_step(c, teachers.of_module(model))
+  step = jax.jit(step_fn).lower(state, teacher).compile(
       compiler_options={"xla_backend_optimization_level": 0})
   state, metrics = step(state, teacher)
   assert np.isfinite(float(metrics["loss_generator"]))
@@ -234,13 +235,13 @@ def test_one_distillation_step_is_finite(small):
 
 
 def test_a_run_refuses_guidance_for_this_teacher(small):
-  from dimo_jax import train
+  from dimo_jax import config_check
   GOOGLE = teachers.of_module(small[1])
   c = defaults.reference_config()  # true_cfg 2, cfg_w 3, condition dropout 0.1
   with pytest.raises(ValueError, match="true_cfg.*cfg_w") as e:
-    train.check_guidance(c, GOOGLE)
+    config_check.check_guidance(c, GOOGLE)
   assert "fake_cfg_drop_ratio" in str(e.value)
   c.update(true_cfg=1.0, cfg_w=0.0, fake_cfg_drop_ratio=0.0)
-  train.check_guidance(c, GOOGLE)
+  config_check.check_guidance(c, GOOGLE)
   c.true_cfg = 3.0
-  train.check_guidance(c, GOOGLE, keys=("cfg_w",))  # what sampling alone checks
+  config_check.check_guidance(c, GOOGLE, keys=("cfg_w",))  # what sampling alone checks

@@ -189,10 +189,11 @@ def test_label_smoothed_ce_matches_torch_formula():
   # torch.nn.functional.cross_entropy(label_smoothing=s, ignore_index=..., reduction='mean').
   per_token = (1 - s) * nll + s * np.mean(-log_p, -1)
   expected = per_token[mask].mean()
-  got = divergence.label_smoothed_ce(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask), s)
+  got = divergence.label_smoothed_ce(jnp.asarray(logits), jnp.asarray(targets),
+                                     jnp.asarray(mask), s)
   assert float(got) == pytest.approx(expected, rel=1e-5)
-  plain = divergence.label_smoothed_ce(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask),
-                                    0.0)
+  plain = divergence.label_smoothed_ce(jnp.asarray(logits), jnp.asarray(targets),
+                                       jnp.asarray(mask), 0.0)
   assert float(plain) == pytest.approx(nll[mask].mean(), rel=1e-5)
 
 

@@ -22,7 +22,8 @@ from absl import flags
 from PIL import Image
 
 from configs import digits
-from dimo_jax import distill, evaluate, parallel, teachers, train
+from dimo_jax import checkpoints, distill, evaluate, parallel, teachers
+from dimo_jax.metrics import reference
 from tests.test_sample_cli import tiny_tokenizer
 from tests.test_train import tiny_config, tiny_teacher
 
@@ -63,7 +64,7 @@ def write_checkpoint(workdir: str, config, teacher_path: str, step: int) -> None
   teacher = teachers.load(teacher_path)
   state = distill.create_state(config, teacher.variables, jax.random.PRNGKey(0),
                                distill.FROZEN_WITH_EMB)
-  manager = train.checkpoint_manager(workdir, config)
+  manager = checkpoints.manager(workdir, config)
   manager.save(step, args=ocp.args.StandardSave(state), force=True)
   manager.wait_until_finished()
   with open(os.path.join(workdir, "checkpoints", "config.json"), "w") as f:
@@ -94,11 +95,11 @@ def reference_fid(x, mu, sigma) -> float:
 
 def test_image_evaluation_scores_the_images_it_saves(dirs, tmp_path):
   mesh = parallel.make_mesh(1)
-  ref = evaluate.image_features([dirs["real"][:25], dirs["real"][25:]], 40, tiny_extractor(),
+  ref = reference.image_features([dirs["real"][:25], dirs["real"][25:]], 40, tiny_extractor(),
                                 mesh, batch_size=16, keep=30)
   assert ref["features"].shape == (30, 6) and int(ref["count"]) == 40
   np.testing.assert_allclose(ref["features"], tiny_features(dirs["real"])[:30], atol=1e-5)
-  evaluate.write_reference(str(tmp_path / "ref.npz"), ref)
+  reference.write_reference(str(tmp_path / "ref.npz"), ref)
 
   workdir = str(tmp_path / "eval")
   result = evaluate.evaluate(image_config(dirs), workdir, checkpoint=dirs["run"],
@@ -136,18 +137,18 @@ def test_adm_reference_batches_are_accepted(dirs, tmp_path):
   features = tiny_features(dirs["real"])
   # ADM's VIRTUAL_imagenet256_labeled.npz: images and their statistics, no features.
   np.savez(tmp_path / "adm.npz", arr_0=dirs["real"], mu=np.full(6, 7.0), sigma=np.eye(6))
-  ref = evaluate.load_reference(str(tmp_path / "adm.npz"), tiny_extractor(), mesh, 16)
+  ref = reference.load_reference(str(tmp_path / "adm.npz"), tiny_extractor(), mesh, 16)
   np.testing.assert_array_equal(ref["mu"], np.full(6, 7.0))  # the file's own statistics win
   np.testing.assert_allclose(ref["features"], features, atol=1e-5)
   # Images alone: the statistics come from them too.
   np.savez(tmp_path / "images.npz", arr_0=dirs["real"])
-  ref = evaluate.load_reference(str(tmp_path / "images.npz"), tiny_extractor(), mesh, 16)
+  ref = reference.load_reference(str(tmp_path / "images.npz"), tiny_extractor(), mesh, 16)
   np.testing.assert_allclose(ref["mu"], features.mean(0), atol=1e-5)
   np.testing.assert_allclose(ref["sigma"], np.cov(features, rowvar=False), atol=1e-5)
   np.savez(tmp_path / "bad.npz", mean=np.zeros(6))
   with pytest.raises(ValueError, match=r"bad.npz: expected `mu` and `sigma` \(or `arr_0` "
                                        r"images\), found \['mean'\]"):
-    evaluate.load_reference(str(tmp_path / "bad.npz"), tiny_extractor(), mesh, 16)
+    reference.load_reference(str(tmp_path / "bad.npz"), tiny_extractor(), mesh, 16)
 
 
 def test_image_datasets_need_the_network_and_a_reference(dirs, tmp_path):
@@ -172,7 +173,7 @@ def test_stats_command_on_a_folder(dirs, tmp_path, monkeypatch):
     flags.FLAGS.unparse_flags()
   with np.load(out) as f:
     stats = dict(f)
-  crops = np.stack([evaluate.center_crop(Image.open(folder / f"{i}.png"), 16) for i in range(9)])
+  crops = np.stack([reference.center_crop(Image.open(folder / f"{i}.png"), 16) for i in range(9)])
   assert crops.shape == (9, 16, 16, 3)
   features = tiny_features(crops)
   assert int(stats["count"]) == 9 and stats["features"].shape == (9, 6)
@@ -184,12 +185,12 @@ def test_stats_from_a_tfds_dataset(monkeypatch):
   """`--tfds name:split` through tensorflow-datasets' own mock of cifar10 (nothing downloaded)."""
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=5):
-    count, batches = evaluate.tfds_batches("cifar10:test", 16, 2)
+    count, batches = reference.tfds_batches("cifar10:test", 16, 2)
     got = np.concatenate(list(batches))
     images = [example["image"] for example in tfds.as_numpy(
         tfds.load("cifar10", split="test", shuffle_files=False))]
   assert count in (None, 5)
-  expected = np.stack([evaluate.center_crop(Image.fromarray(x), 16) for x in images])
+  expected = np.stack([reference.center_crop(Image.fromarray(x), 16) for x in images])
   assert got.shape == (5, 16, 16, 3) and got.dtype == np.uint8
   np.testing.assert_array_equal(got, expected)
 
@@ -197,7 +198,7 @@ def test_stats_from_a_tfds_dataset(monkeypatch):
 def test_center_crop_keeps_the_middle():
   image = np.zeros((20, 40, 3), np.uint8)
   image[:, 10:30] = 255  # the middle 20 columns
-  crop = evaluate.center_crop(Image.fromarray(image), 10)
+  crop = reference.center_crop(Image.fromarray(image), 10)
   assert crop.shape == (10, 10, 3) and crop.min() == 255
 
 
@@ -226,7 +227,7 @@ def test_fid_inception_features_with_random_weights():
   model = fid_inception.FIDInception()
   extractor = fid_inception.FeatureExtractor(model, random_inception(model), {})
   images = np.random.default_rng(1).integers(0, 256, (3, 16, 16, 3), dtype=np.uint8)
-  stats = evaluate.image_features([images], 3, extractor, parallel.make_mesh(1), batch_size=3)
+  stats = reference.image_features([images], 3, extractor, parallel.make_mesh(1), batch_size=3)
   features = stats["features"]
   assert features.shape == (3, fid_inception.POOL_DIM) and int(stats["count"]) == 3
   assert stats["sigma"].shape == (fid_inception.POOL_DIM,) * 2

@@ -24,7 +24,7 @@ import torch
 import transformers
 from PIL import Image
 
-from dimo_jax import distill, evaluate, samplers, teachers, tokenizers, train
+from dimo_jax import checkpoints, distill, evaluate, samplers, teachers, tokenizers, train
 from dimo_jax.convert import clip as convert_clip
 from dimo_jax.convert import meissonic
 from dimo_jax.teachers import meissonic as meissonic_teacher
@@ -65,7 +65,7 @@ def write_checkpoint(workdir: str, config, teacher) -> dict:
   keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
   ema = jax.tree_util.tree_unflatten(tree, [
       leaf + 0.05 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)])
-  manager = train.checkpoint_manager(workdir, config)
+  manager = checkpoints.manager(workdir, config)
   manager.save(CHECKPOINT_STEP, args=ocp.args.StandardSave(state.replace(ema_params=ema)),
                force=True)
   manager.wait_until_finished()
@@ -261,7 +261,7 @@ def test_cli_on_eight_devices_gives_the_samples_of_one(dirs, generator_eval, tmp
 def text_run(dirs, tmp_path_factory, monkeypatch_module):
   """A tiny text-to-image run with its final evaluation, counting every restore of a model
   directory and every VQ-VAE load, and keeping the codes each in-run sampler drew."""
-  from dimo_jax import data, modeldir
+  from dimo_jax import data, metrics, modeldir
   workdir = str(tmp_path_factory.mktemp("text_run"))
   config = dirs["config"].copy_and_resolve_references()
   config.update(max_train_steps=2, validation_steps=1, checkpointing_steps=2,
@@ -277,12 +277,13 @@ def text_run(dirs, tmp_path_factory, monkeypatch_module):
     vqvae_loads.append(src)
     return load_tokenizer(src, *args, **kwargs)
 
-  def recording_scorer(self):
+  def recording_scorer(dataset):
+    assert isinstance(dataset, data.TextPrompts)
     return lambda tokens, labels: codes.append(np.asarray(tokens)) or {}
 
   monkeypatch_module.setattr(modeldir, "restore", counting_restore)
   monkeypatch_module.setattr(tokenizers, "load", counting_load)
-  monkeypatch_module.setattr(data.TextPrompts, "make_scorer", recording_scorer)
+  monkeypatch_module.setattr(metrics, "scorer", recording_scorer)
   metrics = train.train_and_evaluate(config, workdir)
   monkeypatch_module.undo()
   return {"config": config, "metrics": metrics, "restores": restores,
@@ -321,7 +322,7 @@ def test_the_in_run_teacher_is_the_one_evaluate_samples(dirs, text_run, tmp_path
   # give other codes.
   teacher = dirs["text_teacher"]
   cond = dataset_condition(config, teacher, np.arange(config.eval_samples) % 4)
-  key = jax.random.fold_in(jax.random.PRNGKey(train.eval_seed(config)), 0)
+  key = jax.random.fold_in(jax.random.PRNGKey(samplers.eval_seed(config)), 0)
   maskgit = teachers.Teacher(teacher.model, teacher.variables,
                              {**teacher.description, "kind": "maskgit"})
   padded = jax.tree_util.tree_map(lambda x: np.concatenate([x, x[:1], x[:1]]), cond)

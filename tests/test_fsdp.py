@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from dimo_jax import parallel
+from dimo_jax import checkpoints, parallel
 from tests.test_train import tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,7 +46,7 @@ def _child(teacher_path: str, workdir: str) -> None:
   for name, (devices, data, fsdp) in MESHES.items():
     mesh = parallel.make_mesh(devices, data, fsdp)
     params = parallel.shard_params(teacher.variables, mesh)
-    manager = train.checkpoint_manager(os.path.join(workdir, name), config)
+    manager = checkpoints.manager(os.path.join(workdir, name), config)
     state = train.initial_state(config, teacher, params, mesh, manager)
     step = train.jit_train_step(config, teacher, mesh, state, params)
     for _ in range(3):

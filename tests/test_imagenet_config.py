@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import maskgit_imagenet256
-from dimo_jax import data, defaults, tokenizers, train, visualize
+from dimo_jax import data, defaults, metrics, tokenizers, train, visualize
 from dimo_jax.models.taming_vqgan import VQModel
 
 # Keys the config adds to the reference's (dimo_jax/defaults.py): where the models are, the
@@ -66,7 +66,7 @@ def test_global_batch_is_64_per_device(config):
 def test_the_dataset_has_imagenet_sizes_and_no_metrics_yet(config):
   dataset = data.get(config)
   assert (dataset.num_classes, dataset.seq_len, dataset.codebook_size) == (1000, 256, 1024)
-  assert dataset.make_scorer()(np.zeros((2, 256), np.int32), np.zeros((2,), np.int32)) == {}
+  assert metrics.scorer(dataset)(np.zeros((2, 256), np.int32), np.zeros((2,), np.int32)) == {}
   assert list(train.grid_classes(config, 1000)) == [1, 7, 282, 604, 724, 179, 751, 404, 850]
 
 

@@ -11,7 +11,7 @@ import pytest
 from scipy import special
 from scipy.spatial.distance import cdist
 
-from dimo_jax import metrics
+from dimo_jax.metrics import inception as metrics
 
 
 def reference_frechet(x, y) -> float:

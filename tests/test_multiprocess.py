@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from dimo_jax import train
+from dimo_jax import checkpoints, train
 from tests.test_train import restore_latest, tiny_config, tiny_teacher
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +121,7 @@ def test_two_processes_with_a_resume_match_one(teacher_path, tmp_path):
   step_a, a = restore_latest(together, config, teacher_path)
   step_b, b = restore_latest(alone, config, teacher_path)
   assert step_a == step_b == 4
-  assert train.checkpoint_manager(together, config).all_steps() == [2, 4]
+  assert checkpoints.manager(together, config).all_steps() == [2, 4]
   leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
   assert len(leaves_a) == len(leaves_b)
   for x, y in zip(leaves_a, leaves_b):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimo_jax import modeldir, parallel, teachers, train
+from dimo_jax import checkpoints, dtypes, modeldir, parallel, teachers, train
 from dimo_jax.models.google_maskgit import GoogleMaskGIT
 from dimo_jax.models.maskgit import MaskTransformer
 from tests.test_train import tiny_config, tiny_teacher
@@ -59,9 +59,9 @@ def test_remat_step_matches_and_bf16_teacher_halves_its_bytes(tmp_path):
     config = tiny_config(path, **overrides)
     stepped = teacher.with_model(teacher.model.clone(remat=config.gradient_checkpointing))
     params = parallel.shard_params(teacher.variables, mesh)
-    manager = train.checkpoint_manager(str(tmp_path / name), config)
+    manager = checkpoints.manager(str(tmp_path / name), config)
     state = train.initial_state(config, stepped, params, mesh, manager)
-    held = train.hold_teacher(config, params)
+    held = dtypes.hold_teacher(config, params)
     step = train.jit_train_step(config, stepped, mesh, state, held)
     for _ in range(2):
       state, _ = step(state, held)
@@ -90,4 +90,4 @@ def test_remat_step_matches_and_bf16_teacher_halves_its_bytes(tmp_path):
 def test_a_wrong_teacher_dtype_is_named(tmp_path):
   config = tiny_config("unused", teacher_dtype="fp8")
   with pytest.raises(ValueError, match="teacher_dtype must be one of"):
-    train.hold_teacher(config, {"w": jnp.zeros(2)})
+    dtypes.hold_teacher(config, {"w": jnp.zeros(2)})

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from dimo_jax import evaluate, modeldir, sample
+from dimo_jax import checkpoints, evaluate, modeldir, sample
 from tests.test_evaluate import image_config, tiny_extractor, write_checkpoint
 from tests.test_reliability_modeldirs import small_tokenizer
 from tests.test_sample_cli import tiny_tokenizer
@@ -118,7 +118,7 @@ def test_evaluate_refuses_a_tokenizer_of_another_codebook(dirs, tmp_path):
 
 def test_evaluate_refuses_a_generator_of_another_teacher(dirs, tmp_path):
   config = tiny_config(dirs["wide_teacher"])
-  with pytest.raises(sample.GeneratorError) as info:
+  with pytest.raises(checkpoints.GeneratorError) as info:
     evaluate.evaluate(config, str(tmp_path), checkpoint=dirs["run"], num_samples=4)
   step_dir = os.path.join(dirs["run"], "checkpoints", "3")
   assert str(info.value).startswith(f"{dirs['wide_teacher']}/model.json describes params/")
@@ -154,7 +154,7 @@ def test_sample_names_a_damaged_step_and_what_to_do(dirs, damaged_run, tmp_path,
   # The other step still samples.
   out = tmp_path / "step2.png"
   sample.main(["--teacher", dirs["teacher"], "--tokenizer", dirs["tokenizer"], "--generator",
-               f"{root}/2", "--labels", "1", "--samples-per-label", "1", "--out", str(out)])
+               f"{root}/2", "--labels", "1", "--samples_per_label", "1", "--out", str(out)])
   assert out.exists()
 
 
@@ -182,15 +182,15 @@ def _blank_prompts(tmp_path):
     ("label not a number", ["--labels", "1,x"], {}, 1,
      "error: --labels: 'x' is not an integer class label"),
     ("unknown --params", ["--labels", "1", "--params", "best"], {"generator": "{run}"}, 2,
-     "error: argument --params: invalid choice: 'best'"),
+     "error: flag --params=best: value should be one of <ema|generator>"),
     ("a teacher as tokenizer", ["--labels", "1"], {"tokenizer": "{teacher}"}, 1,
      "error: {teacher}/model.json: kind: expected a tokenizer kind among"),
     ("unknown schedule", ["--labels", "1", "--sched", "cosin"], {}, 1,
      "error: --sched: expected one of"),
     ("prompts for a class teacher", ["--prompt", "a cat"], {}, 1,
      "error: --prompt: --teacher {teacher} is a class-conditional 'maskgit' teacher"),
-    ("blank prompt file", ["--prompt-file", "{prompts}"], {}, 1,
-     "error: --prompt-file: {prompts}: holds no prompt"),
+    ("blank prompt file", ["--prompt_file", "{prompts}"], {}, 1,
+     "error: --prompt_file: {prompts}: holds no prompt"),
     ("zero steps", ["--labels", "1", "--steps", "0"], {}, 2,
      "error: --steps: expected at least 1 decoding step, found 0"),
 ])

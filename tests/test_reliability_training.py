@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimo_jax import distill, teachers, train
+from dimo_jax import checkpoints, distill, teachers, train
 from dimo_jax.models.maskgit import MaskTransformer
 from tests.test_distill_step import _config, _leaves
 from tests.test_train import restore_latest, tiny_teacher
@@ -117,7 +117,7 @@ def test_a_resume_with_other_method_keys_is_refused_and_the_record_kept(
   with pytest.raises(train.RunError, match=f"other method keys: {key} "):
     train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=4, **change), workdir)
   assert _config_json(workdir) == before
-  assert max(train.checkpoint_manager(workdir, tiny_config(teacher_path)).all_steps()) == 2
+  assert max(checkpoints.manager(workdir, tiny_config(teacher_path)).all_steps()) == 2
 
 
 def test_a_resume_with_another_teacher_is_refused(finished, tmp_path):

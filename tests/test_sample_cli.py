@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dimo_jax import sample, teachers, tokenizers, train
+from dimo_jax import checkpoints, sample, teachers, tokenizers, train
 from dimo_jax.models.taming_vqgan import VQModel
 from tests.test_train import restore_latest, tiny_config, tiny_teacher
 
@@ -48,22 +48,22 @@ def run_cli(dirs, tmp_path, *flags):
 
 def test_teacher_grid_has_a_row_per_label(dirs, tmp_path):
   out = run_cli(dirs, tmp_path, "--steps", "4", "--cfg", "3", "--labels", "1,7,3",
-                "--samples-per-label", "2", "--seed", "5", "--sched", "arccos")
+                "--samples_per_label", "2", "--seed", "5", "--sched", "arccos")
   assert Image.open(out).size == grid_size(3, 2)
   assert [p.name for p in (tmp_path / "out").iterdir()] == ["grid.png"]  # no temp file left
 
 
 def test_generator_grid_from_a_run(dirs, tmp_path):
   out = run_cli(dirs, tmp_path, "--generator", dirs["workdir"], "--labels", "0,9",
-                "--samples-per-label", "3")
+                "--samples_per_label", "3")
   assert Image.open(out).size == grid_size(2, 3)
 
 
 def test_generator_checkpoint_lookup_and_params(dirs):
   teacher = teachers.load(dirs["teacher"])
   step, state = restore_latest(dirs["workdir"], dirs["config"], dirs["teacher"])
-  ema, config, found = sample.load_generator(dirs["workdir"], teacher, "ema")
-  raw, _, found_raw = sample.load_generator(f"{dirs['workdir']}/checkpoints/{step}", teacher,
+  ema, config, found = checkpoints.load_generator(dirs["workdir"], teacher, "ema")
+  raw, _, found_raw = checkpoints.load_generator(f"{dirs['workdir']}/checkpoints/{step}", teacher,
                                             "generator")
   assert found == found_raw == step == 2
   assert config.fixed_ratio == dirs["config"].fixed_ratio
@@ -94,7 +94,7 @@ def test_missing_directory_is_named(dirs, tmp_path, capsys, flag):
 
 def test_a_directory_without_checkpoints_is_refused(dirs):
   with pytest.raises(FileNotFoundError, match="is not a Di\\[M\\]O workdir"):
-    sample.find_checkpoint(dirs["teacher"])
+    checkpoints.find_checkpoint(dirs["teacher"])
 
 
 def test_teacher_flags_are_refused_with_a_generator(dirs, tmp_path, capsys):

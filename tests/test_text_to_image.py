@@ -369,8 +369,8 @@ def test_sample_cli_teacher_grid(release, tmp_path):
   prompt_file = tmp_path / "prompts.txt"
   prompt_file.write_text("a third prompt\n\n")
   # Batches of 2 at 4 steps: the sampler compiled by the test above is reused.
-  sample.main(["--teacher", release["dst"], "--prompt", PROMPTS[0], "--prompt-file",
-               str(prompt_file), "--steps", "4", "--samples-per-label", "2", "--batch-size", "2",
+  sample.main(["--teacher", release["dst"], "--prompt", PROMPTS[0], "--prompt_file",
+               str(prompt_file), "--steps", "4", "--samples_per_label", "2", "--batch_size", "2",
                "--out", out])
   assert Image.open(out).size == _grid_size(2, 2)
 
@@ -388,7 +388,7 @@ def test_sample_cli_generator_grid(release, tmp_path):
                "gen_temp": 1.0, "top_k": 0, "top_p": 0.0}, f)
   out = str(tmp_path / "gen.png")
   sample.main(["--teacher", release["dst"], "--generator", str(tmp_path / "run"),
-               "--prompt", PROMPTS[0], "--samples-per-label", "2", "--out", out])
+               "--prompt", PROMPTS[0], "--samples_per_label", "2", "--out", out])
   assert Image.open(out).size == _grid_size(1, 2)
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import meissonic_1024
-from dimo_jax import train
+from dimo_jax import checkpoints, train
 from dimo_jax.convert import meissonic
 from dimo_jax.models.meissonic import MeissonicTransformer
 from tests.test_text_to_image import RESOLUTION, V, _write_snapshot
@@ -89,7 +89,7 @@ def test_a_text_run_trains_samples_and_checkpoints(teacher_path, tmp_path):
 
 def restore(workdir, config):
   """The latest checkpoint as a plain tree (no abstract state needed)."""
-  manager = train.checkpoint_manager(workdir, config)
+  manager = checkpoints.manager(workdir, config)
   step = manager.latest_step()
   return step, manager.restore(step)
 

@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import digits as digits_config
-from dimo_jax import teachers, train
+from dimo_jax import checkpoints, teachers, train
 from dimo_jax.data import digits
 from dimo_jax.models.maskgit import MaskTransformer
 
@@ -59,7 +59,7 @@ def restore_latest(workdir, config, teacher_path):
       ocp.utils.to_shape_dtype_struct,
       distill.create_state(config, teacher.variables, jax.random.PRNGKey(0),
                            distill.FROZEN_WITH_EMB))
-  manager = train.checkpoint_manager(workdir, config)
+  manager = checkpoints.manager(workdir, config)
   return manager.latest_step(), manager.restore(manager.latest_step(),
                                                 args=ocp.args.StandardRestore(abstract))
 
@@ -87,7 +87,7 @@ def test_checkpoints_keep_the_limit_and_the_config(teacher_path, tmp_path):
   workdir = str(tmp_path / "run")
   config = tiny_config(teacher_path, max_train_steps=6, checkpoints_total_limit=2)
   train.train_and_evaluate(config, workdir)
-  manager = train.checkpoint_manager(workdir, config)
+  manager = checkpoints.manager(workdir, config)
   assert manager.all_steps() == [4, 6]
   with open(os.path.join(workdir, "checkpoints", "config.json")) as f:
     assert json.load(f)["max_train_steps"] == 6

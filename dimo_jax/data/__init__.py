@@ -8,9 +8,9 @@ Each gives what pretraining, the sample grids and the final evaluation need:
   train_batch:  (np.random.Generator, batch) -> (tokens int32[B, L], labels int32[B])
   train_condition: train_batch's labels -> the teacher's condition (pretraining)
   images:       tokens int[N, L] -> float32[N, h, w] (grey) or [N, H, W, 3] (RGB) in [0, 1]
-  make_scorer:  () -> (tokens, labels) -> {metric: float}; digits: fd and accuracy in a trained
-                classifier's features, synthetic: true_nll, mode_coverage and in_mode,
-                imagenet256: none (an empty dict: FID is dimo_jax/evaluate.py's).
+  scorer:       the `metrics.scorer` of its codes: "digits" (fd and accuracy in a trained
+                classifier's features), "synthetic" (true_nll, mode_coverage and in_mode), or
+                None (imagenet256, prompts: images are scored by dimo_jax/evaluate.py).
 Text-to-image datasets ('prompts', 'digits_text') add the prompts the step is fed:
   conditions:        data.prompts.PromptConditions (the prompts' encodings)
   train_conditions:  (step, batch, rounds) -> the prompt indices the step is fed
@@ -19,15 +19,12 @@ Text-to-image datasets ('prompts', 'digits_text') add the prompts the step is fe
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import ml_collections
 import numpy as np
 
 from dimo_jax.teachers import CLASS, TEXT, Teacher
-
-Scorer = Callable[[np.ndarray, np.ndarray], Dict[str, float]]
-
 
 def class_condition(labels) -> np.ndarray:
   """A class-conditional dataset's condition of labels int[N]: the labels, int32[N]."""
@@ -42,6 +39,7 @@ class Digits:
   codebook_size: int = 17
   conditioning = CLASS
   condition = train_condition = staticmethod(class_condition)
+  scorer = "digits"
 
   def train_batch(self, rng: np.random.Generator, batch: int):
     from dimo_jax.data import digits
@@ -53,11 +51,6 @@ class Digits:
     from dimo_jax.data import digits
     return digits.tokens_to_images(tokens)
 
-  def make_scorer(self) -> Scorer:
-    from dimo_jax import evaluation
-    classifier = evaluation.train_digit_classifier(seed=0)
-    real_stats = evaluation.real_digit_statistics(classifier)
-    return lambda tokens, labels: evaluation.digit_metrics(classifier, tokens, labels, real_stats)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +59,7 @@ class Synthetic:
   spec: ml_collections.ConfigDict
   conditioning = CLASS
   condition = train_condition = staticmethod(class_condition)
+  scorer = "synthetic"
 
   @property
   def distribution(self):
@@ -96,8 +90,6 @@ class Synthetic:
     padded = np.pad(tokens, ((0, 0), (0, height * width - self.seq_len)))
     return padded.reshape(-1, height, width) / (self.codebook_size - 1)
 
-  def make_scorer(self) -> Scorer:
-    return self.distribution.synthetic_metrics
 
 
 # The range a tokenizer kind decodes to when its model.json gives no `value_range`: taming's
@@ -146,6 +138,7 @@ class ImageNet256:
   codebook_size: int = 1024
   conditioning = CLASS
   condition = train_condition = staticmethod(class_condition)
+  scorer = None
 
   @functools.cached_property
   def tokenizer(self):
@@ -160,8 +153,6 @@ class ImageNet256:
     """int[N, 256] -> float32[N, 256, 256, 3] in [0, 1], decoded by the tokenizer."""
     return decode_images(self.tokenizer, tokens)
 
-  def make_scorer(self) -> Scorer:
-    return lambda tokens, labels: {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +168,7 @@ class TextPrompts:
   config: ml_collections.ConfigDict
   teacher: Teacher
   conditioning = TEXT
+  scorer = None
 
   @functools.cached_property
   def conditions(self):
@@ -219,8 +211,6 @@ class TextPrompts:
   def images(self, tokens) -> np.ndarray:
     return decode_images(self.tokenizer, tokens)
 
-  def make_scorer(self) -> Scorer:
-    return lambda tokens, labels: {}
 
 
 def get(config: ml_collections.ConfigDict, teacher: Optional[Teacher] = None):

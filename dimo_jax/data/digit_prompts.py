@@ -185,6 +185,7 @@ class DigitPrompts:
   codebook_size: int = digits.CODEBOOK_SIZE
 
   conditioning = TEXT
+  scorer = "digits"  # the samples' digits against the prompts' (labels: digits)
 
   @classmethod
   def from_teacher(cls, teacher: Teacher, seed: int = 0) -> "DigitPrompts":
@@ -266,11 +267,6 @@ class DigitPrompts:
 
   def images(self, tokens) -> np.ndarray:
     return digits.tokens_to_images(tokens)
-
-  def make_scorer(self):
-    """(tokens int32[N, 64], labels int32[N] the prompts' digits) -> {"fd", "accuracy"}."""
-    from dimo_jax.data import Digits
-    return Digits().make_scorer()
 
   def save_text(self, folder: str) -> None:
     """Writes the text stack into a teacher directory: `text_encoder/` (a model directory of

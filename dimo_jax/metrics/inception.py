@@ -5,8 +5,8 @@ The features are those of the FID Inception network (dimo_jax/models/fid_incepti
 
 - FID: the Frechet distance between Gaussians fitted to the pool features of the samples and
   of a reference set. The statistics stream (`FeatureStatistics`) so that a reference set of a
-  million images never has to sit in memory; the distance itself is
-  `dimo_jax.evaluation.frechet_distance` (float64 `scipy.linalg.sqrtm`, the community's way).
+  million images never has to sit in memory; the distance itself is `frechet_distance`
+  (float64 `scipy.linalg.sqrtm`, the community's way), which the digits' scorer shares.
 - Inception Score: exp(E_x KL(p(y|x) || p(y))) over the softmax of the 1008 logits, computed on
   10 contiguous splits, reported as mean and standard deviation over the splits.
 - Precision, recall, density and coverage (Naeem et al. 2020, "Reliable Fidelity and Diversity
@@ -28,11 +28,60 @@ from typing import Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from dimo_jax.evaluation import frechet_distance
+from scipy import linalg
 
 IS_SPLITS = 10
 PRDC_K = 5
+
+
+def feature_statistics(features) -> Tuple[np.ndarray, np.ndarray]:
+  """Mean and covariance of features: float[N, F] with N >= 2 -> (float64[F], float64[F, F])."""
+  features = np.asarray(features, dtype=np.float64)
+  if features.ndim != 2 or features.shape[0] < 2:
+    raise ValueError(f"expected features of shape [N >= 2, F], found shape {features.shape}")
+  return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+  """Frechet distance between Gaussians: ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2)).
+
+  Follows the reference FID computation: if `sqrtm(S1 S2)` is not finite (a singular
+  product), `eps * I` is added to both covariances; a complex square root whose diagonal has
+  an imaginary part above 1e-3 is an error, a smaller one is numerical noise and dropped.
+
+  Args:
+    mu1: float[F] mean of the first set.
+    sigma1: float[F, F] covariance of the first set.
+    mu2: float[F] mean of the second set.
+    sigma2: float[F, F] covariance of the second set.
+    eps: diagonal offset for the singular fallback.
+
+  Returns:
+    The distance as a python float.
+  """
+  mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
+  mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
+  sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
+  sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
+  if mu1.ndim != 1 or mu1.shape != mu2.shape:
+    raise ValueError(f"expected means of one shape [F], found shapes {mu1.shape} and {mu2.shape}")
+  dim = mu1.shape[0]
+  for name, sigma in (("sigma1", sigma1), ("sigma2", sigma2)):
+    if sigma.shape != (dim, dim):
+      raise ValueError(f"expected {name} of shape ({dim}, {dim}), found shape {sigma.shape}")
+
+  diff = mu1 - mu2
+  covmean = linalg.sqrtm(sigma1 @ sigma2)
+  if not np.isfinite(covmean).all():
+    offset = eps * np.eye(dim)
+    covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+  if np.iscomplexobj(covmean):
+    if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+      raise ValueError("sqrtm(sigma1 @ sigma2) has an imaginary component of magnitude "
+                       f"{np.max(np.abs(covmean.imag))}")
+    covmean = covmean.real
+  return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
+
 
 
 class FeatureStatistics:

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from sklearn.model_selection import train_test_split
 
-from dimo_jax import evaluation
+from dimo_jax.metrics import digits as evaluation
+from dimo_jax.metrics import inception
 
 
 def _random_spd(rng, dim):
@@ -35,7 +36,7 @@ def real_stats(classifier):
 def test_frechet_distance_is_zero_for_identical_statistics():
   rng = np.random.default_rng(0)
   mu, sigma = rng.normal(size=16), _random_spd(rng, 16)
-  assert abs(evaluation.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+  assert abs(inception.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
 
 
 def test_frechet_distance_diagonal_closed_form():
@@ -43,7 +44,7 @@ def test_frechet_distance_diagonal_closed_form():
   mu1, mu2 = rng.normal(size=8), rng.normal(size=8)
   a, b = rng.uniform(0.1, 3.0, size=8), rng.uniform(0.1, 3.0, size=8)
   expected = np.sum((mu1 - mu2)**2) + np.sum((np.sqrt(a) - np.sqrt(b))**2)
-  got = evaluation.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+  got = inception.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
   assert isinstance(got, float)
   assert got == pytest.approx(expected, rel=1e-6)
 
@@ -58,20 +59,20 @@ def test_frechet_distance_matches_symmetric_eigen_route(dim):
   root1 = _psd_sqrt(s1)
   tr_covmean = np.trace(_psd_sqrt(root1 @ s2 @ root1))
   expected = np.sum((mu1 - mu2)**2) + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean
-  assert evaluation.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
+  assert inception.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-6)
 
 
 def test_frechet_distance_falls_back_to_offset_when_sqrtm_is_not_finite(monkeypatch):
-  real_sqrtm = evaluation.linalg.sqrtm
+  real_sqrtm = inception.linalg.sqrtm
   calls = []
 
   def first_call_fails(matrix):
     calls.append(matrix)
     return np.full_like(matrix, np.nan) if len(calls) == 1 else real_sqrtm(matrix)
 
-  monkeypatch.setattr(evaluation.linalg, "sqrtm", first_call_fails)
+  monkeypatch.setattr(inception.linalg, "sqrtm", first_call_fails)
   a, b, eps = np.array([1.0, 0.0, 4.0]), np.array([0.0, 0.0, 9.0]), 1e-6
-  got = evaluation.frechet_distance(np.zeros(3), np.diag(a), np.zeros(3), np.diag(b), eps=eps)
+  got = inception.frechet_distance(np.zeros(3), np.diag(a), np.zeros(3), np.diag(b), eps=eps)
   assert len(calls) == 2
   np.testing.assert_allclose(calls[1], np.diag((a + eps) * (b + eps)))
   expected = np.sum(a + b) - 2.0 * np.sum(np.sqrt((a + eps) * (b + eps)))
@@ -80,7 +81,7 @@ def test_frechet_distance_falls_back_to_offset_when_sqrtm_is_not_finite(monkeypa
 
 def test_frechet_distance_rejects_large_imaginary_part():
   with pytest.raises(ValueError, match="imaginary component of magnitude"):
-    evaluation.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), -np.eye(2))
+    inception.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), -np.eye(2))
 
 
 def test_load_digit_tokens(digits):
@@ -119,7 +120,7 @@ def test_metrics_separate_real_digits_from_noise(classifier, real_stats, digits)
   tokens, labels = digits
   order = np.random.default_rng(0).permutation(len(tokens))
   first, second = order[:len(order) // 2], order[len(order) // 2:]
-  half_stats = evaluation.feature_statistics(classifier.features(tokens[second]))
+  half_stats = inception.feature_statistics(classifier.features(tokens[second]))
   real = evaluation.digit_metrics(classifier, tokens[first], labels[first], half_stats)
 
   noise = np.random.default_rng(1).integers(0, 17, size=(len(first), 64), dtype=np.int32)
@@ -166,8 +167,8 @@ def test_bad_labels_raise(classifier, real_stats, digits):
 
 def test_bad_statistics_raise():
   with pytest.raises(ValueError, match=r"means of one shape"):
-    evaluation.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+    inception.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
   with pytest.raises(ValueError, match=r"sigma2 of shape \(3, 3\), found shape \(2, 2\)"):
-    evaluation.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(2))
+    inception.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(2))
   with pytest.raises(ValueError, match=r"features of shape \[N >= 2, F\]"):
-    evaluation.feature_statistics(np.zeros((1, 64)))
+    inception.feature_statistics(np.zeros((1, 64)))

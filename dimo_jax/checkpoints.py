@@ -1,0 +1,134 @@
+"""A run's checkpoints: the orbax manager of WORKDIR/checkpoints, finding a step, reading one
+generator's parameters out of it, and the JSON records written beside them."""
+
+import json
+import os
+from typing import Any, Sequence, Tuple
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from dimo_jax import modeldir
+from dimo_jax.errors import UserError
+from dimo_jax.teachers import Teacher
+
+# --params -> the field of distill.DistillState that holds those parameters.
+STATE_FIELDS = {"ema": "ema_params", "generator": "gen_params"}
+
+
+class GeneratorError(UserError):
+  """A Di[M]O checkpoint (--generator, evaluate's --checkpoint) that cannot be sampled: its step
+  cannot be read, or its generator was distilled from another teacher."""
+
+
+def manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  """The manager of WORKDIR/checkpoints: a step every `checkpointing_steps`, the last
+  `checkpoints_total_limit` kept."""
+  options = ocp.CheckpointManagerOptions(
+      max_to_keep=config.checkpoints_total_limit,
+      save_interval_steps=config.checkpointing_steps, create=True)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "checkpoints")),
+                               options=options)
+
+
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as JSON through a temporary file, so `path` is never half-written.
+
+  Only process 0 writes: every process of a multi-process run shares the workdir.
+  """
+  if jax.process_index() > 0:
+    return
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def find_checkpoint(path: str, flag: str = "--generator") -> Tuple[str, int]:
+  """(checkpoints directory, step) for a workdir, its checkpoints/ or a checkpoints/<step>;
+  `flag` names the path in errors."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"{flag}: {path} does not exist")
+  candidates = [(os.path.join(path, "checkpoints"), None), (path, None)]
+  if os.path.basename(path).isdigit():
+    candidates.append((os.path.dirname(path), int(os.path.basename(path))))
+  for root, step in candidates:
+    if not os.path.isfile(os.path.join(root, "config.json")):
+      continue
+    steps = ocp.CheckpointManager(root).all_steps()
+    if step is None and steps:
+      step = max(steps)
+    if step in steps:
+      return root, step
+  raise FileNotFoundError(
+      f"{flag}: {path} is not a Di[M]O workdir, its checkpoints/ or a checkpoints/<step> "
+      "(expected checkpoints/config.json next to saved steps)")
+
+
+def _run_config(root: str) -> ml_collections.ConfigDict:
+  """checkpoints/config.json: the config of the run that saved the steps."""
+  return ml_collections.ConfigDict(modeldir.read_json(
+      os.path.join(root, "config.json"), "the JSON object of the run's config", GeneratorError))
+
+
+def _unreadable(root: str, step: int, steps: Sequence[int], flag: str, why: str) -> GeneratorError:
+  """The error of a step that cannot be read: delete it, or pick one of the others."""
+  others = sorted(s for s in steps if s != step)
+  pick = (f"delete that folder or pick another step ({', '.join(map(str, others))}: "
+          f"{flag} {root}/<step>)" if others else "delete that folder (no other step is saved)")
+  return GeneratorError(f"{os.path.join(root, str(step))}: the checkpoint step cannot be read "
+                        f"({why}); it is incomplete or damaged (a run killed while saving?): "
+                        f"{pick}")
+
+
+def load_generator(path: str, teacher: Teacher, which: str, flag: str = "--generator",
+                   teacher_dir: str = ""):
+  """(params, run config, step) of the Di[M]O checkpoint at `path`.
+
+  Args:
+    path: see `find_checkpoint`.
+    teacher: the teacher (its variables are not read): its module's parameter tree is the
+      generator's.
+    which: 'ema' or 'generator' (the raw parameters).
+    flag, teacher_dir: the flag that gave `path` and the teacher's directory, named in errors.
+
+  Raises `GeneratorError` when the step cannot be read, or when its parameters have other
+  paths or shapes than the teacher's (a generator distilled from another teacher).
+  """
+  root, step = find_checkpoint(path, flag)
+  config = _run_config(root)
+  abstract = jax.eval_shape(teacher.init_variables)
+  field = STATE_FIELDS[which]
+  manager = ocp.CheckpointManager(root, item_handlers=ocp.PyTreeCheckpointHandler())
+  step_dir = os.path.join(root, str(step))
+  try:
+    stored = manager.item_metadata(step)
+  except modeldir.READ_ERRORS as e:
+    raise _unreadable(root, step, manager.all_steps(), flag, modeldir.first_line(e)) from e
+  stored = getattr(stored, "tree", stored)
+  if not isinstance(stored, dict) or field not in stored:
+    found = sorted(stored) if isinstance(stored, dict) else "no parameter tree"
+    raise _unreadable(root, step, manager.all_steps(), flag,
+                      f"expected a Di[M]O state holding {field}, found {found}")
+  described_by = (modeldir.description_path(teacher_dir) if teacher_dir
+                  else "the teacher's model.json")
+  difference = modeldir.shape_difference(abstract, stored[field], described_by,
+                                         f"{flag} {step_dir}")
+  if difference:
+    run_teacher = config.get("teacher_path")
+    raise GeneratorError(f"{difference}: the generator was distilled from another teacher; give "
+                         + (f"its run's teacher ({run_teacher})" if run_teacher else "that one"))
+  # Only the one parameter tree is read, not the optimizer states and the other networks.
+  item = {field: abstract}
+  try:
+    with modeldir.quiet_failed_reads():
+      restored = manager.restore(step, args=ocp.args.PyTreeRestore(
+          item=item, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(item)))
+  except modeldir.READ_ERRORS as e:
+    raise _unreadable(root, step, manager.all_steps(), flag, modeldir.first_line(e)) from e
+  return jax.device_put(restored[field]), config, step
+
+

@@ -1,0 +1,33 @@
+"""How samples are scored.
+
+  inception   FID, Inception Score, precision/recall/density/coverage on the FID Inception
+              network's features; the Frechet distance every FD here uses
+  reference   the reference statistics of real images (`evaluate stats`), samples against them
+  pipeline    codes -> uint8 images -> features / CLIP embeddings, on the device
+  clip_score  CLIP score of samples against their prompts
+  digits      the offline digits' Frechet distance and accuracy in a small classifier's features
+
+`scorer(dataset)` is what a dataset's in-run evaluation (and `evaluate` on it) reports on the
+codes alone: each dataset names its scorer (`dataset.scorer`).
+"""
+
+from typing import Callable, Dict
+
+import numpy as np
+
+Scorer = Callable[[np.ndarray, np.ndarray], Dict[str, float]]
+SCORERS = ("digits", "synthetic", None)  # what a dataset's `scorer` may name
+
+
+def scorer(dataset) -> Scorer:
+  """(tokens int[N, L], labels int[N]) -> {metric: float} for `dataset`: "digits" -> fd and
+  accuracy (`metrics.digits`), "synthetic" -> true_nll, mode_coverage and in_mode (the mixture's
+  exact likelihood, `data.synthetic`), None -> nothing (images are scored by `evaluate`)."""
+  if dataset.scorer == "digits":
+    from dimo_jax.metrics import digits
+    return digits.scorer()
+  if dataset.scorer == "synthetic":
+    return dataset.distribution.synthetic_metrics
+  if dataset.scorer is None:
+    return lambda tokens, labels: {}
+  raise ValueError(f"unknown scorer {dataset.scorer!r}; known: {SCORERS}")
