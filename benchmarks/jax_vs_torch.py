@@ -84,7 +84,7 @@ def time_torch(args):
     start = time.perf_counter()
     trainer.generator_update()
     middle = time.perf_counter()
-    trainer.aux_update()
+    trainer.fake_update()
     trainer.update_ema()
     trainer.global_step += 1
     end = time.perf_counter()

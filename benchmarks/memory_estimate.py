@@ -114,10 +114,10 @@ def state_components(state: distill.DistillState, variables: Any, teacher_dtype:
   return {
       f"teacher ({teacher_dtype})": as_dtype(variables, dtypes.DTYPES[teacher_dtype]),
       "generator (fp32)": state.gen_params,
-      "auxiliary (fp32)": state.aux_params,
+      "auxiliary (fp32)": state.fake_params,
       "EMA (fp32)": state.ema_params,
       "Adam generator (mu, nu)": state.gen_opt_state,
-      "Adam auxiliary (mu, nu)": state.aux_opt_state,
+      "Adam auxiliary (mu, nu)": state.fake_opt_state,
       "step, key, counters": (state.step, state.rng, state.skipped),
       "gradient (fp32, transient)": as_dtype(state.gen_params, jnp.float32),
   }

@@ -162,16 +162,16 @@ class TorchDiMO:
     self.config, self.bf16 = config, bf16
     self.teacher = teacher.train().requires_grad_(False)
     self.generator = copy.deepcopy(teacher).train()
-    self.aux = copy.deepcopy(teacher).train()
+    self.fake = copy.deepcopy(teacher).train()
     self.ema = copy.deepcopy(teacher).requires_grad_(False)
-    for net in (self.generator, self.aux):
+    for net in (self.generator, self.fake):
       for name, p in net.named_parameters():
         p.requires_grad_(name.split(".")[0] not in ("tok_emb", "pos_emb", "bias"))
     # The reference lowers Adam's epsilon to 1e-6 under 16-bit mixed precision.
     eps = 1e-6 if bf16 else 1e-8
     make = lambda net: torch.optim.Adam([p for p in net.parameters() if p.requires_grad],
                                         lr=config.lr, eps=eps)
-    self.gen_opt, self.aux_opt = make(self.generator), make(self.aux)
+    self.gen_opt, self.fake_opt = make(self.generator), make(self.fake)
     self.global_step = 0
 
   def _autocast(self):
@@ -203,7 +203,7 @@ class TorchDiMO:
     with torch.no_grad():
       with self._autocast():
         true_logits = _guided(self.teacher, noisy, labels, c.true_cfg)
-        fake_logits = _guided(self.aux, noisy, labels, c.fake_cfg_eval)
+        fake_logits = _guided(self.fake, noisy, labels, c.fake_cfg_eval)
       log_p_true = torch.log_softmax(true_logits.float(), -1)
       log_p_fake = torch.log_softmax(fake_logits.float(), -1)
       p_true, p_fake = log_p_true.exp(), log_p_fake.exp()
@@ -221,19 +221,19 @@ class TorchDiMO:
     self.gen_opt.step()
     return loss.item()
 
-  def aux_update(self) -> float:
+  def fake_update(self) -> float:
     c = self.config
-    self.aux_opt.zero_grad(set_to_none=True)
+    self.fake_opt.zero_grad(set_to_none=True)
     with torch.no_grad():
       _, codes, labels = self._generate()
     noisy, mask = self._forward_mask(codes)
     with self._autocast():
-      logits = self.aux(noisy, labels)
+      logits = self.fake(noisy, labels)
     targets = torch.where(mask, codes, -1)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
                            ignore_index=-1, label_smoothing=c.label_smoothing)
     loss.backward()
-    self.aux_opt.step()
+    self.fake_opt.step()
     return loss.item()
 
   @torch.no_grad()
@@ -246,7 +246,7 @@ class TorchDiMO:
   def step(self):
     """One generator update, `fake_rounds` auxiliary updates, one EMA update: (loss_g, loss_f)."""
     loss_g = self.generator_update()
-    loss_f = [self.aux_update() for _ in range(self.config.fake_rounds)]
+    loss_f = [self.fake_update() for _ in range(self.config.fake_rounds)]
     self.update_ema()
     self.global_step += 1
     return loss_g, sum(loss_f) / max(len(loss_f), 1)

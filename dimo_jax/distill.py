@@ -5,7 +5,7 @@ which is what one generator step of the reference's loop does:
 
   generator:  x_init -> z_theta = G_theta(x_init, c) -> x_theta ~ Cat(z_theta / gen_temp)
               x~_t = forward_mask(x_theta)   (ratio_mode)
-              g = logit_gradient(teacher(x~_t, guided), aux(x~_t))   on masked positions
+              g = logit_gradient(teacher(x~_t, guided), fake(x~_t))  on masked positions
               loss = surrogate(z_theta, g)                            -> Adam step on theta
   auxiliary:  fresh x_theta (no gradient), its own forward mask (ratio_mode_fake), psi fits
               x_theta by label-smoothed cross-entropy (mixed by alpha_fake with a soft KL to the
@@ -41,10 +41,10 @@ class DistillState:
   step: jax.Array  # int32[]: generator updates done
   rng: jax.Array  # uint32[2]: the root key, split once per step
   gen_params: Params
-  aux_params: Params
+  fake_params: Params
   ema_params: Params
   gen_opt_state: optax.OptState
-  aux_opt_state: optax.OptState
+  fake_opt_state: optax.OptState
   skipped: jax.Array  # int32[2]: generator / auxiliary updates skipped for non-finite gradients
 
 
@@ -113,12 +113,12 @@ def create_state(config: ml_collections.ConfigDict, teacher_params: Params, rng:
   train step builds its optimizers with the same, so the optimizer states match).
   """
   copy = lambda p: jax.tree_util.tree_map(jnp.array, p)
-  gen_tx, aux_tx = optimizers(config, teacher_params, frozen)
+  gen_tx, fake_tx = optimizers(config, teacher_params, frozen)
   return DistillState(
       step=jnp.int32(0), rng=rng,
-      gen_params=copy(teacher_params), aux_params=copy(teacher_params),
+      gen_params=copy(teacher_params), fake_params=copy(teacher_params),
       ema_params=copy(teacher_params),
-      gen_opt_state=gen_tx.init(teacher_params), aux_opt_state=aux_tx.init(teacher_params),
+      gen_opt_state=gen_tx.init(teacher_params), fake_opt_state=fake_tx.init(teacher_params),
       skipped=jnp.zeros((2,), jnp.int32))
 
 
@@ -205,7 +205,7 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
   # guides Meissonic with a negative prompt but drops the auxiliary condition to "").
   teacher_condition = teacher.guided_condition
 
-  def generator_loss(gen_params, aux_params, teacher_params, rng, sigma, fed):
+  def generator_loss(gen_params, fake_params, teacher_params, rng, sigma, fed):
     label_rng, gen_rng, mask_rng, t_rng, f_rng = jax.random.split(rng, 5)
     labels = draw_labels(label_rng, fed)
     codes, gen_logits = generate(gen_params, gen_rng, labels, sigma)
@@ -215,13 +215,13 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
     teacher_logits = sampling.guided_logits(logits_fn(teacher_params, t_rng,
                                                       dropout=config.teacher_dropout), noisy,
                                             teacher_condition(labels), true_cfg)
-    aux_logits = sampling.guided_logits(logits_fn(aux_params, f_rng), noisy, labels,
+    fake_logits = sampling.guided_logits(logits_fn(fake_params, f_rng), noisy, labels,
                                         config.fake_cfg_eval)
-    teacher_logits, aux_logits = jax.lax.stop_gradient((teacher_logits, aux_logits))
-    grad = divergence.logit_gradient(teacher_logits, aux_logits, config.distil_loss_type,
+    teacher_logits, fake_logits = jax.lax.stop_gradient((teacher_logits, fake_logits))
+    grad = divergence.logit_gradient(teacher_logits, fake_logits, config.distil_loss_type,
                                      config.true_temp, config.fake_temp)
     loss = divergence.surrogate_loss(gen_logits, grad, mask, config.loss_reduction)
-    p_diff = jax.nn.softmax(aux_logits / config.fake_temp) - jax.nn.softmax(
+    p_diff = jax.nn.softmax(fake_logits / config.fake_temp) - jax.nn.softmax(
         teacher_logits / config.true_temp)
     # score_diff is the reference's log entry (the plain mean, ~0 by construction); tv_masked,
     # the mean total variation between the two predictions on masked tokens, shows progress.
@@ -230,7 +230,7 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
     return config.dm_loss_weight * loss, {"loss_dm": loss, "score_diff": jnp.mean(p_diff),
                                           "tv_masked": tv_masked}
 
-  def aux_loss(aux_params, gen_params, rng, sigma, fed):
+  def fake_loss(fake_params, gen_params, rng, sigma, fed):
     label_rng, gen_rng, drop_rng, mask_rng, f_rng = jax.random.split(rng, 5)
     labels = draw_labels(label_rng, fed)
     codes, gen_logits = generate(gen_params, gen_rng, labels, sigma)
@@ -239,7 +239,7 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
             if config.fake_cfg_train != 1 else jnp.zeros((batch,), bool))
     noisy, mask, _ = masking.forward_mask(mask_rng, batch_constraint(codes),
                                           config.ratio_mode_fake, mask_id)
-    logits = sampling.guided_logits(logits_fn(aux_params, f_rng), noisy, labels,
+    logits = sampling.guided_logits(logits_fn(fake_params, f_rng), noisy, labels,
                                     config.fake_cfg_train, drop)
     hard = divergence.label_smoothed_ce(logits, codes, mask, config.label_smoothing)
     loss = hard
@@ -255,31 +255,31 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
     {"generator": cond with leading axis B, "auxiliary": the same with leading axes
     [fake_rounds, B]}, every leaf batch-leading as `model.apply` takes it.
     """
-    gen_tx, aux_tx = optimizers(config, state.gen_params, teacher.frozen_with_emb)
-    rng, gen_rng, aux_rng = jax.random.split(state.rng, 3)
+    gen_tx, fake_tx = optimizers(config, state.gen_params, teacher.frozen_with_emb)
+    rng, gen_rng, fake_rng = jax.random.split(state.rng, 3)
     iteration = state.step * config.fake_rounds
     sigma = masking.noise_level(config.noise_emb_perturb, iteration)
-    gen_fed, aux_fed = ((None, None) if conditions is None
+    gen_fed, fake_fed = ((None, None) if conditions is None
                         else (conditions["generator"], conditions["auxiliary"]))
 
     (loss_g, gen_metrics), grads = jax.value_and_grad(generator_loss, has_aux=True)(
-        state.gen_params, state.aux_params, teacher_params, gen_rng, sigma, gen_fed)
+        state.gen_params, state.fake_params, teacher_params, gen_rng, sigma, gen_fed)
     gen_params, gen_opt_state, gen_norm, gen_ok = _apply_if_finite(
         gen_tx, grads, state.gen_opt_state, state.gen_params, loss_g)
 
-    def aux_round(carry, inputs):
+    def fake_round(carry, inputs):
       round_index, fed = inputs
-      aux_params, aux_opt_state, skipped = carry
+      fake_params, fake_opt_state, skipped = carry
       round_sigma = masking.noise_level(config.noise_emb_perturb, iteration + round_index)
-      (loss_f, _), grads = jax.value_and_grad(aux_loss, has_aux=True)(
-          aux_params, gen_params, jax.random.fold_in(aux_rng, round_index), round_sigma, fed)
-      aux_params, aux_opt_state, norm, ok = _apply_if_finite(
-          aux_tx, grads, aux_opt_state, aux_params, loss_f)
-      return (aux_params, aux_opt_state, skipped + (~ok).astype(jnp.int32)), (loss_f, norm)
+      (loss_f, _), grads = jax.value_and_grad(fake_loss, has_aux=True)(
+          fake_params, gen_params, jax.random.fold_in(fake_rng, round_index), round_sigma, fed)
+      fake_params, fake_opt_state, norm, ok = _apply_if_finite(
+          fake_tx, grads, fake_opt_state, fake_params, loss_f)
+      return (fake_params, fake_opt_state, skipped + (~ok).astype(jnp.int32)), (loss_f, norm)
 
-    (aux_params, aux_opt_state, aux_skipped), (loss_f, aux_norm) = jax.lax.scan(
-        aux_round, (state.aux_params, state.aux_opt_state, state.skipped[1]),
-        (jnp.arange(config.fake_rounds), aux_fed))
+    (fake_params, fake_opt_state, fake_skipped), (loss_f, fake_norm) = jax.lax.scan(
+        fake_round, (state.fake_params, state.fake_opt_state, state.skipped[1]),
+        (jnp.arange(config.fake_rounds), fake_fed))
 
     rate = ema_rate(config.ema_decay, state.step)
     do_ema = (state.step % config.ema_freq) == 0
@@ -287,15 +287,15 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
         lambda e, p: jnp.where(do_ema, rate * e + (1.0 - rate) * p, e),
         state.ema_params, gen_params)
 
-    skipped = jnp.stack([state.skipped[0] + (~gen_ok).astype(jnp.int32), aux_skipped])
+    skipped = jnp.stack([state.skipped[0] + (~gen_ok).astype(jnp.int32), fake_skipped])
     new_state = DistillState(
-        step=state.step + 1, rng=rng, gen_params=gen_params, aux_params=aux_params,
-        ema_params=ema_params, gen_opt_state=gen_opt_state, aux_opt_state=aux_opt_state,
+        step=state.step + 1, rng=rng, gen_params=gen_params, fake_params=fake_params,
+        ema_params=ema_params, gen_opt_state=gen_opt_state, fake_opt_state=fake_opt_state,
         skipped=skipped)
     metrics = {
         "loss_generator": loss_g, **gen_metrics,
         "loss_fake": jnp.mean(loss_f),
-        "gen_grad_norm": gen_norm, "fake_grad_norm": jnp.mean(aux_norm),
+        "gen_grad_norm": gen_norm, "fake_grad_norm": jnp.mean(fake_norm),
         "lr_g": lr_schedule(config, config.generator_lr)(iteration),
         "lr_fake": lr_schedule(config, config.fake_lr)(iteration),
         "emb_perturb": sigma, "ema_rate": rate,

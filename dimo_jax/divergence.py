@@ -37,28 +37,28 @@ def jeffreys_beta(distil_loss_type: str) -> float:
 
 def logit_gradient(
     teacher_logits: jax.Array,
-    aux_logits: jax.Array,
+    fake_logits: jax.Array,
     distil_loss_type: str,
     teacher_temp: float = 1.0,
-    aux_temp: float = 1.0,
+    fake_temp: float = 1.0,
 ) -> jax.Array:
   """Per-token gradient g for the generator logits (no masking, no stop-gradient applied).
 
   Args:
     teacher_logits: float[..., V], the guided teacher logits (the `true` model).
-    aux_logits: float[..., V], the auxiliary (`fake`) model's logits.
+    fake_logits: float[..., V], the auxiliary (`fake`) model's logits.
     distil_loss_type: `FKL`, `RKL` or `Jeffreys_<beta>`.
-    teacher_temp, aux_temp: softmax temperatures (`true_temp`, `fake_temp`).
+    teacher_temp, fake_temp: softmax temperatures (`true_temp`, `fake_temp`).
 
   Returns:
     float32[..., V], the same shape as the logits.
   """
-  if teacher_logits.shape != aux_logits.shape:
+  if teacher_logits.shape != fake_logits.shape:
     raise ValueError(f"teacher logits {teacher_logits.shape} and auxiliary logits "
-                     f"{aux_logits.shape} must have the same shape")
+                     f"{fake_logits.shape} must have the same shape")
   beta = jeffreys_beta(distil_loss_type)
   log_p_true = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / teacher_temp, axis=-1)
-  log_p_fake = jax.nn.log_softmax(aux_logits.astype(jnp.float32) / aux_temp, axis=-1)
+  log_p_fake = jax.nn.log_softmax(fake_logits.astype(jnp.float32) / fake_temp, axis=-1)
   p_true, p_fake = jnp.exp(log_p_true), jnp.exp(log_p_fake)
   grad = jnp.zeros_like(p_fake)
   if beta < 1.0:

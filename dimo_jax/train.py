@@ -241,12 +241,17 @@ class SkipWatch:
     self.pending = []
 
 
+# DistillState fields as checkpoints written before psi's rename name them.
+_LEGACY_FIELDS = {"fake_params": "aux_params", "fake_opt_state": "aux_opt_state"}
+
+
 def initial_state(config: ml_collections.ConfigDict, teacher: teachers.Teacher, teacher_params,
                   mesh, manager: ocp.CheckpointManager) -> distill.DistillState:
   """The latest checkpoint of `manager`, else a fresh state; placed by `parallel.param_sharding`.
 
   Neither path holds a whole replicated copy anywhere: the fresh state is built inside `jit`
   straight into its shardings, and orbax reads a checkpoint's shards into place. A checkpoint
+  of before psi's rename (`aux_params`, `aux_opt_state`) is read under its former names. One
   that cannot be read (truncated, another state tree) raises a `RunError` naming its step.
   """
   init = functools.partial(distill.create_state, config, frozen=teacher.frozen_with_emb)
@@ -260,7 +265,15 @@ def initial_state(config: ml_collections.ConfigDict, teacher: teachers.Teacher, 
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, sharding)
   try:
     with modeldir.quiet_failed_reads():
-      return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      try:
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+      except ValueError:  # maybe a checkpoint of before psi's rename: aux_* fields
+        legacy = {_LEGACY_FIELDS.get(f.name, f.name): getattr(abstract, f.name)
+                  for f in dataclasses.fields(abstract)}
+        old = manager.restore(step, args=ocp.args.StandardRestore(legacy))
+        logging.info("%s: read with psi's former field names (aux_params, aux_opt_state)", step)
+        return distill.DistillState(**{f.name: old[_LEGACY_FIELDS.get(f.name, f.name)]
+                                       for f in dataclasses.fields(abstract)})
   except Exception as e:  # orbax raises many types for a damaged or mismatched checkpoint
     where = os.path.join(str(manager.directory), str(step))
     earlier = [s for s in manager.all_steps() if s < step]

@@ -102,7 +102,7 @@ def test_fix_emb_layer_freezes_embeddings_bias(frozen_run, teacher):
   run = frozen_run
   before = _leaves(teacher)
   assert sum(_is_frozen(n) for n in before) == 3
-  for params in (run.state2.gen_params, run.state2.aux_params):
+  for params in (run.state2.gen_params, run.state2.fake_params):
     after = _leaves(params)
     for name, old in before.items():
       if _is_frozen(name):
@@ -160,13 +160,13 @@ def test_non_finite_generator_gradient_skips_the_update(frozen_run, teacher):
 
 def test_non_finite_auxiliary_gradient_skips_its_update(frozen_run, teacher):
   run = frozen_run
-  bad = run.state0.replace(aux_params=_poison(run.state0.aux_params, "first_layer"))
+  bad = run.state0.replace(fake_params=_poison(run.state0.fake_params, "first_layer"))
   new, metrics = run.step(bad, teacher)
   assert int(metrics["skipped_fake"]) == 1
   # The non-finite divergence terms are zeroed, so the generator step itself goes through.
   assert int(metrics["skipped_generator"]) == 0
-  for name, leaf in _leaves(bad.aux_params).items():
-    np.testing.assert_array_equal(_leaves(new.aux_params)[name], leaf, err_msg=name)
+  for name, leaf in _leaves(bad.fake_params).items():
+    np.testing.assert_array_equal(_leaves(new.fake_params)[name], leaf, err_msg=name)
 
 
 def test_mask_value_must_match_the_model(model):
@@ -276,7 +276,7 @@ def test_the_auxiliary_gradients_are_not_clipped_unless_asked(teacher):
   """Two steps with gradients of norm ~100 then ~1: clipped to norm 1 both look alike to Adam,
   unclipped they do not; the generator clips (max_grad_norm 1), the auxiliary model does not."""
   config = _config(fix_emb_layer=False, adam_epsilon=1e-8)
-  gen_tx, aux_tx = distill.optimizers(config, teacher)
+  gen_tx, fake_tx = distill.optimizers(config, teacher)
   unit = jax.tree_util.tree_map(lambda p: jnp.ones_like(p), teacher)
   norm = float(optax.tree.norm(unit))
   big = jax.tree_util.tree_map(lambda g: g * 100.0 / norm, unit)
@@ -295,7 +295,7 @@ def test_the_auxiliary_gradients_are_not_clipped_unless_asked(teacher):
     _, state = adam.update(g1, state, teacher)
     return jax.tree_util.tree_leaves(adam.update(g2, state, teacher)[0])[0]
 
-  np.testing.assert_allclose(second_update(aux_tx), adam_second_update(big, small), rtol=1e-5)
+  np.testing.assert_allclose(second_update(fake_tx), adam_second_update(big, small), rtol=1e-5)
   np.testing.assert_allclose(second_update(gen_tx), adam_second_update(small, small), rtol=1e-5)
   clipped_aux = distill.optimizers(_config(fix_emb_layer=False, adam_epsilon=1e-8,
                                            fake_max_grad_norm=1.0), teacher)[1]

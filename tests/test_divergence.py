@@ -60,7 +60,7 @@ def test_fkl_and_rkl_differ(logits):
 def test_temperatures_divide_their_own_logits(logits, name, beta):
   teacher, aux = logits
   got = divergence.logit_gradient(jnp.asarray(teacher), jnp.asarray(aux), name,
-                                  teacher_temp=2.0, aux_temp=0.5)
+                                  teacher_temp=2.0, fake_temp=0.5)
   np.testing.assert_allclose(np.asarray(got), _numpy_gradient(teacher, aux, beta, 2.0, 0.5),
                              atol=1e-6)
   swapped = _numpy_gradient(teacher, aux, beta, 0.5, 2.0)

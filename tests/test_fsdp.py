@@ -52,7 +52,7 @@ def _child(teacher_path: str, workdir: str) -> None:
     for _ in range(3):
       state, _ = step(state, params)
     report["shares"][name] = {"state": device0_share(state), "teacher": device0_share(params)}
-    finals[name] = jax.device_get((state.gen_params, state.aux_params, state.ema_params))
+    finals[name] = jax.device_get((state.gen_params, state.fake_params, state.ema_params))
     # A checkpoint comes back in the layout the run uses, and equal.
     manager.save(3, args=train.ocp.args.StandardSave(state), force=True)
     manager.wait_until_finished()

@@ -73,7 +73,7 @@ def test_remat_step_matches_and_bf16_teacher_halves_its_bytes(tmp_path):
   bf16_state, bf16_teacher = results["bf16"]
   assert {x.dtype for x in jax.tree_util.tree_leaves(bf16_teacher)} == {jnp.dtype(jnp.bfloat16)}
   assert nbytes(bf16_teacher) * 2 == nbytes(plain_teacher)
-  for tree in (bf16_state.gen_params, bf16_state.aux_params, bf16_state.ema_params,
+  for tree in (bf16_state.gen_params, bf16_state.fake_params, bf16_state.ema_params,
                bf16_state.gen_opt_state):
     floats = [x for x in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
     assert floats and all(x.dtype == jnp.float32 for x in floats)

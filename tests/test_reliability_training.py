@@ -58,7 +58,7 @@ def test_an_update_that_overflows_is_skipped():
   assert np.isfinite(float(metrics["gen_grad_norm"]))
   assert int(metrics["skipped_generator"]) == 1
   assert int(metrics["skipped_fake"]) == config.fake_rounds
-  for tree in ("gen_params", "aux_params", "ema_params"):
+  for tree in ("gen_params", "fake_params", "ema_params"):
     for name, leaf in _leaves(getattr(new, tree)).items():
       assert np.all(np.isfinite(leaf)), (tree, name)
       np.testing.assert_array_equal(leaf, _leaves(getattr(state, tree))[name])
@@ -216,3 +216,27 @@ def test_a_record_that_is_not_json_is_named(finished, teacher_path):
     f.write("{half a config")
   with pytest.raises(train.RunError, match=f"{path}: expected the config of the run .* not JSON"):
     train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=4), workdir)
+
+
+def test_a_checkpoint_of_before_the_rename_of_psi_resumes(teacher_path, tmp_path):
+  """A state saved with psi's former field names (aux_params, aux_opt_state) is read back, every
+  leaf in its place; the renamed fields are what it becomes."""
+  from dimo_jax import parallel
+  config = tiny_config(teacher_path)
+  teacher = teachers.load(teacher_path)
+  mesh = parallel.make_mesh(1)
+  state = distill.create_state(config, teacher.variables, jax.random.PRNGKey(3),
+                               teacher.frozen_with_emb)
+  moved = jax.tree_util.tree_map(lambda x: x + 1 if x.dtype == jnp.float32 else x,
+                                 state.fake_params)
+  state = state.replace(fake_params=moved)
+  old = {{"fake_params": "aux_params", "fake_opt_state": "aux_opt_state"}.get(k, k): v
+         for k, v in vars(state).items()}
+  manager = checkpoints.manager(str(tmp_path), config)
+  manager.save(5, args=train.ocp.args.StandardSave(old), force=True)
+  manager.wait_until_finished()
+  restored = train.initial_state(config, teacher, teacher.variables, mesh, manager)
+  assert isinstance(restored, distill.DistillState)
+  for name in ("fake_params", "gen_params", "fake_opt_state"):
+    for key, leaf in _leaves(getattr(state, name)).items():
+      np.testing.assert_array_equal(_leaves(getattr(restored, name))[key], leaf, err_msg=key)

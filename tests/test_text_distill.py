@@ -93,7 +93,7 @@ def test_text_step_trains_the_generator_and_keeps_frozen_layers(teacher):
     assert max_diff(params[name], start[name]) == 0.0
   for name in ("transformer_blocks_0", "context_embedder", "cond_embed"):
     assert max_diff(params[name], start[name]) > 0.0
-  assert max_diff(state.aux_params["params"]["single_transformer_blocks_0"],
+  assert max_diff(state.fake_params["params"]["single_transformer_blocks_0"],
                   start["single_transformer_blocks_0"]) > 0.0
 
 

@@ -118,7 +118,7 @@ _SHARDED = textwrap.dedent("""
           in_shardings=(rep, rep), out_shardings=(rep, rep))
       for _ in range(3):
         state, metrics = step(state, params)
-      finals.append(jax.device_get((state.gen_params, state.aux_params, state.ema_params)))
+      finals.append(jax.device_get((state.gen_params, state.fake_params, state.ema_params)))
     diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), *finals)
     moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))),
                                    finals[1][0], teacher.variables)
