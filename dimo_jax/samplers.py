@@ -1,7 +1,7 @@
 """What is sampled, and the one loop that samples it over a mesh.
 
 A `Sampler` is a teacher at n decoding steps (its kind's own rule, `Teacher.decoder`) or a
-Di[M]O generator in one step; `sample` runs either over every label, a global batch at a time
+Di[M]O generator in one step; `MeshSampler` runs either over every label, a global batch at a time
 split over all devices, with the key of the batch starting at sample s being
 fold_in(PRNGKey(seed), s): the in-run evaluation, `python -m dimo_jax.evaluate` and
 `python -m dimo_jax.sample` draw the same codes for the same seed and batch size.
@@ -25,7 +25,7 @@ class Sampler:
   """`fn(inputs, rng, cond) -> codes int32[B, L]` and what names it.
 
   inputs: what `fn` reads besides the key and the condition (the teacher's variables, or the
-  generator's parameters and embedding-noise level), placed on the mesh by `sample`.
+  generator's parameters and embedding-noise level), placed on the mesh by `MeshSampler`.
   """
   fn: Callable[[Any, jax.Array, Any], jax.Array]
   inputs: Any
@@ -39,7 +39,7 @@ def decoding(teacher: Teacher, steps: int, cfg: float, options: Dict[str, Any],
              variables: Any = None) -> Sampler:
   """The teacher at `steps` steps of its own decode rule, guidance `cfg` (`Teacher.decoder`);
   `options`: `Teacher.decode_options(config)` or the rule's flags."""
-  return Sampler(lambda v, rng, cond: teacher.decoder(steps, cfg, **options)(v, rng, cond),
+  return Sampler(teacher.decoder(steps, cfg, **options),
                  teacher.variables if variables is None else variables,
                  f"teacher_{steps}step", f"teacher, {steps} steps, cfg_w {cfg:g}", steps)
 

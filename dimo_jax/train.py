@@ -28,6 +28,7 @@ from dimo_jax import (checkpoints, config_check, data, distill, distributed, dty
                       modeldir, parallel, samplers, teachers, visualize)
 from dimo_jax.errors import UserError
 
+
 def global_batch_size(config: ml_collections.ConfigDict, batch_devices: int) -> int:
   """The step's batch: `train_batch_size`, or `per_device_batch` x `batch_devices` when set.
 

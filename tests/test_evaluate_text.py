@@ -265,7 +265,7 @@ def text_run(dirs, tmp_path_factory, monkeypatch_module):
   workdir = str(tmp_path_factory.mktemp("text_run"))
   config = dirs["config"].copy_and_resolve_references()
   config.update(max_train_steps=2, validation_steps=1, checkpointing_steps=2,
-                eval_samples=6, sampling_step=2, final_eval=True)
+                eval_samples=6, sampling_step=8, final_eval=True)
   restores, vqvae_loads, codes = {}, [], []
   restore, load_tokenizer = modeldir.restore, tokenizers.load
 
@@ -303,20 +303,20 @@ def test_a_text_run_reads_its_teacher_and_vqvae_once(dirs, text_run):
   assert text_run["restores"] == {teacher: 1, os.path.join(teacher, "text_encoder"): 1,
                                   os.path.join(teacher, "vqvae"): 1}
   assert text_run["vqvae_loads"] == [dirs["teacher"]]
-  assert sorted(text_run["metrics"]) == ["generator_1step", "teacher_1step", "teacher_2step"]
+  assert sorted(text_run["metrics"]) == ["generator_1step", "teacher_1step", "teacher_8step"]
 
 
 def test_the_in_run_teacher_is_the_one_evaluate_samples(dirs, text_run, tmp_path, monkeypatch):
-  """metrics.json's teacher_2step and `evaluate --teacher_steps 2` at the default seed draw the
+  """metrics.json's teacher_8step and `evaluate --teacher_steps 8` at the default seed draw the
   same codes: one sampler (the release's scheduler, guided against the negative prompt)."""
   drawn = []
   generate = evaluate.generate
   monkeypatch.setattr(evaluate, "generate",
                       lambda *a, **k: drawn.append(generate(*a, **k)) or drawn[-1])
   config = text_run["config"]
-  evaluate.evaluate(config, str(tmp_path), teacher_steps=2, num_samples=config.eval_samples,
+  evaluate.evaluate(config, str(tmp_path), teacher_steps=8, num_samples=config.eval_samples,
                     clip=convert_clip.load_clip(dirs["clip"]))
-  in_run = text_run["codes"]["teacher_2step"]
+  in_run = text_run["codes"]["teacher_8step"]
   np.testing.assert_array_equal(drawn[0]["codes"], in_run)
   # The release's rule, not MaskGIT's: the same steps, key and prompts under MaskGIT's decoding
   # give other codes.
@@ -326,7 +326,7 @@ def test_the_in_run_teacher_is_the_one_evaluate_samples(dirs, text_run, tmp_path
   maskgit = teachers.Teacher(teacher.model, teacher.variables,
                              {**teacher.description, "kind": "maskgit"})
   padded = jax.tree_util.tree_map(lambda x: np.concatenate([x, x[:1], x[:1]]), cond)
-  other = np.asarray(jax.jit(maskgit.decoder(2, config.cfg_w, r_temp=config.r_temp,
+  other = np.asarray(jax.jit(maskgit.decoder(8, config.cfg_w, r_temp=config.r_temp,
                                              sm_temp=config.sm_temp,
                                              sched_mode=config.sched_mode))(
       teacher.variables, key, teacher.guided_condition(padded)))[:config.eval_samples]

@@ -82,7 +82,8 @@ def build_model(description: Dict[str, Any], dtype=jnp.float32, src: str = "") -
 def save(dst: str, model: nn.Module, variables: Any,
          extra: Optional[Dict[str, Any]] = None) -> None:
   """Writes a class-conditional teacher at `dst` completely or not at all (`extra` goes into
-  model.json); text-to-image teachers: `teachers.meissonic.save`."""
+  model.json); a text-to-image teacher is written by `python -m dimo_jax.convert meissonic` or
+  `pretrain.save_text_teacher`."""
   modeldir.write(dst, {**model_description(model), **(extra or {})}, variables)
 
 
@@ -180,7 +181,8 @@ class Teacher:
 
   def logits_fn(self, variables: Any) -> sampling.LogitsFn:
     """Eval-mode logits of `variables` as a `sampling.LogitsFn`."""
-    return lambda tokens, cond, drop: self.model.apply(variables, tokens, cond, drop)
+    return lambda tokens, cond, drop: self.model.apply(variables, tokens, cond, drop,
+                                                       deterministic=True)
 
   def decode_options(self, config) -> Dict[str, Any]:
     """What this teacher's decode rule reads of a run's config (MaskGIT: `r_temp`, `sm_temp`,
