@@ -22,9 +22,10 @@ _KINDS = {
     "google-vqgan": "dimo_jax.models.google_vqgan:VQGAN",
     "diffusers-vq": "dimo_jax.models.diffusers_vq:VQModel",
 }
-# kind -> the module field that holds the number of codes.
-_CODEBOOK_FIELDS = {"taming-vqgan": "n_embed", "google-vqgan": "codebook_size",
-                    "diffusers-vq": "num_vq_embeddings"}
+# kind -> the number of codes of its module (each names the field its release uses).
+_CODEBOOK_SIZE = {"taming-vqgan": lambda model: model.n_embed,
+                  "google-vqgan": lambda model: model.codebook_size,
+                  "diffusers-vq": lambda model: model.num_vq_embeddings}
 
 
 def model_description(model: nn.Module) -> Dict[str, Any]:
@@ -59,7 +60,7 @@ class Tokenizer:
 
   @property
   def codebook_size(self) -> int:
-    return getattr(self.model, _CODEBOOK_FIELDS[self.description["kind"]])
+    return _CODEBOOK_SIZE[self.description["kind"]](self.model)
 
 
 def check_pairing(tokenizer: Tokenizer, src: str, codebook_size: int, teacher: str) -> None:
