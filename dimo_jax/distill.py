@@ -216,7 +216,7 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
                                                       dropout=config.teacher_dropout), noisy,
                                             teacher_condition(labels), true_cfg)
     fake_logits = sampling.guided_logits(logits_fn(fake_params, f_rng), noisy, labels,
-                                        config.fake_cfg_eval)
+                                         config.fake_cfg_eval)
     teacher_logits, fake_logits = jax.lax.stop_gradient((teacher_logits, fake_logits))
     grad = divergence.logit_gradient(teacher_logits, fake_logits, config.distil_loss_type,
                                      config.true_temp, config.fake_temp)
@@ -260,7 +260,7 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
     iteration = state.step * config.fake_rounds
     sigma = masking.noise_level(config.noise_emb_perturb, iteration)
     gen_fed, fake_fed = ((None, None) if conditions is None
-                        else (conditions["generator"], conditions["auxiliary"]))
+                         else (conditions["generator"], conditions["auxiliary"]))
 
     (loss_g, gen_metrics), grads = jax.value_and_grad(generator_loss, has_aux=True)(
         state.gen_params, state.fake_params, teacher_params, gen_rng, sigma, gen_fed)

@@ -104,7 +104,7 @@ def prompt_grid(args: types.SimpleNamespace, prompts: List[str]) -> np.ndarray:
                                  "masking_schedule": schedule})
   else:
     params, config, step = checkpoints.load_generator(args.generator, teacher, args.params,
-                                          teacher_dir=args.teacher)
+                                                      teacher_dir=args.teacher)
     sampler = samplers.generator(teacher, params, config, step)
 
   # Every distinct prompt is encoded once; sample i is conditioned on row i of the table.
@@ -165,7 +165,7 @@ def sample_grid(args: types.SimpleNamespace) -> np.ndarray:
     sampler = samplers.run_teacher(config, teacher, flags["steps"])
   else:
     params, config, step = checkpoints.load_generator(args.generator, teacher, args.params,
-                                          teacher_dir=args.teacher)
+                                                      teacher_dir=args.teacher)
     sampler = samplers.generator(teacher, params, config, step)
   codes = samplers.MeshSampler(sampler, parallel.make_mesh(), batch)(all_labels, args.seed)
   images = data.decode_images(tokenizer, codes, batch)

@@ -63,8 +63,8 @@ def test_generator_checkpoint_lookup_and_params(dirs):
   teacher = teachers.load(dirs["teacher"])
   step, state = restore_latest(dirs["workdir"], dirs["config"], dirs["teacher"])
   ema, config, found = checkpoints.load_generator(dirs["workdir"], teacher, "ema")
-  raw, _, found_raw = checkpoints.load_generator(f"{dirs['workdir']}/checkpoints/{step}", teacher,
-                                            "generator")
+  raw, _, found_raw = checkpoints.load_generator(f"{dirs['workdir']}/checkpoints/{step}",
+                                                 teacher, "generator")
   assert found == found_raw == step == 2
   assert config.fixed_ratio == dirs["config"].fixed_ratio
   for got, want in ((ema, state.ema_params), (raw, state.gen_params)):
