@@ -177,7 +177,7 @@ class Teacher:
     """Eval-mode logits of the teacher's variables: tokens int32[B, L] or [B, h, w]
     (mask = V) -> float32[B, L, V]."""
     tokens = jnp.asarray(tokens, jnp.int32).reshape(tokens.shape[0], -1)
-    return self.model.apply(self.variables, tokens, cond, drop, deterministic=True)
+    return self.logits_fn(self.variables)(tokens, cond, drop)
 
   def logits_fn(self, variables: Any) -> sampling.LogitsFn:
     """Eval-mode logits of `variables` as a `sampling.LogitsFn`."""
