@@ -109,8 +109,8 @@ def create_state(config: ml_collections.ConfigDict, teacher_params: Params, rng:
                  frozen: Tuple[str, ...]) -> DistillState:
   """theta, psi and the EMA all start as copies of the teacher phi.
 
-  `frozen`: what `fix_emb_layer` freezes, `frozen_prefixes(model)` of the teacher's module (the
-  train step builds its optimizers with the same, so the optimizer states match).
+  `frozen`: what `fix_emb_layer` freezes, the teacher kind's `frozen_with_emb` (the train step
+  builds its optimizers with the same, so the optimizer states match).
   """
   copy = lambda p: jax.tree_util.tree_map(jnp.array, p)
   gen_tx, fake_tx = optimizers(config, teacher_params, frozen)
