@@ -133,18 +133,20 @@ def place_rows(rows: Callable[[np.ndarray], Any], indices: np.ndarray, mesh: Mes
   """
   indices = np.asarray(indices)
   sharding = batch_sharded_at(mesh, axis)
-  example = rows(indices.reshape(-1)[:1])
   lead = indices.ndim
+  built = {}  # a device's rows, built once for all the leaves
 
-  def leaf(path, value):
-    shape = indices.shape + np.shape(value)[1:]
-    pick = lambda where: jax.tree_util.tree_flatten_with_path(
-        rows(indices[where[:lead]]))[0][position[path]][1]
-    return jax.make_array_from_callback(shape, sharding, pick)
+  def device_rows(where):
+    key = repr(where[:lead])
+    if key not in built:
+      built[key] = jax.tree_util.tree_leaves(rows(indices[where[:lead]]))
+    return built[key]
 
-  flat, tree = jax.tree_util.tree_flatten_with_path(example)
-  position = {path: i for i, (path, _) in enumerate(flat)}
-  return jax.tree_util.tree_unflatten(tree, [leaf(path, value) for path, value in flat])
+  example, tree = jax.tree_util.tree_flatten(rows(indices.reshape(-1)[:1]))
+  return jax.tree_util.tree_unflatten(tree, [
+      jax.make_array_from_callback(indices.shape + np.shape(value)[1:], sharding,
+                                   lambda where, i=i: device_rows(where)[i])
+      for i, value in enumerate(example)])
 
 
 def pad_rows(values: np.ndarray, size: int) -> np.ndarray:

@@ -219,6 +219,9 @@ def get(config: ml_collections.ConfigDict, teacher: Optional[Teacher] = None):
   'digits_text', whose prompts `teacher`'s text encoder encodes (read from
   `config.teacher_path` when not given; pretraining on 'digits_text' needs no teacher)."""
   name = config.get("dataset", "digits")
+  if name in ("prompts", "digits_text") and teacher is None and config.get("teacher_path"):
+    from dimo_jax import teachers
+    teacher = teachers.load(config.teacher_path)
   if name == "digits":
     return Digits()
   if name == "synthetic":
@@ -226,9 +229,6 @@ def get(config: ml_collections.ConfigDict, teacher: Optional[Teacher] = None):
   if name == "imagenet256":
     return ImageNet256(config.tokenizer_path)
   if name == "prompts":
-    if teacher is None:
-      from dimo_jax import teachers
-      teacher = teachers.load(config.teacher_path)
     return TextPrompts(config, teacher)
   if name == "digits_text":
     from dimo_jax.data import digit_prompts

@@ -283,13 +283,9 @@ class DigitPrompts:
 
 def from_config(config: ml_collections.ConfigDict,
                 teacher: Optional[Teacher] = None) -> DigitPrompts:
-  """The teacher's text stack when the config names a `teacher_path` (distillation; `teacher`,
-  read from there when not given), else a fresh toy encoder updated by `config.text_encoder`
-  (pretraining)."""
-  if config.get("teacher_path"):
-    if teacher is None:
-      from dimo_jax import teachers
-      teacher = teachers.load(config.teacher_path)
+  """`teacher`'s text stack (distillation: the teacher of `config.teacher_path`, as `data.get`
+  loads it), else a fresh toy encoder updated by `config.text_encoder` (pretraining)."""
+  if teacher is not None:
     return DigitPrompts.from_teacher(teacher, seed=config.get("global_seed", 0))
   fields = config.get("text_encoder") or ml_collections.ConfigDict()
   return DigitPrompts.toy(seed=config.get("seed", 0), **fields.to_dict())
