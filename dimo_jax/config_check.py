@@ -14,6 +14,7 @@ import ml_collections
 
 from dimo_jax import divergence, dtypes, masking, sampling
 from dimo_jax.errors import UserError
+from dimo_jax.models import attention
 
 
 class ConfigError(UserError):
@@ -31,6 +32,7 @@ ENUMS = {
     "ratio_mode_fake": masking.RATIO_MODES,
     "sched_mode": sampling.SCHED_MODES,
     "eval_params": ("ema", "generator"),
+    "attention_impl": attention.IMPLEMENTATIONS,
 }
 # Integers that count steps, rounds or samples: at least 1 (0 would divide by zero or train
 # nothing).

@@ -22,6 +22,11 @@ def reference_config() -> ml_collections.ConfigDict:
   c.teacher_dtype = "fp32"  # 'fp32' | 'bf16'
   # Recompute each transformer block in the backward pass instead of storing its activations.
   c.gradient_checkpointing = False
+  # The attention kernel of the three networks (dimo_jax/models/attention.py): 'auto' computes
+  # what the reference does (attention weights dropped while dropout is on; then cuDNN flash
+  # attention on a GPU, XLA's elsewhere); 'xla' / 'cudnn' always fuse, and so train without
+  # dropout on the attention weights; 'einsum' always writes the softmax out.
+  c.attention_impl = "auto"
   # Clipping of the generator's gradients (the reference clips them under 16-bit mixed
   # precision, which its recipe runs) and of the auxiliary model's (it never clips those);
   # 0 turns clipping off.

@@ -67,7 +67,6 @@ import zipfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from absl import flags
-from clu import metric_writers
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -403,6 +402,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
   if text is not None:
     result.update(prompts=text.source, num_prompts=len(text.prompts))
   checkpoints.write_json(os.path.join(workdir, f"eval_{sampler.tag}.json"), result)
+  # clu (and the TensorBoard writer under it) is imported only by a run that writes metrics:
+  # the step, the samplers and the benchmarks import without it (a GPU image may lack it).
+  from clu import metric_writers
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_scalars(sampler.step, {f"eval_{sampler.tag}/{k}": v for k, v in scores.items()})
   writer.flush()

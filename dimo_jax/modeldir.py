@@ -52,8 +52,9 @@ def description_path(src: str) -> str:
 
 
 def module_config(module: nn.Module) -> Dict[str, Any]:
-  """The constructor fields of a Flax module that define its weights (not dtype, remat, ...)."""
-  skip = {"parent", "name", "dtype", "param_dtype", "remat"}
+  """The constructor fields of a Flax module that define its weights (not dtype, remat, the
+  attention kernel, ...)."""
+  skip = {"parent", "name", "dtype", "param_dtype", "remat", "attention"}
   return {f.name: getattr(module, f.name) for f in dataclasses.fields(module)
           if f.init and f.name not in skip}
 

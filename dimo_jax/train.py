@@ -17,7 +17,6 @@ import time
 from typing import Any, Callable, Dict, Optional
 
 from absl import logging
-from clu import metric_writers
 import jax
 import ml_collections
 import numpy as np
@@ -126,6 +125,11 @@ RESUME_FREE_KEYS = frozenset({
     "allow_config_change", "gradient_checkpointing", "prompt_cache"})
 
 
+# Keys added after runs were written, each with the value that does what those runs did: a saved
+# config without one reads as having that value.
+ADDED_KEYS = {"attention_impl": "auto"}
+
+
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
   if isinstance(tree, dict):
     out = {}
@@ -138,7 +142,7 @@ def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
 def config_changes(saved: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]:
   """{dotted key: (saved value, new value)} for the keys outside RESUME_FREE_KEYS that differ
   (a key only one of them has counts, with None on the other side)."""
-  saved, new = _flat(saved), _flat(new)
+  saved, new = {**ADDED_KEYS, **_flat(saved)}, {**ADDED_KEYS, **_flat(new)}
   changed = {}
   for key in sorted(set(saved) | set(new)):
     if key.split(".")[0] in RESUME_FREE_KEYS:
@@ -333,6 +337,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   config = config.copy_and_resolve_references()
   config.train_batch_size = global_batch_size(config, parallel.batch_devices(mesh))
   teacher = teachers.load(config.teacher_path, dtypes.compute_dtype(config))
+  teacher = teacher.with_model(teacher.model.clone(attention=config.attention_impl))
+  if config.attention_impl in ("xla", "cudnn") and config.distill_dropout:
+    logging.warning("attention_impl %r is a fused kernel: the attention weights are not dropped "
+                    "(the reference drops them; every other dropout stays)",
+                    config.attention_impl)
   dataset = data.get(config, teacher)
   if teacher.kind.conditioning != dataset.conditioning:
     raise config_check.ConfigError(
@@ -371,6 +380,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   step_fn = distributed.compile_together(
       jit_train_step(config, step_teacher, mesh, state, teacher_params, *example),
       state, teacher_params, *example, name="train_step")
+  # clu (and the TensorBoard writer under it) is imported only by a run that writes metrics:
+  # the step, the samplers and the benchmarks import without it (a GPU image may lack it).
+  from clu import metric_writers
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   # The digits scorer trains its feature classifier: build it once, and only if it is used.
   score = metrics.scorer(dataset) if config.validation_metrics or config.final_eval else None

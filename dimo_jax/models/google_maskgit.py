@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dimo_jax.models import attention as attention_lib
 from dimo_jax.models.maskgit import remat_layer
 
 Dtype = Any
@@ -39,18 +40,26 @@ _LN_EPS = 1e-12
 
 
 class Attention(nn.Module):
-  """Self-attention, dropout, then LayerNorm of the residual sum (post-LN)."""
+  """Self-attention, dropout, then LayerNorm of the residual sum (post-LN).
+
+  `attention` (models/attention.py): `einsum` is flax's own dot_product_attention, which drops
+  attention weights; `xla` / `cudnn` replace it by a fused kernel.
+  """
   num_heads: int
   dropout: float
   dtype: Dtype
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
     width = x.shape[-1]
+    kernel = attention_lib.resolve(self.attention, self.dtype, width // self.num_heads,
+                                   not deterministic and self.dropout > 0)
+    fused = {} if kernel == "einsum" else {"attention_fn": attention_lib.flax_attention_fn(kernel)}
     # The release attends over every position (its input mask is all ones), so none is passed.
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, qkv_features=width, dropout_rate=self.dropout,
-        deterministic=deterministic, dtype=self.dtype, name="self_attention")(x)
+        deterministic=deterministic, dtype=self.dtype, name="self_attention", **fused)(x)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     return nn.LayerNorm(_LN_EPS, dtype=self.dtype, name="attention_output_ln")(y + x)
 
@@ -76,10 +85,12 @@ class TransformerLayer(nn.Module):
   intermediate_size: int
   dropout: float
   dtype: Dtype
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
-    x = Attention(self.num_heads, self.dropout, self.dtype, name="Attention_0")(x, deterministic)
+    x = Attention(self.num_heads, self.dropout, self.dtype, self.attention,
+                  name="Attention_0")(x, deterministic)
     return Mlp(self.intermediate_size, self.dropout, self.dtype, name="Mlp_0")(x, deterministic)
 
 
@@ -148,6 +159,7 @@ class GoogleMaskGIT(nn.Module):
     dropout: hidden and attention-probability dropout rate (0.1 in the release).
     dtype: compute dtype; parameters stay float32.
     remat: gradient checkpointing of every TransformerLayer (values and parameters unchanged).
+    attention: the attention kernel (models/attention.py), not part of the weights.
   """
   codebook_size: int
   num_classes: int
@@ -159,6 +171,7 @@ class GoogleMaskGIT(nn.Module):
   dropout: float = 0.1
   dtype: Dtype = jnp.float32
   remat: bool = False
+  attention: str = "auto"
 
   @property
   def mask_id(self) -> int:
@@ -214,8 +227,8 @@ class GoogleMaskGIT(nn.Module):
     x = embed(ids, emb_noise, deterministic)
     layer = remat_layer(TransformerLayer, self.remat)
     for i in range(self.num_layers):
-      x = layer(self.num_heads, self.intermediate_size, self.dropout, self.dtype,
-                           name=f"TransformerLayer_{i}")(x, deterministic)
+      x = layer(self.num_heads, self.intermediate_size, self.dropout, self.dtype, self.attention,
+                name=f"TransformerLayer_{i}")(x, deterministic)
     table = embed.variables["params"]["word_embeddings"]["embedding"]
     logits = MlmLayer(self.codebook_size, self.dtype, name="MlmLayer_0")(x[:, 1:], table)
 

@@ -26,6 +26,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dimo_jax.models import attention as attention_lib
+
 Dtype = Any
 
 # nn.GELU() and nn.LayerNorm() of PyTorch: exact erf GELU, eps 1e-5 unless stated.
@@ -33,10 +35,15 @@ _gelu = lambda x: nn.gelu(x, approximate=False)
 
 
 class MultiheadAttention(nn.Module):
-  """torch.nn.MultiheadAttention (batch_first, one fused input projection, dropout on weights)."""
+  """torch.nn.MultiheadAttention (batch_first, one fused input projection, dropout on weights).
+
+  `attention`: the kernel (models/attention.py); only `einsum` (and `auto`, which picks it
+  while dropout is on) drops attention weights.
+  """
   num_heads: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
@@ -46,13 +53,10 @@ class MultiheadAttention(nn.Module):
     head_dim = width // self.num_heads
     qkv = nn.Dense(3 * width, dtype=self.dtype, name="in_proj")(x)
     q, k, v = jnp.split(qkv.reshape(batch, length, 3 * self.num_heads, head_dim), 3, axis=2)
-    if deterministic or self.dropout == 0.0:
-      out = jax.nn.dot_product_attention(q, k, v)
-    else:
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-      weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
-      weights = nn.Dropout(self.dropout)(weights, deterministic=False)
-      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    dropout = None
+    if not deterministic and self.dropout > 0.0:
+      dropout = lambda w: nn.Dropout(self.dropout)(w, deterministic=False)
+    out = attention_lib.attend(q, k, v, self.attention, dropout)
     return nn.Dense(width, dtype=self.dtype, name="out_proj")(out.reshape(batch, length, width))
 
 
@@ -61,11 +65,13 @@ class AttentionBlock(nn.Module):
   num_heads: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, deterministic):
     y = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name="norm")(x)
-    return MultiheadAttention(self.num_heads, self.dropout, self.dtype, name="mha")(y, deterministic)
+    return MultiheadAttention(self.num_heads, self.dropout, self.dtype, self.attention,
+                              name="mha")(y, deterministic)
 
 
 class MlpBlock(nn.Module):
@@ -101,10 +107,12 @@ class TransformerLayer(nn.Module):
   mlp_dim: int
   dropout: float = 0.0
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, deterministic):
-    x = x + AttentionBlock(self.num_heads, self.dropout, self.dtype, name="attn")(x, deterministic)
+    x = x + AttentionBlock(self.num_heads, self.dropout, self.dtype, self.attention,
+                           name="attn")(x, deterministic)
     return x + MlpBlock(self.mlp_dim, self.dropout, self.dtype, name="ff")(x, deterministic)
 
 
@@ -147,6 +155,8 @@ class MaskTransformer(nn.Module):
     dtype: compute dtype; parameters stay float32.
     remat: recompute each transformer layer's activations in the backward pass instead of
       keeping them (gradient checkpointing); the parameter tree and the values are unchanged.
+    attention: the attention kernel, 'auto' | 'einsum' | 'xla' | 'cudnn' (models/attention.py);
+      like dtype and remat it is not part of the weights.
   """
   codebook_size: int
   num_classes: int
@@ -159,6 +169,7 @@ class MaskTransformer(nn.Module):
   emb_noise_scale: float = 1.0
   dtype: Dtype = jnp.float32
   remat: bool = False
+  attention: str = "auto"
 
   @property
   def mask_id(self) -> int:
@@ -219,7 +230,7 @@ class MaskTransformer(nn.Module):
     x = _Projection(self.hidden_dim, True, self.dropout, self.dtype, name="first_layer")(
         x, deterministic)
     x = _Layers(self.depth, self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.remat,
-                name="transformer")(x, deterministic)
+                self.attention, name="transformer")(x, deterministic)
     x = _Projection(self.hidden_dim, False, self.dropout, self.dtype, name="last_layer")(
         x, deterministic)
 
@@ -239,12 +250,13 @@ class _Layers(nn.Module):
   dropout: float
   dtype: Dtype
   remat: bool = False
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, deterministic):
     layer = remat_layer(TransformerLayer, self.remat)
     for i in range(self.depth):
-      x = layer(self.num_heads, self.mlp_dim, self.dropout, self.dtype,
+      x = layer(self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.attention,
                 name=f"layers_{i}")(x, deterministic)
     return x
 

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dimo_jax.models import attention as attention_lib
+
 Dtype = Any
 
 # Constants of Transformer2DModel.__init__ / forward that its config does not expose.
@@ -124,13 +126,15 @@ class Attention(nn.Module):
   """diffusers' Attention with the Flux processor: RMS-normed q, k per head, RoPE, and (with
   `joint`) a second set of projections for the text stream, attended to jointly.
 
-  `pre_only` (the single-stream blocks) drops the output projection.
+  `pre_only` (the single-stream blocks) drops the output projection. `attention` names the
+  kernel (models/attention.py).
   """
   num_heads: int
   head_dim: int
   joint: bool = False
   pre_only: bool = False
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   def _heads(self, x, names):
     """q, k, v [B, S, H, Dh] from the three projections `names`."""
@@ -156,7 +160,7 @@ class Attention(nn.Module):
       ck = _rms_norm("norm_added_k", self.dtype)(ck)
       q, k, v = (jnp.concatenate(pair, axis=1) for pair in ((cq, q), (ck, k), (cv, v)))
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = attention_lib.attend(q, k, v, self.attention)
     out = out.reshape(*out.shape[:2], -1).astype(self.dtype)
     width = x.shape[-1]
     if self.joint:
@@ -214,6 +218,7 @@ class TransformerBlock(nn.Module):
   num_heads: int
   head_dim: int
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, image, text, temb, cos, sin):
@@ -222,7 +227,7 @@ class TransformerBlock(nn.Module):
     c, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = AdaLayerNormZero(
         6, dt, name="norm1_context")(text, temb)
     attn, context_attn = Attention(self.num_heads, self.head_dim, joint=True, dtype=dt,
-                                   name="attn")(x, cos, sin, context=c)
+                                   attention=self.attention, name="attn")(x, cos, sin, context=c)
 
     image = image + gate_msa[:, None] * attn
     x = _layer_norm(dt)(image) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
@@ -241,6 +246,7 @@ class SingleTransformerBlock(nn.Module):
   head_dim: int
   mlp_ratio: float = 4.0
   dtype: Dtype = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, temb, cos, sin):
@@ -248,8 +254,8 @@ class SingleTransformerBlock(nn.Module):
     width = x.shape[-1]
     h, gate = AdaLayerNormZero(3, dt, name="norm")(x, temb)
     mlp = nn.gelu(_dense(int(width * self.mlp_ratio), "proj_mlp", dt)(h), approximate=True)
-    attn = Attention(self.num_heads, self.head_dim, pre_only=True, dtype=dt, name="attn")(
-        h, cos, sin)
+    attn = Attention(self.num_heads, self.head_dim, pre_only=True, dtype=dt,
+                     attention=self.attention, name="attn")(h, cos, sin)
     out = _dense(width, "proj_out", dt)(jnp.concatenate([attn, mlp], axis=-1))
     return x + gate[:, None] * out
 
@@ -373,6 +379,7 @@ class MeissonicTransformer(nn.Module):
     dtype: compute dtype; parameters stay float32, logits are float32.
     remat: recompute each block's activations in the backward pass (gradient checkpointing);
       the parameter tree and the values are unchanged.
+    attention: the attention kernel, 'auto' | 'einsum' | 'xla' | 'cudnn' (models/attention.py).
   """
   num_layers: int = 14
   num_single_layers: int = 28
@@ -387,6 +394,7 @@ class MeissonicTransformer(nn.Module):
   upsample: bool = True
   dtype: Dtype = jnp.float32
   remat: bool = False
+  attention: str = "auto"
 
   @property
   def mask_id(self) -> int:
@@ -479,11 +487,13 @@ class MeissonicTransformer(nn.Module):
     double = nn.remat(TransformerBlock) if self.remat else TransformerBlock
     for i in range(self.num_layers):
       image, text = double(self.num_attention_heads, self.attention_head_dim, dt,
-                           name=f"transformer_blocks_{i}")(image, text, temb, cos, sin)
+                           self.attention, name=f"transformer_blocks_{i}")(
+                               image, text, temb, cos, sin)
     joint = jnp.concatenate([text, image], axis=1)
     single = nn.remat(SingleTransformerBlock) if self.remat else SingleTransformerBlock
     for i in range(self.num_single_layers):
       joint = single(self.num_attention_heads, self.attention_head_dim, dtype=dt,
+                     attention=self.attention,
                      name=f"single_transformer_blocks_{i}")(joint, temb, cos, sin)
     image = joint[:, text_len:]
 
