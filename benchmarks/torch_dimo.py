@@ -138,15 +138,16 @@ def _mask_ratio(u, mode: str):
 def _random_mask(ratio, batch: int, seq_len: int):
   """Exactly round(L * ratio) (>= 1) uniformly chosen positions per row: bool[B, L]."""
   count = (seq_len * ratio).round().clamp(min=1).long().reshape(-1, 1)
-  return torch.rand(batch, seq_len).argsort(dim=-1) < count
+  return torch.rand(batch, seq_len, device=ratio.device).argsort(dim=-1) < count
 
 
 def _guided(model, tokens, labels, cfg: float):
   """z_u + w (z_c - z_u) from one doubled batch; w = 1 is a single conditional pass."""
   if cfg == 1:
     return model(tokens, labels)
-  batch = tokens.shape[0]
-  drop = torch.cat([torch.zeros(batch, dtype=torch.bool), torch.ones(batch, dtype=torch.bool)])
+  batch, device = tokens.shape[0], tokens.device
+  drop = torch.cat([torch.zeros(batch, dtype=torch.bool, device=device),
+                    torch.ones(batch, dtype=torch.bool, device=device)])
   cond, uncond = model(torch.cat([tokens, tokens]), torch.cat([labels, labels]), drop).chunk(2)
   return uncond + cfg * (cond - uncond)
 
@@ -155,11 +156,16 @@ class TorchDiMO:
   """Teacher, generator, auxiliary model, EMA and two Adam optimizers; `step()` trains once.
 
   Every network stays in train mode (dropout on), as the reference trains; `fix_emb_layer`
-  freezes the embedding table, the positional embedding and the output bias.
+  freezes the embedding table, the positional embedding and the output bias. `device`: where
+  the networks live and every random draw is made ('cpu', 'cuda', ...); bf16 is
+  `torch.autocast` on that device's type, as accelerate's mixed precision runs the reference.
   """
 
-  def __init__(self, teacher: MaskTransformer, config: StepConfig, bf16: bool):
+  def __init__(self, teacher: MaskTransformer, config: StepConfig, bf16: bool,
+               device: str = "cpu"):
     self.config, self.bf16 = config, bf16
+    self.device = torch.device(device)
+    teacher = teacher.to(self.device)
     self.teacher = teacher.train().requires_grad_(False)
     self.generator = copy.deepcopy(teacher).train()
     self.fake = copy.deepcopy(teacher).train()
@@ -175,14 +181,15 @@ class TorchDiMO:
     self.global_step = 0
 
   def _autocast(self):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
+    return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
   def _generate(self):
     """One generator step on fresh x_init: (logits float[B, L, V + 1], codes, labels)."""
     c, net = self.config, self.generator
-    labels = torch.randint(0, net.num_classes, (c.batch,))
-    codes = torch.randint(0, net.codebook_size, (c.batch, net.seq_len))
-    init_mask = _random_mask(torch.tensor(c.fixed_ratio), c.batch, net.seq_len)
+    labels = torch.randint(0, net.num_classes, (c.batch,), device=self.device)
+    codes = torch.randint(0, net.codebook_size, (c.batch, net.seq_len), device=self.device)
+    init_mask = _random_mask(torch.tensor(c.fixed_ratio, device=self.device), c.batch,
+                             net.seq_len)
     x_init = torch.where(init_mask, net.codebook_size, codes)
     with self._autocast():
       logits = net(x_init, labels, emb_noise=c.noise_emb_perturb)
@@ -191,7 +198,7 @@ class TorchDiMO:
 
   def _forward_mask(self, codes):
     c, seq_len = self.config, codes.shape[1]
-    ratio = _mask_ratio(torch.rand(codes.shape[0]), c.ratio_mode)
+    ratio = _mask_ratio(torch.rand(codes.shape[0], device=codes.device), c.ratio_mode)
     mask = _random_mask(ratio, codes.shape[0], seq_len)
     return torch.where(mask, self.generator.codebook_size, codes), mask
 
