@@ -114,6 +114,8 @@ def main():
                            "first eager steps)")
   parser.add_argument("--profile", action="store_true",
                       help="also time the generator and auxiliary halves separately")
+  parser.add_argument("--jax-only", action="store_true",
+                      help="time the JAX step alone (e.g. to compare XLA flags or allocators)")
   parser.add_argument("--torch-fast-attention", action="store_true",
                       help="call nn.MultiheadAttention with need_weights=False (the reference "
                            "keeps the attention maps, which rules out the fused kernel)")
@@ -139,16 +141,18 @@ def main():
   jax_s = statistics.median(jax_times)
   print(f"jax:   compile {compile_s:.1f} s; step {ms(jax_s)} (all: "
         f"{', '.join(ms(t) for t in jax_times)})", flush=True)
-  torch_times, torch_gen, torch_aux = time_torch(args)
-  torch_s = statistics.median(torch_times)
-  print(f"torch: step {ms(torch_s)} (all: {', '.join(ms(t) for t in torch_times)})", flush=True)
-  print(f"ratio torch / jax: {torch_s / jax_s:.2f}x", flush=True)
+  if not args.jax_only:
+    torch_times, torch_gen, torch_aux = time_torch(args)
+    torch_s = statistics.median(torch_times)
+    print(f"torch: step {ms(torch_s)} (all: {', '.join(ms(t) for t in torch_times)})",
+          flush=True)
+    print(f"ratio torch / jax: {torch_s / jax_s:.2f}x", flush=True)
 
   if flops:
     rate = flops / jax_s
     print(f"jax step: {flops / 1e9:.1f} GFLOP (XLA cost analysis), {rate / 1e9:.1f} GFLOP/s "
           "achieved", flush=True)
-  if args.profile:
+  if args.profile and not args.jax_only:
     gen_compile_s, gen_times, _ = time_jax(args, model, variables, fake_rounds=0)
     gen_s = statistics.median(gen_times)
     print(f"profile jax:   generator half {ms(gen_s)} (compile {gen_compile_s:.1f} s), "

@@ -138,3 +138,12 @@ def test_the_model_flops_are_what_xla_counts():
                                  teacher.frozen_with_emb)
     step = jax.jit(distill.make_train_step(config, teacher)).lower(state, variables).compile()
     assert 0.95 <= gpu_suite.xla_flops(step) / forward / passes <= 1.12
+
+
+def test_the_shell_wrapper_runs_the_suite_into_out(blocked_env, tmp_path):
+  env = dict(blocked_env, OUT=str(tmp_path / "out"), PYTHON=sys.executable)
+  proc = subprocess.run(["bash", "benchmarks/gpu_suite.sh", "--size", "tiny", "--sections",
+                         "matmul"], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert "| bf16 matmul 256^3 |" in (tmp_path / "out" / "gpu_suite.md").read_text()
