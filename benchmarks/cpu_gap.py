@@ -40,7 +40,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -57,15 +56,10 @@ PARTS = ("model_fwd", "model_fwd_bwd", "optimizer", "ema")
 WIDTH, HEADS, MLP, TOKENS = 768, 16, 3072, 257
 
 
-def timed(fn, runs: int):
-  fn()
-  fn()
-  times = []
-  for _ in range(runs):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3
+def timed(fn, runs: int) -> float:
+  """Median milliseconds of `runs` calls of `fn` after two warm-up calls."""
+  from benchmarks import gpu_suite
+  return statistics.median(gpu_suite.median_time(fn, runs, warmup=2)) * 1e3
 
 
 def jax_pieces(batch: int, runs: int):
