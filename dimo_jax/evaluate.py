@@ -73,7 +73,7 @@ from ml_collections import config_flags
 import numpy as np
 from tqdm.auto import tqdm
 
-from dimo_jax import (checkpoints, cli, config_check, data, distributed, dtypes, metrics,
+from dimo_jax import (checkpoints, cli, config_check, data, distributed, dtypes, metrics, outputs,
                       parallel, samplers, teachers, tokenizers, visualize)
 from dimo_jax.data.digits import class_balanced_labels
 from dimo_jax.errors import UserError
@@ -381,6 +381,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
   ref = (references.load_reference(reference, extractor, mesh, batch_size) if images_mode
          else None)
 
+  if save_npz:
+    outputs.check_replaceable(os.path.join(workdir, f"samples_{sampler.tag}.npz"), "npz",
+                              "--save_npz")
   os.makedirs(workdir, exist_ok=True)
   sink = SampleSink(workdir, sampler.tag, dataset, labels, save_png, save_npz,
                     None if text is None else [text.prompts[i] for i in labels])
@@ -510,6 +513,7 @@ def stats_main() -> None:
     raise EvaluateError("stats needs --out and one of --images, --tfds")
   if _INCEPTION.value is None:
     raise EvaluateError("stats needs --inception")
+  outputs.check_replaceable(_OUT.value, "npz", "--out")
   mesh = parallel.make_mesh()
   batch_size = parallel.round_batch(_BATCH_SIZE.value or 64, mesh)
   if _IMAGES.value is not None:

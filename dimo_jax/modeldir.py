@@ -6,9 +6,12 @@ writes):
   params/      orbax StandardCheckpointer tree of the Flax variables ({"params": ...})
 
 `write` builds the directory in a temporary sibling and swaps it into place (`staged`), so a
-directory that exists is complete: a conversion that fails half-way leaves nothing behind, and a
-destination that is not a model directory (a user's folder, a release, a mount point) is refused,
-never replaced.
+directory that exists is complete: a conversion that fails half-way leaves nothing behind. Only a
+dimo_jax model directory is ever replaced: its model.json is ours (an object with "kind" and
+"config") and it holds nothing but our parts (`OWN_ENTRIES`). Anything else (a user's folder,
+another tool's model.json, a model directory a user added notes to, a mount point) is refused
+naming what is not ours. A destination is locked while it is written (`locked`): a second writer
+is refused at once.
 
 Reading checks what a user may have changed by hand before any weight is used: model.json must be
 a JSON object whose config builds the module (`read_description`, `construct`), params/ must hold
@@ -21,6 +24,8 @@ import collections.abc
 import contextlib
 import ctypes
 import dataclasses
+import fcntl
+import hashlib
 import importlib
 import json
 import os
@@ -28,7 +33,7 @@ import shutil
 import sys
 import tempfile
 import typing
-from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Type
 
 import flax.linen as nn
 import jax
@@ -94,10 +99,44 @@ def _real(path: str) -> str:
   return os.path.realpath(os.path.abspath(path))
 
 
+# What a model directory holds at its top level: its description, its weights, and the parts a
+# text-to-image teacher or a CLIP model carries (model directories of their own, or the files of
+# a tokenizer). A folder holding anything else is not replaced.
+OWN_ENTRIES = (DESCRIPTION_FILE, PARAMS_DIR, "text_encoder", "tokenizer", "vqvae")
+
+
+def _is_our_description(path: str) -> bool:
+  """Whether the file `path` is a model.json that dimo_jax writes: a JSON object with a string
+  "kind" and an object "config" (another tool's model.json, a TF.js model's say, is not)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    return False
+  return (isinstance(value, dict) and isinstance(value.get("kind"), str)
+          and isinstance(value.get("config"), dict))
+
+
+def foreign_entries(folder: str) -> List[str]:
+  """The entries of the model directory `folder` (and of the model directories among its parts)
+  that dimo_jax did not write, as paths relative to `folder`."""
+  foreign = []
+  for name in sorted(os.listdir(folder)):
+    if name not in OWN_ENTRIES:
+      foreign.append(name)
+      continue
+    part = os.path.join(folder, name)
+    if (name != PARAMS_DIR and os.path.isdir(part) and not os.path.islink(part)
+        and os.path.isfile(os.path.join(part, DESCRIPTION_FILE))):
+      foreign += [os.path.join(name, inner) for inner in foreign_entries(part)]
+  return foreign
+
+
 def check_destination(dst: str, sources: Iterable[str] = ()) -> None:
   """Raises `DestinationError` unless `dst` may become a model directory: it does not exist, is
-  an empty folder, or is a model directory (it holds model.json); it is no mount point; it is
-  neither one of `sources`, nor inside one, nor a folder that contains one."""
+  an empty folder, or is a dimo_jax model directory (model.json ours, nothing but `OWN_ENTRIES`);
+  it is no mount point; it is neither one of `sources`, nor inside one, nor a folder that
+  contains one."""
   real = _real(dst)
   for src in sources:
     src = _real(src)
@@ -114,10 +153,71 @@ def check_destination(dst: str, sources: Iterable[str] = ()) -> None:
   if os.path.ismount(real):
     raise DestinationError(f"{dst}: is a mount point; write the model directory into a folder "
                            f"below it")
-  if os.listdir(dst) and not os.path.isfile(os.path.join(dst, DESCRIPTION_FILE)):
+  if not os.listdir(dst):
+    return
+  description = os.path.join(dst, DESCRIPTION_FILE)
+  if not os.path.isfile(description):
     raise DestinationError(f"{dst}: holds files but no {DESCRIPTION_FILE}, so it is not a model "
                            f"directory written by dimo_jax; it is left untouched (choose an "
                            f"empty or new folder)")
+  if not _is_our_description(description):
+    raise DestinationError(f"{dst}: its {DESCRIPTION_FILE} is not one dimo_jax writes (a JSON "
+                           "object with 'kind' and 'config'), so the folder belongs to another "
+                           "tool; it is left untouched (choose an empty or new folder)")
+  foreign = foreign_entries(dst)
+  if foreign:
+    shown = ", ".join(foreign[:8]) + (f" and {len(foreign) - 8} more" if len(foreign) > 8 else "")
+    raise DestinationError(f"{dst}: a dimo_jax model directory, but it also holds {shown}, which "
+                           "dimo_jax did not write and replacing the directory would delete; it "
+                           "is left untouched (move them out, or choose another destination)")
+
+
+_held_locks: Dict[str, int] = {}
+
+
+def _lock_path(dst: str) -> str:
+  """The lock file of the destination `dst`: in the system's temporary folder (never among the
+  user's files), named by a hash of the resolved path, so that every spelling of `dst` (relative,
+  absolute, through a link) meets the same lock."""
+  digest = hashlib.sha256(_real(dst).encode()).hexdigest()[:24]
+  return os.path.join(tempfile.gettempdir(), f"dimo_jax-{digest}.lock")
+
+
+@contextlib.contextmanager
+def locked(dst: str) -> Iterator[None]:
+  """Holds the lock of the destination `dst` for the block: another process that tries to write
+  `dst` meanwhile gets a `DestinationError` at once. Re-entrant within a process (a converter
+  locks `dst` before it reads its source, `staged` again when it writes)."""
+  path = _lock_path(dst)
+  if path in _held_locks:
+    yield
+    return
+  while True:
+    try:
+      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise DestinationError(f"{dst}: cannot take its lock {path} ({e.strerror or e})") from e
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise DestinationError(f"{dst}: another process is writing it now; wait for it to end "
+                             "or choose another destination") from None
+    try:
+      current = os.stat(path).st_ino
+    except FileNotFoundError:
+      current = None
+    if current == os.fstat(fd).st_ino:  # not a file its previous holder unlinked meanwhile
+      break
+    os.close(fd)
+  _held_locks[path] = fd
+  try:
+    yield
+  finally:
+    del _held_locks[path]
+    with contextlib.suppress(FileNotFoundError):
+      os.unlink(path)
+    os.close(fd)
 
 
 def _swap(new: str, dst: str, old: str) -> None:
@@ -176,8 +276,16 @@ def staged(dst: str, sources: Iterable[str] = ()) -> Iterator[str]:
   directory takes the place of `dst` (`_swap`); otherwise it is removed. `dst` is never seen
   half-written, and only a model directory (`check_destination`) is ever replaced.
 
-  Raises `DestinationError` before anything is built when `dst` may not be written.
+  Raises `DestinationError` before anything is built when `dst` may not be written, or while
+  another process writes it (`locked`).
   """
+  with locked(dst):
+    with _staged(dst, sources) as inner:
+      yield inner
+
+
+@contextlib.contextmanager
+def _staged(dst: str, sources: Iterable[str]) -> Iterator[str]:
   check_destination(dst, sources)
   dst = os.path.abspath(dst)
   parent = os.path.dirname(dst)

@@ -34,7 +34,7 @@ from absl import flags
 
 import numpy as np
 
-from dimo_jax import (checkpoints, cli, config_check, data, defaults, dtypes, modeldir,
+from dimo_jax import (checkpoints, cli, config_check, data, defaults, dtypes, modeldir, outputs,
                       parallel, samplers, sampling, teachers, tokenizers, visualize)
 from dimo_jax.data import prompts as prompt_files
 from dimo_jax.errors import UserError
@@ -206,7 +206,10 @@ flags.DEFINE_string("sched", None, f"teacher unmasking schedule (default "
 flags.DEFINE_integer("batch_size", 32, "images sampled at once", flag_values=FLAGS)
 flags.DEFINE_enum("dtype", "fp32", sorted(dtypes.DTYPES), "compute dtype of the transformer",
                   flag_values=FLAGS)
-flags.DEFINE_string("out", None, "the PNG to write", flag_values=FLAGS)
+flags.DEFINE_string("out", None, "the PNG to write (an existing file is replaced only when it "
+                    "is a PNG)", flag_values=FLAGS)
+flags.DEFINE_bool("overwrite", False, "let --out replace an existing file that is not a PNG",
+                  flag_values=FLAGS)
 PROG = "python -m dimo_jax.sample"
 
 
@@ -243,6 +246,10 @@ def parse_flags(argv: Sequence[str]) -> types.SimpleNamespace:
   if (args.labels is None) == (not has_prompts):
     usage_error("give either --labels (class-conditional teacher) or --prompt / --prompt_file "
                 "(text-to-image teacher)")
+  try:
+    outputs.check_replaceable(args.out, "png", "--out", args.overwrite)
+  except outputs.OutputError as e:
+    cli.fail(e)
   return args
 
 

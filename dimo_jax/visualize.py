@@ -31,10 +31,16 @@ def image_grid(images: np.ndarray, rows: int, scale: Optional[int] = None,
 
 
 def save_png(image: np.ndarray, path: str) -> None:
-  """Saves uint8[H, W, 3] through a temporary file, so a PNG on disk is always whole."""
-  tmp = path + ".tmp.png"
-  Image.fromarray(image).save(tmp)
-  os.replace(tmp, path)
+  """Saves uint8[H, W, 3] through a temporary file beside `path`, so a PNG on disk is always
+  whole; the temporary file never outlives a failed write."""
+  tmp = f"{path}.{os.getpid()}.tmp.png"
+  try:
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.lexists(tmp):
+      os.unlink(tmp)
+    raise
 
 
 def side_by_side(panels: Dict[str, np.ndarray], path: str, gap: int = 12) -> None:

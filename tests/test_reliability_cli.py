@@ -16,8 +16,10 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from dimo_jax import checkpoints, evaluate, modeldir, sample
+from dimo_jax.errors import UserError
 from tests.test_evaluate import image_config, tiny_extractor, write_checkpoint
 from tests.test_reliability_modeldirs import small_tokenizer
 from tests.test_sample_cli import tiny_tokenizer
@@ -243,3 +245,57 @@ def test_every_user_error_of_evaluate_is_one_line(dirs, damaged_run, tmp_path, c
   if case == "unknown --params":
     assert "--params" in errors[0] and "best" in errors[0]
   assert not glob.glob(os.path.join(workdir, "eval_*.json"))
+
+
+# Issue 22, "destroyed": sample and evaluate replace only their own kind of output.
+
+def test_sample_never_replaces_a_file_that_is_not_a_png(dirs, tmp_path, capsys):
+  thesis = tmp_path / "thesis.tex"
+  thesis.write_text("years of work")
+  with pytest.raises(SystemExit) as exit_info:
+    sample.main(["--teacher", dirs["teacher"], "--tokenizer", dirs["tokenizer"], "--labels", "1",
+                 "--out", str(thesis)])
+  assert exit_info.value.code == 1
+  assert "thesis.tex: exists and is not a PNG image" in error_line(capsys)
+  assert thesis.read_text() == "years of work"
+
+
+def test_sample_replaces_its_own_png_and_a_file_only_with_overwrite(dirs, tmp_path, capsys):
+  grid = tmp_path / "grid.png"
+  argv = ["--teacher", dirs["teacher"], "--tokenizer", dirs["tokenizer"], "--labels", "1",
+          "--steps", "2", "--out", str(grid)]
+  sample.main(argv)
+  first = grid.read_bytes()
+  sample.main(argv + ["--seed", "3"])  # a PNG is its own kind of output
+  assert grid.read_bytes() != first
+  notes = tmp_path / "notes.txt"
+  notes.write_text("mine")
+  sample.main(argv[:-1] + [str(notes), "--overwrite"])
+  assert notes.read_bytes().startswith(b"\x89PNG")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "notes.txt"]
+
+
+def test_sample_into_a_folder_is_refused_and_leaves_nothing(dirs, tmp_path, capsys):
+  folder = tmp_path / "pictures"
+  folder.mkdir()
+  with pytest.raises(SystemExit):
+    sample.main(["--teacher", dirs["teacher"], "--tokenizer", dirs["tokenizer"], "--labels", "1",
+                 "--out", str(folder)])
+  assert "is a folder" in error_line(capsys)
+  assert os.listdir(tmp_path) == ["pictures"] and os.listdir(folder) == []
+
+
+def test_evaluate_stats_never_replaces_a_file_that_is_not_an_npz(tmp_path, capsys):
+  from absl import flags
+  notes = tmp_path / "notes.txt"
+  notes.write_text("mine")
+  (tmp_path / "images").mkdir()
+  Image.new("RGB", (16, 16)).save(tmp_path / "images" / "0.png")
+  try:
+    flags.FLAGS(["evaluate", "--images", str(tmp_path / "images"), "--inception", "unused",
+                 "--out", str(notes)])
+    with pytest.raises(UserError, match="exists and is not an .npz archive"):
+      evaluate.main(["evaluate", "stats"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert notes.read_text() == "mine"

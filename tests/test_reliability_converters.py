@@ -625,3 +625,99 @@ def test_cli_refuses_a_read_only_destination_before_reading(tmp_path, dst_kind):
   assert errors[0].startswith(f"error: {dst}: cannot write there"), errors[0]
   assert "read-only" in errors[0]
   assert os.listdir(folder) == []
+
+
+# Issue 22, "destroyed": a destination is replaced only when it is wholly a dimo_jax model
+# directory, and only by one writer at a time.
+
+def test_a_folder_with_another_tools_model_json_is_refused_and_kept(tmp_path):
+  dst = tmp_path / "tfjs"
+  dst.mkdir()
+  (dst / "model.json").write_text(json.dumps({"format": "layers-model", "modelTopology": {},
+                                              "weightsManifest": []}))
+  (dst / "paper.tex").write_text("years of work")
+  before = _snapshot(dst)
+  with pytest.raises(modeldir.DestinationError, match="belongs to another tool"):
+    _write_model(dst, "new")
+  assert _snapshot(dst) == before
+  assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("added", [("NOTES.md",), ("my_evals/fid.txt",),
+                                   ("text_encoder/NOTES.md",)])
+def test_a_model_directory_holding_user_files_is_refused_naming_them(tmp_path, added):
+  dst = tmp_path / "teacher"
+  _write_model(dst, "old")
+  if added[0].startswith("text_encoder/"):  # a part that is a model directory of its own
+    modeldir.write(str(dst / "text_encoder"), {"kind": "toy", "config": {}}, VARIABLES)
+  for name in added:
+    (dst / name).parent.mkdir(parents=True, exist_ok=True)
+    (dst / name).write_text("mine")
+  before = _snapshot(dst)
+  shown = added[0].split("/")[0] if added[0].startswith("my_evals") else added[0]
+  with pytest.raises(modeldir.DestinationError, match=f"also holds {shown}"):
+    _write_model(dst, "new")
+  assert _snapshot(dst) == before and _tag(dst) == "old"
+
+
+def test_the_convert_cli_refuses_a_model_directory_with_user_files(tmp_path, capsys):
+  dst = tmp_path / "vqgan"
+  _write_model(dst, "old")
+  (dst / "NOTES.md").write_text("mine")
+  before = _snapshot(dst)
+  src = str(tmp_path / "release")
+  taming_case._write_release(src, taming_case._release_state(taming_case._reference()))
+  assert convert_main(["taming-vqgan", "--src", src, "--dst", str(dst)]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "NOTES.md" in err and len(err.strip().splitlines()) == 1
+  assert _snapshot(dst) == before
+
+
+_HOLD = """
+import sys, time
+from dimo_jax import modeldir
+with modeldir.staged(sys.argv[1]) as inner:
+  print("holding", flush=True)
+  time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_destination_being_written_is_refused_at_once(tmp_path):
+  dst = tmp_path / "new" / "teacher"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(dst), "60"], cwd=repo,
+                            stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "holding"
+    start = time.time()
+    for spelling in (str(dst), os.path.relpath(dst)):  # every spelling meets the same lock
+      with pytest.raises(modeldir.DestinationError, match="another process is writing it"):
+        _write_model(spelling, "second")
+    assert time.time() - start < 5
+    assert not dst.exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  _write_model(dst, "after")  # the lock of a killed writer is free again
+  assert _tag(dst) == "after"
+
+
+def test_two_conversions_at_once_one_writes_the_other_is_refused(tmp_path):
+  dst = tmp_path / "teacher"
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  script = ("import sys, time\nfrom dimo_jax import modeldir\n"
+            "with modeldir.staged(sys.argv[1]) as inner:\n"
+            "  time.sleep(3)\n"
+            "  import os; os.makedirs(inner); open(os.path.join(inner, 'model.json'), 'w')"
+            ".write('{\"kind\": \"toy\", \"config\": {}, \"tag\": \"' + sys.argv[2] + '\"}')\n"
+            "print('wrote', sys.argv[2])\n")
+  runs = [subprocess.Popen([sys.executable, "-c", script, str(dst), tag], cwd=repo,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+          for tag in ("a", "b")]
+  results = [(run.wait(), *run.communicate()) for run in runs]
+  codes = sorted(code for code, _, _ in results)
+  assert codes[0] == 0 and codes[1] != 0, results
+  winner = next(out.split()[1] for code, out, _ in results if code == 0)
+  loser_err = next(err for code, _, err in results if code != 0)
+  assert "another process is writing it" in loser_err
+  assert _tag(dst) == winner

@@ -19,9 +19,11 @@ clip                 folder with config.json + model.safetensors + vocab.json + 
 Every converter checks each key, shape and dtype of the source against the Flax module it
 builds, and every value (no NaN or Inf), and stops with a `ConversionError` naming the file, the
 key and what it expected and found; DST is written completely or not at all, and only ever
-replaces a model directory: a DST that holds other files, is a mount point, is, contains or lies
-inside SRC, or cannot be written (a read-only folder) is refused (`modeldir.DestinationError`)
-before anything is read. No checkpoint is unpickled with code execution (see common.py).
+replaces a dimo_jax model directory: a DST that holds other files (another tool's model.json, or
+a model directory with the user's files added), is being written by another conversion, is a
+mount point, is, contains or lies inside SRC, or cannot be written (a read-only folder) is
+refused (`modeldir.DestinationError`) before anything is read. No checkpoint is unpickled with
+code execution (see common.py).
 """
 
 import functools
@@ -77,13 +79,16 @@ def check_writable(dst: str) -> None:
 
 def converter(kind: str) -> Callable[..., None]:
   """The function `convert(src, dst, **options)` of `kind`, which first checks that `dst` may be
-  written (`modeldir.check_destination`, with `src` kept out of reach, and `check_writable`)."""
+  written (`modeldir.check_destination`, with `src` kept out of reach, and `check_writable`),
+  and holds `dst`'s lock from then on, so that a second conversion into it is refused before it
+  reads anything."""
   convert = _convert_function(kind)
 
   @functools.wraps(convert)
   def checked(src: str, dst: str, **options) -> None:
-    modeldir.check_destination(dst, sources=[src])
-    check_writable(dst)
-    convert(src, dst, **options)
+    with modeldir.locked(dst):
+      modeldir.check_destination(dst, sources=[src])
+      check_writable(dst)
+      convert(src, dst, **options)
 
   return checked
