@@ -127,7 +127,7 @@ def jax_parts(runs: int):
   run("model_fwd_bwd", jax.grad(lambda p, k: jnp.sum(apply(p, k) ** 2)), variables, key)
   config = gpu_suite._recipe(size)
   config.mixed_precision = "no"
-  gen_tx, _ = distill.optimizers(config, variables, teacher.frozen_with_emb)
+  gen_tx, _ = distill.optimizers(config, teacher.frozen_with_emb)
   grads = jax.tree_util.tree_map(lambda x: x * 1e-3, variables)
   params = jax.tree_util.tree_map(jnp.array, variables)
   run("optimizer",

@@ -33,20 +33,25 @@ def spec_name(spec) -> str:
 
 
 def override(config, assignment: str) -> None:
-  """Sets `key=value` on `config` (value read as a Python literal, else as a string)."""
+  """Sets `key=value` on `config` (value read as a Python literal, else as a string); a dotted
+  key (`gan.weight=2`) names a key of a block."""
   key, sep, text = assignment.partition("=")
-  if not sep or key not in config:
-    near = config_check.closest_keys(config, key) if sep else None
+  near = config_check.closest_keys(config, key) if sep else []
+  if not sep or near is not None:
     hint = f" (did you mean {' or '.join(near)}?)" if near else ""
     raise SystemExit(f"error: --set {assignment}: expected KEY=VALUE with a key of "
                      f"configs/synthetic.py{hint}")
+  *blocks, name = key.split(".")
+  node = config
+  for block in blocks:
+    node = node[block]
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):
     value = text
-  if isinstance(config[key], float) and isinstance(value, int):
+  if isinstance(node[name], float) and isinstance(value, int):
     value = float(value)
-  config[key] = value
+  node[name] = value
 
 
 def against_teacher(metrics, teacher: str):

@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ml_collections
 
-from dimo_jax import divergence, dtypes, masking, sampling
+from dimo_jax import divergence, dtypes, gan, masking, sampling
 from dimo_jax.errors import UserError
 from dimo_jax.models import attention
 
@@ -147,11 +147,53 @@ def problems(config: ml_collections.ConfigDict) -> List[str]:
   for key in BOOLS:
     if has(key) and not isinstance(config[key], bool):
       bad(key, "must be True or False")
+  if has("gan"):
+    found += gan_problems(config)
   if has("train_batch_size"):
     per_device = config.get("per_device_batch", -1) or -1
     batch = config.train_batch_size
     if not (_is_int(batch) and (batch >= 1 or (batch == -1 and per_device > 0))):
       bad("train_batch_size", "must be an integer >= 1 (or -1 with per_device_batch set)")
+  return found
+
+
+def gan_problems(config: ml_collections.ConfigDict) -> List[str]:
+  """The bad values of the `gan` block (defaults.gan_config), each 'gan.key ...'."""
+  g, found = config.gan, []
+
+  def number(key, low, high, low_open=False, high_open=False):
+    value = g.get(key)
+    ok = (_is_number(value) and math.isfinite(value)
+          and (value > low if low_open else value >= low)
+          and (high is None or (value < high if high_open else value <= high)))
+    if not ok:
+      interval = f"{'(' if low_open else '['}{low:g}, {'inf' if high is None else f'{high:g}'}"
+      interval += ")" if high_open or high is None else "]"
+      found.append(f"gan.{key} must be a number in {interval}, found {value!r}")
+
+  number("weight", 0.0, None)
+  number("r_max", 0.0, 1.0, low_open=True)
+  number("tau", 0.0, None, low_open=True)
+  number("lr", 0.0, None, low_open=True)
+  number("adam_beta1", 0.0, 1.0, high_open=True)
+  number("adam_beta2", 0.0, 1.0, high_open=True)
+  if g.get("loss") not in gan.LOSSES:
+    found.append(f"gan.loss must be one of {', '.join(map(repr, gan.LOSSES))}, "
+                 f"found {g.get('loss')!r}")
+  for key in ("head_width", "disc_rounds"):
+    if not (_is_int(g.get(key)) and g.get(key) >= 1):
+      found.append(f"gan.{key} must be an integer >= 1, found {g.get(key)!r}")
+  layers = g.get("layers")
+  if not (isinstance(layers, (tuple, list)) and layers and all(
+      _is_number(f) and 0 < f <= 1 for f in layers)):
+    found.append(f"gan.layers must be a non-empty tuple of depth fractions in (0, 1], found "
+                 f"{layers!r}")
+  from dimo_jax import data  # data imports the teachers; only a GAN config needs it here
+  if (_is_number(g.get("weight")) and g.weight > 0
+      and config.get("dataset", "digits") not in data.REAL_DATASETS):
+    found.append(f"gan.weight > 0 needs real data tokens, which dataset "
+                 f"{config.get('dataset')!r} does not hold (one of "
+                 f"{', '.join(data.REAL_DATASETS)}; gan.weight=0 is Di[M]O alone)")
   return found
 
 

@@ -97,4 +97,21 @@ def reference_config() -> ml_collections.ConfigDict:
   c.cfg_w = 3.0
   c.r_temp = 4.5
   c.sm_temp = 1.0
+  c.gan = gan_config()
   return c
+
+
+def gan_config() -> ml_collections.ConfigDict:
+  """Soft-Di[M]O's GAN term (dimo_jax/gan.py; arXiv 2509.22925, which has no public code).
+  `weight` 0 is Di[M]O alone. The paper gives r_max 0.95 (r fixed at 0 overfits) and, for its
+  longer MaskBit run, weight 200 at lr 5e-7; every other value here is ours."""
+  return ml_collections.ConfigDict(dict(
+      weight=0.0,  # w_GAN: L = L_DiMO + w_GAN * L_GAN
+      loss="ns",  # 'ns' (non-saturating) | 'hinge': the discriminator's loss (ours)
+      r_max=0.95,  # both inputs re-masked at r ~ U[0, r_max)
+      tau=1.0,  # soft tokens p = softmax(z_theta / tau) (ours)
+      layers=(0.25, 0.5, 0.75, 1.0),  # heads on the layers at these fractions of the depth (ours)
+      head_width=128,  # each head: LayerNorm, Dense(head_width) + Dense(r), GELU, Dense(1) (ours)
+      disc_rounds=1,  # discriminator updates per generator update (ours)
+      lr=1e-4, adam_beta1=0.0, adam_beta2=0.99,  # the heads' Adam (ours)
+  ))

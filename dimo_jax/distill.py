@@ -12,13 +12,20 @@ which is what one generator step of the reference's loop does:
               generator's probabilities)                              -> Adam step on psi
   EMA:        ema <- rate * ema + (1 - rate) * theta, rate = min(ema_decay, (1 + s) / (10 + s))
 
+Soft-Di[M]O (`config.gan.weight` > 0) adds a term to the generator's loss and `disc_rounds`
+discriminator updates after the auxiliary ones (dimo_jax/gan.py):
+
+  generator:  loss += gan.weight * L_GAN(D(remask(softmax(z_theta / tau))))
+  discriminator: real = one_hot(x_0) of the run's data tokens, fake = the same soft tokens of a
+              fresh generator step (cut from theta), both re-masked      -> Adam step on the heads
+
 A class-conditional step takes no data: labels are drawn from the state's key, so a run is a
 pure function of (config, teacher, seed) and a resumed run repeats an uninterrupted one exactly.
 A text-to-image step is fed its conditions (prompt encodings, see
 models/meissonic.TextConditioned) by the host: `train_step(state, teacher, conditions)`.
 """
 
-from typing import Any, Callable, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 import flax
 import jax
@@ -26,7 +33,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dimo_jax import divergence, masking, sampling, teachers
+from dimo_jax import divergence, gan, masking, sampling, teachers
+from dimo_jax.models import soft
 
 Params = Any
 # What the reference freezes with `fix_emb_layer` in MaskTransformer: the tied embedding/output
@@ -46,6 +54,9 @@ class DistillState:
   gen_opt_state: optax.OptState
   fake_opt_state: optax.OptState
   skipped: jax.Array  # int32[2]: generator / auxiliary updates skipped for non-finite gradients
+  # Soft-Di[M]O's discriminator heads and their optimizer (None for Di[M]O alone).
+  disc_params: Params = None
+  disc_opt_state: optax.OptState = None
 
 
 def trainable_labels(params: Params, fix_emb_layer: bool,
@@ -78,7 +89,7 @@ def lr_schedule(config: ml_collections.ConfigDict, lr: float) -> optax.Schedule:
                    f"got {config.lr_scheduler_type!r}")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, lr: float, params: Params,
+def make_optimizer(config: ml_collections.ConfigDict, lr: float,
                    iterations_per_update: int = 1,
                    frozen: Tuple[str, ...] = FROZEN_WITH_EMB,
                    max_grad_norm: float = 0.0) -> optax.GradientTransformation:
@@ -102,34 +113,55 @@ def make_optimizer(config: ml_collections.ConfigDict, lr: float, params: Params,
     chain.insert(0, optax.clip_by_global_norm(max_grad_norm))
   return optax.multi_transform(
       {"train": optax.chain(*chain), "frozen": optax.set_to_zero()},
-      trainable_labels(params, config.fix_emb_layer, frozen))
+      lambda params: trainable_labels(params, config.fix_emb_layer, frozen))
+
+
+def gan_enabled(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run is Soft-Di[M]O (a GAN term of positive weight) rather than Di[M]O alone."""
+  return "gan" in config and config.gan.weight > 0
 
 
 def create_state(config: ml_collections.ConfigDict, teacher_params: Params, rng: jax.Array,
-                 frozen: Tuple[str, ...]) -> DistillState:
-  """theta, psi and the EMA all start as copies of the teacher phi.
+                 frozen: Tuple[str, ...], teacher: Optional[teachers.Teacher] = None
+                 ) -> DistillState:
+  """theta, psi and the EMA all start as copies of the teacher phi; with the GAN on, fresh
+  discriminator heads for `teacher`'s features (their key is folded out of `rng`, which the
+  state keeps as it is: the Di[M]O draws are those of a run without the GAN).
 
   `frozen`: what `fix_emb_layer` freezes, the teacher kind's `frozen_with_emb` (the train step
   builds its optimizers with the same, so the optimizer states match).
   """
   copy = lambda p: jax.tree_util.tree_map(jnp.array, p)
-  gen_tx, fake_tx = optimizers(config, teacher_params, frozen)
+  gen_tx, fake_tx = optimizers(config, frozen)
+  disc_params = disc_opt_state = None
+  if gan_enabled(config):
+    disc_params = gan.init_heads(jax.random.fold_in(rng, 1), gan.Heads(config.gan.head_width),
+                                 teacher.model, teacher_params, teacher.example_condition(1),
+                                 teacher.seq_len, teacher.codebook_size, config.gan.layers)
+    disc_opt_state = disc_optimizer(config).init(disc_params)
   return DistillState(
       step=jnp.int32(0), rng=rng,
       gen_params=copy(teacher_params), fake_params=copy(teacher_params),
       ema_params=copy(teacher_params),
       gen_opt_state=gen_tx.init(teacher_params), fake_opt_state=fake_tx.init(teacher_params),
-      skipped=jnp.zeros((2,), jnp.int32))
+      skipped=jnp.zeros((2,), jnp.int32), disc_params=disc_params,
+      disc_opt_state=disc_opt_state)
 
 
-def optimizers(config, params, frozen: Tuple[str, ...] = FROZEN_WITH_EMB
+def optimizers(config, frozen: Tuple[str, ...] = FROZEN_WITH_EMB
                ) -> Tuple[optax.GradientTransformation, optax.GradientTransformation]:
   """(generator, auxiliary) optimizers; each clips by its own norm (`max_grad_norm`,
   `fake_max_grad_norm`)."""
-  return (make_optimizer(config, config.generator_lr, params, config.fake_rounds, frozen,
+  return (make_optimizer(config, config.generator_lr, config.fake_rounds, frozen,
                          config.max_grad_norm),
-          make_optimizer(config, config.fake_lr, params, frozen=frozen,
+          make_optimizer(config, config.fake_lr, frozen=frozen,
                          max_grad_norm=config.fake_max_grad_norm))
+
+
+def disc_optimizer(config) -> optax.GradientTransformation:
+  """Adam on the discriminator heads (`gan.lr`, `gan.adam_beta1`, `gan.adam_beta2`)."""
+  g = config.gan
+  return optax.adam(g.lr, g.adam_beta1, g.adam_beta2, eps=config.adam_epsilon)
 
 
 def ema_rate(decay: float, step: jax.Array) -> jax.Array:
@@ -150,9 +182,23 @@ def _apply_if_finite(tx, grads, opt_state, params, loss):
   return keep(new_params, params), keep(new_opt_state, opt_state), grad_norm, ok
 
 
-def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
-                    batch_constraint: Callable[[jax.Array], jax.Array] = lambda x: x):
-  """Builds `train_step(state, teacher_params[, conditions]) -> (state, metrics)` (pure; jit it).
+class Losses(NamedTuple):
+  """The step's three losses, each `(loss, metrics)` and differentiated w.r.t. its first
+  argument: the generator's (Di[M]O's term, plus the GAN's), the auxiliary model's and the
+  discriminator's."""
+  generator: Callable[..., Tuple[jax.Array, Dict[str, jax.Array]]]
+  fake: Callable[..., Tuple[jax.Array, Dict[str, jax.Array]]]
+  disc: Optional[Callable[..., Tuple[jax.Array, Dict[str, jax.Array]]]]
+
+
+def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
+                batch_constraint: Callable[[jax.Array], jax.Array] = lambda x: x,
+                real: Optional[Tuple[jax.Array, jax.Array]] = None) -> Losses:
+  """The losses of the step (`make_train_step`, whose arguments these are):
+
+    generator(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed)
+    fake(fake_params, gen_params, rng, sigma, fed)
+    disc(disc_params, gen_params, teacher_params, rng, sigma)   (None without the GAN)
 
   Args:
     config: the run's config (see configs/digits.py for every field).
@@ -160,11 +206,17 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
       auxiliary model (its variables are not read: the step is given them).
     batch_constraint: applied to every batch-shaped array; on a mesh, a sharding constraint
       that splits the batch over the data axis.
+    real: Soft-Di[M]O's real data, (tokens int32[N, L], labels int32[N]) (`data.real_tokens`),
+      from which each discriminator update draws its batch with the step's key.
   """
   # Ours is V (the codebook size); a release with its own mask id may also be named by that.
   if config.mask_value not in teacher.mask_values:
     raise ValueError(f"mask_value {config.mask_value} does not match the model's mask id "
                      f"({' or '.join(map(str, teacher.mask_values))})")
+  use_gan = gan_enabled(config)
+  if use_gan and real is None:
+    raise ValueError("the GAN term (gan.weight > 0) needs real data tokens: a dataset with "
+                     "`real_tokens` (digits, synthetic)")
   model = teacher.model
   batch, seq_len, codebook = config.train_batch_size, teacher.seq_len, teacher.codebook_size
   mask_id = teacher.mask_id
@@ -172,6 +224,10 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
   # Condition dropout of the auxiliary model only matters when it is ever guided.
   fake_drop = (config.fake_cfg_drop_ratio
                if (config.fake_cfg_train != 1 or config.fake_cfg_eval != 1) else 0.0)
+  if use_gan:
+    real = tuple(jnp.asarray(x, jnp.int32) for x in real)
+    discriminator = gan.make_discriminator(model, gan.Heads(config.gan.head_width),
+                                           config.gan.layers)
 
   def logits_fn(params, rng, emb_noise=None, noise_rng=None, dropout=train):
     """The model as a `sampling.LogitsFn` with its dropout (and embedding noise) bound."""
@@ -205,10 +261,10 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
   # guides Meissonic with a negative prompt but drops the auxiliary condition to "").
   teacher_condition = teacher.guided_condition
 
-  def generator_loss(gen_params, fake_params, teacher_params, rng, sigma, fed):
-    label_rng, gen_rng, mask_rng, t_rng, f_rng = jax.random.split(rng, 5)
-    labels = draw_labels(label_rng, fed)
-    codes, gen_logits = generate(gen_params, gen_rng, labels, sigma)
+  def dimo_term(gen_logits, codes, labels, fake_params, teacher_params, rngs):
+    """Di[M]O's token-level distribution matching on the sampled codes: the surrogate whose
+    gradient w.r.t. z_theta is `divergence.logit_gradient`, and its log entries."""
+    mask_rng, t_rng, f_rng = rngs
     noisy, mask, ratio = masking.forward_mask(mask_rng, batch_constraint(codes),
                                               config.ratio_mode, mask_id)
     true_cfg = 1.0 + (config.true_cfg - 1.0) * ratio if config.adaptive_cfg else config.true_cfg
@@ -227,8 +283,26 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
     # the mean total variation between the two predictions on masked tokens, shows progress.
     tv = 0.5 * jnp.sum(jnp.abs(p_diff), axis=-1)
     tv_masked = jnp.sum(jnp.where(mask, tv, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
-    return config.dm_loss_weight * loss, {"loss_dm": loss, "score_diff": jnp.mean(p_diff),
-                                          "tv_masked": tv_masked}
+    return loss, {"loss_dm": loss, "score_diff": jnp.mean(p_diff), "tv_masked": tv_masked}
+
+  def gan_term(gen_logits, labels, disc_params, teacher_params, rng):
+    """L_GAN of the generator's soft tokens, re-masked (gan.py)."""
+    probs, ratio = gan.remask(rng, gan.soft_tokens(gen_logits, config.gan.tau), config.gan.r_max)
+    d_fake = discriminator(disc_params, teacher_params, batch_constraint(probs), labels, ratio)
+    loss = gan.generator_loss(d_fake, config.gan.loss)
+    return loss, {"loss_gan": loss, "d_fake": jnp.mean(d_fake)}
+
+  def generator_loss(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed):
+    label_rng, gen_rng, *dm_rngs = jax.random.split(rng, 5)
+    labels = draw_labels(label_rng, fed)
+    codes, gen_logits = generate(gen_params, gen_rng, labels, sigma)
+    loss, metrics = dimo_term(gen_logits, codes, labels, fake_params, teacher_params, dm_rngs)
+    total = config.dm_loss_weight * loss
+    if use_gan:
+      loss_gan, gan_metrics = gan_term(gen_logits, labels, disc_params, teacher_params,
+                                       jax.random.fold_in(rng, 1))
+      total, metrics = total + config.gan.weight * loss_gan, {**metrics, **gan_metrics}
+    return total, metrics
 
   def fake_loss(fake_params, gen_params, rng, sigma, fed):
     label_rng, gen_rng, drop_rng, mask_rng, f_rng = jax.random.split(rng, 5)
@@ -244,26 +318,68 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
     hard = divergence.label_smoothed_ce(logits, codes, mask, config.label_smoothing)
     loss = hard
     if config.alpha_fake > 0:
-      soft = divergence.soft_kl(logits, gen_logits, mask, config.temperature_fake)
-      loss = config.alpha_fake * soft + (1.0 - config.alpha_fake) * hard
+      soft_loss = divergence.soft_kl(logits, gen_logits, mask, config.temperature_fake)
+      loss = config.alpha_fake * soft_loss + (1.0 - config.alpha_fake) * hard
     return loss, {"loss_fake_hard": hard}
 
+  def disc_loss(disc_params, gen_params, teacher_params, rng, sigma):
+    """The discriminator's loss: real data tokens against the generator's soft tokens of a
+    fresh step; neither input carries a gradient to theta or phi."""
+    label_rng, gen_rng, real_rng, fake_mask_rng, real_mask_rng = jax.random.split(rng, 5)
+    labels = draw_labels(label_rng, None)
+    _, gen_logits = generate(gen_params, gen_rng, labels, sigma)
+    fake = gan.soft_tokens(jax.lax.stop_gradient(gen_logits), config.gan.tau)
+    index = jax.random.randint(real_rng, (batch,), 0, real[0].shape[0])
+    real_labels = batch_constraint(real[1][index])
+    real_tokens = soft.one_hot(batch_constraint(real[0][index]), codebook)
+
+    def score(probs, cond, mask_rng):
+      probs, ratio = gan.remask(mask_rng, probs, config.gan.r_max)
+      return discriminator(disc_params, teacher_params, batch_constraint(probs), cond, ratio,
+                           cut_features=True)
+
+    d_fake = score(fake, labels, fake_mask_rng)
+    d_real = score(real_tokens, real_labels, real_mask_rng)
+    loss = gan.discriminator_loss(d_real, d_fake, config.gan.loss)
+    return loss, {"d_real": jnp.mean(d_real), "d_fake_disc": jnp.mean(d_fake)}
+
+  return Losses(generator_loss, fake_loss, disc_loss if use_gan else None)
+
+
+def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
+                    batch_constraint: Callable[[jax.Array], jax.Array] = lambda x: x,
+                    real: Optional[Tuple[jax.Array, jax.Array]] = None):
+  """Builds `train_step(state, teacher_params[, conditions]) -> (state, metrics)` (pure; jit it).
+
+  Args:
+    config: the run's config (see configs/digits.py for every field).
+    teacher: the teacher whose module is the shared architecture of teacher, generator and
+      auxiliary model (its variables are not read: the step is given them).
+    batch_constraint: applied to every batch-shaped array; on a mesh, a sharding constraint
+      that splits the batch over the data axis.
+    real: Soft-Di[M]O's real data, (tokens int32[N, L], labels int32[N]) (`data.real_tokens`).
+  """
+  losses = make_losses(config, teacher, batch_constraint, real)
+  gen_tx, fake_tx = optimizers(config, teacher.frozen_with_emb)
+  disc_tx = disc_optimizer(config) if losses.disc is not None else None
+
   def train_step(state: DistillState, teacher_params: Params, conditions=None):
-    """One generator update and `fake_rounds` auxiliary updates.
+    """One generator update, `fake_rounds` auxiliary updates (and `gan.disc_rounds`
+    discriminator updates).
 
     `conditions`: None (class labels drawn from the state's key), or the fed conditions
     {"generator": cond with leading axis B, "auxiliary": the same with leading axes
     [fake_rounds, B]}, every leaf batch-leading as `model.apply` takes it.
     """
-    gen_tx, fake_tx = optimizers(config, state.gen_params, teacher.frozen_with_emb)
     rng, gen_rng, fake_rng = jax.random.split(state.rng, 3)
     iteration = state.step * config.fake_rounds
     sigma = masking.noise_level(config.noise_emb_perturb, iteration)
     gen_fed, fake_fed = ((None, None) if conditions is None
                          else (conditions["generator"], conditions["auxiliary"]))
 
-    (loss_g, gen_metrics), grads = jax.value_and_grad(generator_loss, has_aux=True)(
-        state.gen_params, state.fake_params, teacher_params, gen_rng, sigma, gen_fed)
+    (loss_g, gen_metrics), grads = jax.value_and_grad(losses.generator, has_aux=True)(
+        state.gen_params, state.fake_params, state.disc_params, teacher_params, gen_rng, sigma,
+        gen_fed)
     gen_params, gen_opt_state, gen_norm, gen_ok = _apply_if_finite(
         gen_tx, grads, state.gen_opt_state, state.gen_params, loss_g)
 
@@ -271,7 +387,7 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
       round_index, fed = inputs
       fake_params, fake_opt_state, skipped = carry
       round_sigma = masking.noise_level(config.noise_emb_perturb, iteration + round_index)
-      (loss_f, _), grads = jax.value_and_grad(fake_loss, has_aux=True)(
+      (loss_f, _), grads = jax.value_and_grad(losses.fake, has_aux=True)(
           fake_params, gen_params, jax.random.fold_in(fake_rng, round_index), round_sigma, fed)
       fake_params, fake_opt_state, norm, ok = _apply_if_finite(
           fake_tx, grads, fake_opt_state, fake_params, loss_f)
@@ -280,6 +396,22 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
     (fake_params, fake_opt_state, fake_skipped), (loss_f, fake_norm) = jax.lax.scan(
         fake_round, (state.fake_params, state.fake_opt_state, state.skipped[1]),
         (jnp.arange(config.fake_rounds), fake_fed))
+
+    disc_params, disc_opt_state, disc_metrics = state.disc_params, state.disc_opt_state, {}
+    if losses.disc is not None:
+      disc_rng = jax.random.fold_in(fake_rng, config.fake_rounds)
+
+      def disc_round(carry, round_index):
+        params, opt_state = carry
+        (loss_d, metrics), grads = jax.value_and_grad(losses.disc, has_aux=True)(
+            params, gen_params, teacher_params, jax.random.fold_in(disc_rng, round_index),
+            sigma)
+        params, opt_state, _, _ = _apply_if_finite(disc_tx, grads, opt_state, params, loss_d)
+        return (params, opt_state), {"loss_disc": loss_d, **metrics}
+
+      (disc_params, disc_opt_state), disc_metrics = jax.lax.scan(
+          disc_round, (disc_params, disc_opt_state), jnp.arange(config.gan.disc_rounds))
+      disc_metrics = jax.tree_util.tree_map(jnp.mean, disc_metrics)
 
     rate = ema_rate(config.ema_decay, state.step)
     do_ema = (state.step % config.ema_freq) == 0
@@ -291,9 +423,9 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
     new_state = DistillState(
         step=state.step + 1, rng=rng, gen_params=gen_params, fake_params=fake_params,
         ema_params=ema_params, gen_opt_state=gen_opt_state, fake_opt_state=fake_opt_state,
-        skipped=skipped)
+        skipped=skipped, disc_params=disc_params, disc_opt_state=disc_opt_state)
     metrics = {
-        "loss_generator": loss_g, **gen_metrics,
+        "loss_generator": loss_g, **gen_metrics, **disc_metrics,
         "loss_fake": jnp.mean(loss_f),
         "gen_grad_norm": gen_norm, "fake_grad_norm": jnp.mean(fake_norm),
         "lr_g": lr_schedule(config, config.generator_lr)(iteration),

@@ -23,8 +23,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-from dimo_jax import (checkpoints, config_check, data, distill, distributed, dtypes, metrics,
-                      modeldir, parallel, samplers, teachers, visualize)
+from dimo_jax import (checkpoints, config_check, data, defaults, distill, distributed, dtypes,
+                      metrics, modeldir, parallel, samplers, teachers, visualize)
 from dimo_jax.errors import UserError
 
 
@@ -126,8 +126,9 @@ RESUME_FREE_KEYS = frozenset({
 
 
 # Keys added after runs were written, each with the value that does what those runs did: a saved
-# config without one reads as having that value.
-ADDED_KEYS = {"attention_impl": "auto"}
+# config without one reads as having that value (the GAN block: Di[M]O alone).
+ADDED_KEYS = {"attention_impl": "auto",
+              **{f"gan.{key}": value for key, value in defaults.gan_config().items()}}
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
@@ -259,7 +260,8 @@ def initial_state(config: ml_collections.ConfigDict, teacher: teachers.Teacher, 
   of before psi's rename (`aux_params`, `aux_opt_state`) is read under its former names. One
   that cannot be read (truncated, another state tree) raises a `RunError` naming its step.
   """
-  init = functools.partial(distill.create_state, config, frozen=teacher.frozen_with_emb)
+  init = functools.partial(distill.create_state, config, frozen=teacher.frozen_with_emb,
+                           teacher=teacher)
   rng = jax.random.PRNGKey(config.global_seed)
   shapes = jax.eval_shape(init, teacher_params, rng)
   sharding = parallel.param_sharding(mesh, shapes)
@@ -289,9 +291,10 @@ def initial_state(config: ml_collections.ConfigDict, teacher: teachers.Teacher, 
 
 
 def jit_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh, state,
-                   teacher_params, conditions=None) -> Callable:
+                   teacher_params, conditions=None, real=None) -> Callable:
   """`distill.make_train_step` jitted to keep `state`, `teacher_params` (and the fed
-  `conditions` of a text-to-image run, see `place_conditions`) where they are.
+  `conditions` of a text-to-image run, see `place_conditions`) where they are; `real`: the
+  GAN's real data tokens (`data.real_tokens`), replicated constants of the step.
 
   The state's buffers are donated: the step updates them in place.
   """
@@ -301,7 +304,7 @@ def jit_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
     in_shardings += (where(conditions),)
   return jax.jit(
       distill.make_train_step(config, teacher,
-                              parallel.batch_constraint(mesh, config.train_batch_size)),
+                              parallel.batch_constraint(mesh, config.train_batch_size), real),
       in_shardings=in_shardings,
       out_shardings=(where(state), parallel.replicated(mesh)),
       donate_argnums=0)
@@ -377,8 +380,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   if int(state.step):
     logging.info("resumed from step %d", int(state.step))
   example = fed(int(state.step))
+  real = data.real_tokens(dataset) if distill.gan_enabled(config) else None
   step_fn = distributed.compile_together(
-      jit_train_step(config, step_teacher, mesh, state, teacher_params, *example),
+      jit_train_step(config, step_teacher, mesh, state, teacher_params, *example, real=real),
       state, teacher_params, *example, name="train_step")
   # clu (and the TensorBoard writer under it) is imported only by a run that writes metrics:
   # the step, the samplers and the benchmarks import without it (a GPU image may lack it).

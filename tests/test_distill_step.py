@@ -117,7 +117,7 @@ def test_fix_emb_layer_freezes_embeddings_bias(frozen_run, teacher):
 def test_without_fix_emb_layer_everything_trains(teacher):
   """The step's generator optimizer without freezing: every leaf moves (all of them at -lr)."""
   # eps 1e-8 so that a 1e-3 gradient gives an Adam step of -lr to 1e-4
-  gen_tx, _ = distill.optimizers(_config(fix_emb_layer=False, adam_epsilon=1e-8), teacher)
+  gen_tx, _ = distill.optimizers(_config(fix_emb_layer=False, adam_epsilon=1e-8))
   grads = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 1e-3), teacher)
   updates, _ = jax.jit(gen_tx.update)(grads, gen_tx.init(teacher), teacher)
   for name, update in _leaves(updates).items():
@@ -225,7 +225,7 @@ def test_generator_schedule_advances_fake_rounds_per_update():
               fake_rounds=rounds, generator_lr=lr, fake_lr=lr)
   params = {"w": jnp.zeros((2,), jnp.float32)}
   grads = {"w": jnp.full((2,), 0.5, jnp.float32)}
-  for tx, per_update in zip(distill.optimizers(c, params), (rounds, 1)):
+  for tx, per_update in zip(distill.optimizers(c), (rounds, 1)):
     state, p = tx.init(params), params
     for k in range(6):
       updates, state = tx.update(grads, state, p)
@@ -276,7 +276,7 @@ def test_the_auxiliary_gradients_are_not_clipped_unless_asked(teacher):
   """Two steps with gradients of norm ~100 then ~1: clipped to norm 1 both look alike to Adam,
   unclipped they do not; the generator clips (max_grad_norm 1), the auxiliary model does not."""
   config = _config(fix_emb_layer=False, adam_epsilon=1e-8)
-  gen_tx, fake_tx = distill.optimizers(config, teacher)
+  gen_tx, fake_tx = distill.optimizers(config)
   unit = jax.tree_util.tree_map(lambda p: jnp.ones_like(p), teacher)
   norm = float(optax.tree.norm(unit))
   big = jax.tree_util.tree_map(lambda g: g * 100.0 / norm, unit)
@@ -298,6 +298,6 @@ def test_the_auxiliary_gradients_are_not_clipped_unless_asked(teacher):
   np.testing.assert_allclose(second_update(fake_tx), adam_second_update(big, small), rtol=1e-5)
   np.testing.assert_allclose(second_update(gen_tx), adam_second_update(small, small), rtol=1e-5)
   clipped_aux = distill.optimizers(_config(fix_emb_layer=False, adam_epsilon=1e-8,
-                                           fake_max_grad_norm=1.0), teacher)[1]
+                                           fake_max_grad_norm=1.0))[1]
   np.testing.assert_allclose(second_update(clipped_aux), adam_second_update(small, small),
                              rtol=1e-5)

@@ -58,7 +58,7 @@ def restore_latest(workdir, config, teacher_path):
   abstract = jax.tree_util.tree_map(
       ocp.utils.to_shape_dtype_struct,
       distill.create_state(config, teacher.variables, jax.random.PRNGKey(0),
-                           distill.FROZEN_WITH_EMB))
+                           distill.FROZEN_WITH_EMB, teacher=teacher))
   manager = checkpoints.manager(workdir, config)
   return manager.latest_step(), manager.restore(manager.latest_step(),
                                                 args=ocp.args.StandardRestore(abstract))

@@ -47,6 +47,12 @@ class Digits:
     index = rng.integers(0, len(tokens), batch)
     return tokens[index], labels[index]
 
+  def real_tokens(self) -> Tuple[np.ndarray, np.ndarray]:
+    """Every digit: tokens int32[1797, 64], labels int32[1797]."""
+    from dimo_jax.data import digits
+    tokens, labels = digits.load_digit_tokens()
+    return np.asarray(tokens, np.int32), np.asarray(labels, np.int32)
+
   def images(self, tokens) -> np.ndarray:
     from dimo_jax.data import digits
     return digits.tokens_to_images(tokens)
@@ -81,6 +87,13 @@ class Synthetic:
   def train_batch(self, rng: np.random.Generator, batch: int):
     labels = rng.integers(0, self.num_classes, batch).astype(np.int32)
     return self.distribution.sample(rng, labels)[0], labels
+
+  def real_tokens(self, count: int = 8192) -> Tuple[np.ndarray, np.ndarray]:
+    """`count` samples of the mixture, as many of each class (a fixed draw: a data set, as
+    the teacher's own training data would be): tokens int32[N, L], labels int32[N]."""
+    labels = (np.arange(count) % self.num_classes).astype(np.int32)
+    rng = np.random.default_rng(self.spec.get("seed", 0) + 7919)
+    return np.asarray(self.distribution.sample(rng, labels)[0], np.int32), labels
 
   def images(self, tokens) -> np.ndarray:
     """Each sequence as a near-square grey image, one pixel per token."""
@@ -211,6 +224,15 @@ class TextPrompts:
   def images(self, tokens) -> np.ndarray:
     return decode_images(self.tokenizer, tokens)
 
+
+
+REAL_DATASETS = ("digits", "synthetic")  # those with `real_tokens`, which the GAN term needs
+
+
+def real_tokens(dataset) -> Tuple[np.ndarray, np.ndarray]:
+  """What Soft-Di[M]O's discriminator sees as real: tokens int32[N, L], labels int32[N] of the
+  run's dataset (one of REAL_DATASETS; config_check refuses the GAN for the others)."""
+  return dataset.real_tokens()
 
 
 def get(config: ml_collections.ConfigDict, teacher: Optional[Teacher] = None):

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dimo_jax.models import attention as attention_lib
+from dimo_jax.models import soft
 from dimo_jax.models.maskgit import remat_layer
 
 Dtype = Any
@@ -104,9 +105,16 @@ class Embed(nn.Module):
 
   @nn.compact
   def __call__(self, ids: jax.Array, emb_noise: Optional[jax.Array],
-               deterministic: bool) -> jax.Array:
-    """ids: int32[B, 1 + L], class token first -> float[B, 1 + L, D]."""
-    x = nn.Embed(self.vocab_size, self.features, name="word_embeddings")(ids)
+               deterministic: bool, probs: Optional[jax.Array] = None,
+               codebook_size: int = 0) -> jax.Array:
+    """ids: int32[B, 1 + L], class token first -> float[B, 1 + L, D]. With `probs`
+    (float[B, L, codebook_size + 1]), the visual positions embed that distribution instead
+    (models/soft.py; the mask column takes the release's mask row, the last)."""
+    word = nn.Embed(self.vocab_size, self.features, name="word_embeddings")
+    x = word(ids)
+    if probs is not None:
+      visual = soft.embed(word.embedding, probs, codebook_size, self.vocab_size - 1)
+      x = jnp.concatenate([x[:, :1], visual.astype(x.dtype)], axis=1)
     if emb_noise is not None:
       visual = x[:, 1:]
       eps = jax.random.normal(self.make_rng("noise"), visual.shape, visual.dtype)
@@ -200,7 +208,8 @@ class GoogleMaskGIT(nn.Module):
     """Logits of the clean visual tokens.
 
     Args:
-      tokens: int32[B, L] (or [B, h, w], row-major), codebook ids with the mask as id V.
+      tokens: int32[B, L] (or [B, h, w], row-major), codebook ids with the mask as id V; or
+        soft tokens float[B, L, V + 1] (models/soft.py).
       labels: int32[B] class labels in [0, C).
       drop_label: bool[B] or None. The release cannot drop its condition: rows where it is
         True raise a ValueError when the array is concrete, and get NaN logits under tracing,
@@ -215,6 +224,10 @@ class GoogleMaskGIT(nn.Module):
       tokens and the class position; those are dropped because no sampler ever emits them.
     """
     batch = tokens.shape[0]
+    probs = None
+    if soft.is_soft(tokens):
+      probs = soft.check(tokens, batch, self.seq_len, self.codebook_size)
+      tokens = jnp.zeros((batch, self.seq_len), jnp.int32)  # replaced by the soft embedding
     tokens = tokens.reshape(batch, -1).astype(jnp.int32)
     if tokens.shape[1] != self.seq_len:
       raise ValueError(f"expected {self.seq_len} visual tokens, got tokens of shape {tokens.shape}")
@@ -224,11 +237,12 @@ class GoogleMaskGIT(nn.Module):
 
     embed = Embed(self.vocab_size, self.seq_len + 1, self.hidden_size, self.dropout, self.dtype,
                   name="Embed_0")
-    x = embed(ids, emb_noise, deterministic)
+    x = embed(ids, emb_noise, deterministic, probs, self.codebook_size)
     layer = remat_layer(TransformerLayer, self.remat)
     for i in range(self.num_layers):
       x = layer(self.num_heads, self.intermediate_size, self.dropout, self.dtype, self.attention,
                 name=f"TransformerLayer_{i}")(x, deterministic)
+      self.sow("intermediates", f"layer_{i}", x)
     table = embed.variables["params"]["word_embeddings"]["embedding"]
     logits = MlmLayer(self.codebook_size, self.dtype, name="MlmLayer_0")(x[:, 1:], table)
 

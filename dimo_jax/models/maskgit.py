@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from dimo_jax.models import attention as attention_lib
+from dimo_jax.models import soft
 
 Dtype = Any
 
@@ -192,7 +193,9 @@ class MaskTransformer(nn.Module):
     """Logits of the clean visual tokens.
 
     Args:
-      tokens: int32[B, L] (or [B, h, w]), codebook ids with the mask as id V.
+      tokens: int32[B, L] (or [B, h, w]), codebook ids with the mask as id V; or soft tokens
+        float[B, L, V + 1], a distribution over the codes and the mask, embedded as E^T p
+        (models/soft.py).
       labels: int32[B] class labels in [0, C).
       drop_label: bool[B], True replaces the class by the "no class" token (for guidance).
       emb_noise: float32[] sigma: when given, the visual token embeddings become
@@ -203,19 +206,25 @@ class MaskTransformer(nn.Module):
     Returns:
       float32[B, L, V]: logits over the codebook. The release's head also scores the mask,
       class and "no class" tokens; those columns are dropped because no sampler ever emits them.
+      The output of every transformer layer is sown as `intermediates/transformer/layer_<i>`
+      (read with `mutable=["intermediates"]`: the Soft-Di[M]O discriminator's features).
     """
     batch = tokens.shape[0]
-    tokens = tokens.reshape(batch, -1)
-    if tokens.shape[1] != self.seq_len:
-      raise ValueError(f"expected {self.seq_len} visual tokens, got tokens of shape {tokens.shape}")
     class_token = labels.astype(jnp.int32) + self.codebook_size + 1
     if drop_label is not None:
       class_token = jnp.where(drop_label, self.codebook_size + 1 + self.num_classes, class_token)
-    ids = jnp.concatenate([tokens.astype(jnp.int32), class_token[:, None]], axis=1)
-
     embed = nn.Embed(self.vocab_size, self.hidden_dim, name="tok_emb",
                      embedding_init=nn.initializers.normal(0.02))
-    x = embed(ids)
+    if soft.is_soft(tokens):
+      probs = soft.check(tokens, batch, self.seq_len, self.codebook_size)
+      x = jnp.concatenate([soft.embed(embed.embedding, probs, self.codebook_size,
+                                      self.mask_id), embed(class_token[:, None])], axis=1)
+    else:
+      tokens = tokens.reshape(batch, -1)
+      if tokens.shape[1] != self.seq_len:
+        raise ValueError(f"expected {self.seq_len} visual tokens, got tokens of shape "
+                         f"{tokens.shape}")
+      x = embed(jnp.concatenate([tokens.astype(jnp.int32), class_token[:, None]], axis=1))
     if emb_noise is not None:
       visual = x[:, : self.seq_len]
       eps = jax.random.normal(self.make_rng("noise"), visual.shape, visual.dtype)
@@ -258,6 +267,7 @@ class _Layers(nn.Module):
     for i in range(self.depth):
       x = layer(self.num_heads, self.mlp_dim, self.dropout, self.dtype, self.attention,
                 name=f"layers_{i}")(x, deterministic)
+      self.sow("intermediates", f"layer_{i}", x)
     return x
 
 

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dimo_jax.models import attention as attention_lib
+from dimo_jax.models import soft
 
 Dtype = Any
 
@@ -287,14 +288,24 @@ class CombinedTimestepTextProjEmbeddings(nn.Module):
 
 
 class UVit2DConvEmbed(nn.Module):
-  """`embed`: token table, RMSNorm, 1x1 conv (no bias). int[B, h, w] -> [B, h, w, D]."""
+  """`embed`: token table, RMSNorm, 1x1 conv (no bias). int[B, h, w] -> [B, h, w, D]; or soft
+  tokens float[B, h, w, codebook_size + 1] (models/soft.py: the codes' rows and the mask's, the
+  table's last) -> [B, h, w, D]."""
   vocab_size: int
   features: int
   dtype: Dtype = jnp.float32
+  codebook_size: int = 0
 
   @nn.compact
   def __call__(self, tokens):
-    x = nn.Embed(self.vocab_size, self.features, name="embeddings")(tokens)
+    table = nn.Embed(self.vocab_size, self.features, name="embeddings")
+    if soft.is_soft(tokens):
+      batch, height, width = tokens.shape[:3]
+      x = soft.embed(table.embedding, tokens.reshape(batch, height * width, -1),
+                     self.codebook_size, self.vocab_size - 1)
+      x = x.reshape(batch, height, width, self.features)
+    else:
+      x = table(tokens.astype(jnp.int32))
     x = _rms_norm("layer_norm", self.dtype)(x)
     return _conv1x1(self.features, "conv", self.dtype)(x)
 
@@ -412,7 +423,8 @@ class MeissonicTransformer(nn.Module):
       raise ValueError(f"pooled_projection_dim {self.pooled_projection_dim} must equal "
                        f"num_attention_heads * attention_head_dim = {self.width}")
     batch = tokens.shape[0]
-    expected = {"tokens": (tokens, 3, None),
+    soft_last = self.codebook_size + 1 if soft.is_soft(tokens) else None
+    expected = {"tokens": (tokens, 4 if soft_last else 3, soft_last),
                 "encoder_hidden_states": (encoder_hidden_states, 3, self.joint_attention_dim),
                 "pooled": (pooled, 2, self.pooled_projection_dim),
                 "micro_conds": (micro_conds, 2, NUM_MICRO_CONDS), "timestep": (timestep, 1, None)}
@@ -438,7 +450,10 @@ class MeissonicTransformer(nn.Module):
     """Logits of the clean tokens.
 
     Args:
-      tokens: int32[B, h, w], codebook ids in [0, codebook_size), masked positions `mask_id`.
+      tokens: int32[B, h, w], codebook ids in [0, codebook_size), masked positions `mask_id`;
+        or soft tokens float[B, h, w, codebook_size + 1] whose last column is the mask
+        (models/soft.py). Each block's image stream is sown as `intermediates/layer_<i>`
+        (double blocks first, then single).
       encoder_hidden_states: float[B, T, joint_attention_dim], the text encoder's penultimate
         hidden states.
       pooled: float[B, pooled_projection_dim], the text encoder's projected pooled output.
@@ -457,7 +472,7 @@ class MeissonicTransformer(nn.Module):
     """
     self._check(tokens, encoder_hidden_states, pooled, micro_conds, timestep)
     dt, width = self.dtype, self.width
-    batch, height, width_tokens = tokens.shape
+    batch, height, width_tokens = tokens.shape[:3]
 
     micro = sinusoidal_embedding(micro_conds.reshape(-1)).reshape(batch, -1)
     cond = jnp.concatenate([pooled.astype(jnp.float32), micro], axis=-1).astype(dt)
@@ -465,7 +480,7 @@ class MeissonicTransformer(nn.Module):
     temb = CombinedTimestepTextProjEmbeddings(width, dt, name="time_text_embed")(
         timestep.astype(jnp.float32) * TIMESTEP_SCALE, cond)
 
-    x = UVit2DConvEmbed(self.vocab_size, width, dt, name="embed")(tokens.astype(jnp.int32))
+    x = UVit2DConvEmbed(self.vocab_size, width, dt, self.codebook_size, name="embed")(tokens)
     if emb_noise is not None:
       eps = jax.random.normal(self.make_rng("noise"), x.shape, jnp.float32)
       sigma = jnp.asarray(emb_noise, jnp.float32)
@@ -489,12 +504,14 @@ class MeissonicTransformer(nn.Module):
       image, text = double(self.num_attention_heads, self.attention_head_dim, dt,
                            self.attention, name=f"transformer_blocks_{i}")(
                                image, text, temb, cos, sin)
+      self.sow("intermediates", f"layer_{i}", image)
     joint = jnp.concatenate([text, image], axis=1)
     single = nn.remat(SingleTransformerBlock) if self.remat else SingleTransformerBlock
     for i in range(self.num_single_layers):
       joint = single(self.num_attention_heads, self.attention_head_dim, dtype=dt,
                      attention=self.attention,
                      name=f"single_transformer_blocks_{i}")(joint, temb, cos, sin)
+      self.sow("intermediates", f"layer_{self.num_layers + i}", joint[:, text_len:])
     image = joint[:, text_len:]
 
     image = _rms_norm("project_from_hidden_norm", dt)(image)
@@ -550,16 +567,22 @@ class TextConditioned:
     return self._call(self.transformer.apply, variables, tokens, cond, drop_label, **kwargs)
 
   def _call(self, fn, first, tokens, cond, drop_label, *, emb_noise=None, deterministic=True,
-            rngs=None):
+            rngs=None, mutable=False):
     del deterministic
     batch = tokens.shape[0]
-    tokens = tokens.reshape(batch, self.height, self.width).astype(jnp.int32)
-    tokens = jnp.where(tokens == self.mask_id, self.transformer.mask_id, tokens)
+    if soft.is_soft(tokens):
+      soft.check(tokens, batch, self.seq_len, self.codebook_size)
+      tokens = tokens.reshape(batch, self.height, self.width, self.codebook_size + 1)
+    else:
+      tokens = tokens.reshape(batch, self.height, self.width).astype(jnp.int32)
+      tokens = jnp.where(tokens == self.mask_id, self.transformer.mask_id, tokens)
     hidden, pooled = cond["hidden"], cond["pooled"]
     if drop_label is not None:
       hidden = jnp.where(drop_label[:, None, None], cond["uncond_hidden"], hidden)
       pooled = jnp.where(drop_label[:, None], cond["uncond_pooled"], pooled)
     timestep = jnp.full((batch,), self.timestep, jnp.float32)
     kwargs = {} if rngs is None else {"rngs": rngs}
+    if mutable:
+      kwargs["mutable"] = mutable
     return fn(first, tokens, hidden, pooled, cond["micro_conds"], timestep, emb_noise=emb_noise,
               **kwargs)
