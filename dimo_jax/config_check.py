@@ -38,7 +38,7 @@ ENUMS = {
 # nothing).
 POSITIVE_INTS = ("max_train_steps", "fake_rounds", "log_every", "validation_steps",
                  "checkpointing_steps", "checkpoints_total_limit", "sampling_step",
-                 "eval_samples", "eval_batch_size", "ema_freq",
+                 "eval_samples", "eval_batch_size", "eval_seeds", "ema_freq",
                  "num_steps", "batch_size")  # the last two: teacher pretraining
 NON_NEGATIVE_INTS = ("lr_warmup_steps", "top_k", "max_consecutive_skips", "warmup_steps")
 # Rates, temperatures and eps: finite and > 0.
@@ -149,6 +149,17 @@ def problems(config: ml_collections.ConfigDict) -> List[str]:
       bad(key, "must be True or False")
   if has("gan"):
     found += gan_problems(config)
+  if has("reward"):
+    found += reward_problems(config)
+  if has("tteo"):
+    t = config.tteo
+    if not (_is_int(t.get("steps")) and t.steps >= 0):
+      found.append(f"tteo.steps must be an integer >= 0, found {t.get('steps')!r}")
+    if not (_is_number(t.get("lr")) and math.isfinite(t.lr) and t.lr > 0):
+      found.append(f"tteo.lr must be a finite number > 0, found {t.get('lr')!r}")
+    if _is_int(t.get("steps")) and t.steps > 0 and config.get("dataset", "digits") != "digits":
+      found.append(f"tteo.steps > 0 needs a reward, which dataset {config.get('dataset')!r} "
+                   "has not (digits only; tteo.steps=0)")
   if has("train_batch_size"):
     per_device = config.get("per_device_batch", -1) or -1
     batch = config.train_batch_size
@@ -194,6 +205,26 @@ def gan_problems(config: ml_collections.ConfigDict) -> List[str]:
     found.append(f"gan.weight > 0 needs real data tokens, which dataset "
                  f"{config.get('dataset')!r} does not hold (one of "
                  f"{', '.join(data.REAL_DATASETS)}; gan.weight=0 is Di[M]O alone)")
+  return found
+
+
+def reward_problems(config: ml_collections.ConfigDict) -> List[str]:
+  """The bad values of the `reward` block (defaults.reward_config)."""
+  from dimo_jax import rewards
+  r, found = config.reward, []
+  weight = r.get("weight")
+  if not (_is_number(weight) and math.isfinite(weight) and weight >= 0):
+    found.append(f"reward.weight must be a finite number >= 0, found {weight!r}")
+  if not (_is_number(r.get("tau")) and math.isfinite(r.tau) and r.tau > 0):
+    found.append(f"reward.tau must be a finite number > 0, found {r.get('tau')!r}")
+  if r.get("kind") not in rewards.KINDS:
+    found.append(f"reward.kind must be one of {', '.join(map(repr, rewards.KINDS))}, found "
+                 f"{r.get('kind')!r}")
+  if not _is_int(r.get("classifier_seed")):
+    found.append(f"reward.classifier_seed must be an integer, found {r.get('classifier_seed')!r}")
+  if _is_number(weight) and weight > 0 and config.get("dataset", "digits") != "digits":
+    found.append(f"reward.weight > 0: the classifier reward reads digits; dataset "
+                 f"{config.get('dataset')!r} has no reward yet (reward.weight=0)")
   return found
 
 

@@ -98,6 +98,11 @@ def reference_config() -> ml_collections.ConfigDict:
   c.r_temp = 4.5
   c.sm_temp = 1.0
   c.gan = gan_config()
+  c.reward = reward_config()
+  c.tteo = ml_collections.ConfigDict(dict(
+      steps=0,  # test-time embedding optimization at sampling (rewards.py): SGD steps, 0 off
+      lr=0.2,  # its step size (the paper's; no clipping)
+  ))
   return c
 
 
@@ -114,4 +119,16 @@ def gan_config() -> ml_collections.ConfigDict:
       head_width=128,  # each head: LayerNorm, Dense(head_width) + Dense(r), GELU, Dense(1) (ours)
       disc_rounds=1,  # discriminator updates per generator update (ours)
       lr=1e-4, adam_beta1=0.0, adam_beta2=0.99,  # the heads' Adam (ours)
+  ))
+
+
+def reward_config() -> ml_collections.ConfigDict:
+  """Soft-Di[M]O's reward term (dimo_jax/rewards.py); `weight` 0 turns it off. The paper's
+  rewards for text-to-image (CLIP, ImageReward, HPS, aesthetics) are not built here; the one
+  kind is a classifier's log-probability of the class on the digits (ours)."""
+  return ml_collections.ConfigDict(dict(
+      weight=0.0,  # lambda: L = ... + lambda * -E[R]
+      kind="classifier",  # 'classifier': log p(c | soft image), a CNN trained apart from the scorer
+      tau=1.0,  # the reward sees softmax(z_theta / tau)
+      classifier_seed=1,  # the reward classifier's seed (the scorer's MLP uses seed 0)
   ))

@@ -19,6 +19,10 @@ discriminator updates after the auxiliary ones (dimo_jax/gan.py):
   discriminator: real = one_hot(x_0) of the run's data tokens, fake = the same soft tokens of a
               fresh generator step (cut from theta), both re-masked      -> Adam step on the heads
 
+and with `config.reward.weight` > 0 the reward term (dimo_jax/rewards.py):
+
+  generator:  loss += reward.weight * -E[R(softmax(z_theta / reward.tau), c)]
+
 A class-conditional step takes no data: labels are drawn from the state's key, so a run is a
 pure function of (config, teacher, seed) and a resumed run repeats an uninterrupted one exactly.
 A text-to-image step is fed its conditions (prompt encodings, see
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dimo_jax import divergence, gan, masking, sampling, teachers
+from dimo_jax import divergence, gan, masking, rewards, sampling, teachers
 from dimo_jax.models import soft
 
 Params = Any
@@ -121,6 +125,11 @@ def gan_enabled(config: ml_collections.ConfigDict) -> bool:
   return "gan" in config and config.gan.weight > 0
 
 
+def reward_enabled(config: ml_collections.ConfigDict) -> bool:
+  """Whether the generator's loss has a reward term (`reward.weight` > 0)."""
+  return "reward" in config and config.reward.weight > 0
+
+
 def create_state(config: ml_collections.ConfigDict, teacher_params: Params, rng: jax.Array,
                  frozen: Tuple[str, ...], teacher: Optional[teachers.Teacher] = None
                  ) -> DistillState:
@@ -193,7 +202,8 @@ class Losses(NamedTuple):
 
 def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
                 batch_constraint: Callable[[jax.Array], jax.Array] = lambda x: x,
-                real: Optional[Tuple[jax.Array, jax.Array]] = None) -> Losses:
+                real: Optional[Tuple[jax.Array, jax.Array]] = None,
+                reward: Optional[rewards.Reward] = None) -> Losses:
   """The losses of the step (`make_train_step`, whose arguments these are):
 
     generator(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed)
@@ -208,6 +218,7 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
       that splits the batch over the data axis.
     real: Soft-Di[M]O's real data, (tokens int32[N, L], labels int32[N]) (`data.real_tokens`),
       from which each discriminator update draws its batch with the step's key.
+    reward: R(probs, labels) -> float32[B] of the reward term (`rewards.make_reward`).
   """
   # Ours is V (the codebook size); a release with its own mask id may also be named by that.
   if config.mask_value not in teacher.mask_values:
@@ -217,6 +228,8 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
   if use_gan and real is None:
     raise ValueError("the GAN term (gan.weight > 0) needs real data tokens: a dataset with "
                      "`real_tokens` (digits, synthetic)")
+  if reward_enabled(config) and reward is None:
+    raise ValueError("the reward term (reward.weight > 0) needs its reward function")
   model = teacher.model
   batch, seq_len, codebook = config.train_batch_size, teacher.seq_len, teacher.codebook_size
   mask_id = teacher.mask_id
@@ -302,6 +315,11 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
       loss_gan, gan_metrics = gan_term(gen_logits, labels, disc_params, teacher_params,
                                        jax.random.fold_in(rng, 1))
       total, metrics = total + config.gan.weight * loss_gan, {**metrics, **gan_metrics}
+    if reward_enabled(config):
+      loss_reward, mean_reward = rewards.reward_loss(reward, gen_logits, labels,
+                                                     config.reward.tau)
+      total = total + config.reward.weight * loss_reward
+      metrics = {**metrics, "loss_reward": loss_reward, "reward": mean_reward}
     return total, metrics
 
   def fake_loss(fake_params, gen_params, rng, sigma, fed):
@@ -348,7 +366,8 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
 
 def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
                     batch_constraint: Callable[[jax.Array], jax.Array] = lambda x: x,
-                    real: Optional[Tuple[jax.Array, jax.Array]] = None):
+                    real: Optional[Tuple[jax.Array, jax.Array]] = None,
+                    reward: Optional[rewards.Reward] = None):
   """Builds `train_step(state, teacher_params[, conditions]) -> (state, metrics)` (pure; jit it).
 
   Args:
@@ -358,8 +377,9 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
     batch_constraint: applied to every batch-shaped array; on a mesh, a sharding constraint
       that splits the batch over the data axis.
     real: Soft-Di[M]O's real data, (tokens int32[N, L], labels int32[N]) (`data.real_tokens`).
+    reward: the reward term's R (`rewards.make_reward`).
   """
-  losses = make_losses(config, teacher, batch_constraint, real)
+  losses = make_losses(config, teacher, batch_constraint, real, reward)
   gen_tx, fake_tx = optimizers(config, teacher.frozen_with_emb)
   disc_tx = disc_optimizer(config) if losses.disc is not None else None
 

@@ -74,7 +74,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dimo_jax import (checkpoints, cli, config_check, data, distributed, dtypes, metrics, outputs,
-                      parallel, samplers, teachers, tokenizers, visualize)
+                      parallel, rewards, samplers, teachers, tokenizers, visualize)
 from dimo_jax.data.digits import class_balanced_labels
 from dimo_jax.errors import UserError
 from dimo_jax.metrics import clip_score, pipeline, reference as references
@@ -101,16 +101,17 @@ def teacher_sampler(config: ml_collections.ConfigDict, teacher: teachers.Teacher
 
 def generator_sampler(checkpoint: str, teacher: teachers.Teacher, which: str,
                       gen_temp: Optional[float] = None, flag: str = "--checkpoint",
-                      teacher_dir: str = "") -> samplers.Sampler:
+                      teacher_dir: str = "", tteo=None) -> samplers.Sampler:
   """The Di[M]O generator at `checkpoint` (see `checkpoints.find_checkpoint`) in one step, with its
   run's x_init ratio, embedding noise at that step and sampling temperature (or `gen_temp`).
 
   teacher: its module is the generator's (a text teacher's generator ignores the cond dict's
   unconditional and negative entries: it is never guided); its variables are not read.
   flag, teacher_dir: the flag that gave `checkpoint` and the teacher's directory, for errors.
+  tteo: (steps, lr, reward) of test-time embedding optimization (`samplers.generator`).
   """
   params, run, step = checkpoints.load_generator(checkpoint, teacher, which, flag, teacher_dir)
-  return samplers.generator(teacher, params, run, step, gen_temp, which)
+  return samplers.generator(teacher, params, run, step, gen_temp, which, tteo)
 
 
 class NpzWriter:
@@ -208,13 +209,22 @@ _TABLE_COLUMNS = (("fid", "FID"), ("is", "IS"), ("precision", "Prec."), ("recall
 
 
 def table(result: Dict[str, Any]) -> str:
-  """The markdown header and row of one result: sampler, steps, N, then its metrics."""
-  names = [(k, t) for k, t in _TABLE_COLUMNS if k in result["metrics"]]
-  names += [(k, k) for k in sorted(result["metrics"]) if k not in dict(_TABLE_COLUMNS)
-            and k != "is_std"]
+  """The markdown header and row of one result: sampler, steps, N, then its metrics (over
+  several seeds: each metric's mean +- its spread, and the number of seeds)."""
+  scores = result["metrics"]
+  names = [(k, t) for k, t in _TABLE_COLUMNS if k in scores]
+  names += [(k, k) for k in sorted(scores) if k not in dict(_TABLE_COLUMNS)
+            and k != "is_std" and not (k.endswith("_std") and k[:-4] in scores)]
+
+  def cell(key):
+    if key == "seeds":
+      return str(scores[key])
+    spread = f" ± {scores[key + '_std']:.2g}" if key + "_std" in scores else ""
+    return f"{scores[key]:.4g}{spread}"
+
   head = ["sampler", "steps", "N"] + [t for _, t in names]
   row = [result["sampler"], str(result["steps"]), str(result["num_samples"])]
-  row += [f"{result['metrics'][k]:.4g}" for k, _ in names]
+  row += [cell(k) for k, _ in names]
   return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
                     "| " + " | ".join(row) + " |"])
 
@@ -300,7 +310,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
              num_samples: Optional[int] = None, seed: Optional[int] = None, batch_size: int = 0,
              extractor=None, reference: Optional[str] = None, save_png: bool = False,
              save_npz: bool = False, clip=None, prompts: Optional[str] = None,
-             cfg: Optional[float] = None, gen_temp: Optional[float] = None) -> Dict[str, Any]:
+             cfg: Optional[float] = None, gen_temp: Optional[float] = None,
+             tteo_steps: int = 0, tteo_lr: Optional[float] = None) -> Dict[str, Any]:
   """Samples, scores and writes one evaluation (see the module docstring); returns its result.
 
   Args:
@@ -321,6 +332,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
     prompts: a prompt file replacing the config's prompts (text-to-image).
     cfg: the teacher's guidance scale (default: config.cfg_w).
     gen_temp: the generator's sampling temperature (default: its run's `gen_temp`).
+    tteo_steps, tteo_lr: test-time embedding optimization of the generator's input embeddings
+      against the run's reward (rewards.py; digits only): SGD steps (0: off) and their size
+      (default: the config's tteo.lr).
   """
   params = params or config.get("eval_params", "ema")
   if params not in PARAMS:
@@ -375,8 +389,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
     if teacher_steps:
       sampler = teacher_sampler(config, teacher, teacher_steps)
     else:
+      tteo = None
+      if tteo_steps:
+        if config.get("dataset") != "digits":
+          raise EvaluateError(f"--tteo_steps: test-time embedding optimization needs a reward, "
+                              f"which exists for dataset 'digits' only, not "
+                              f"{config.get('dataset')!r}")
+        tteo = (tteo_steps, tteo_lr or config.tteo.lr, rewards.make_reward(config, dataset))
       sampler = generator_sampler(checkpoint or workdir, teacher, params, gen_temp, flag,
-                                  config.teacher_path)
+                                  config.teacher_path, tteo)
     labels = class_balanced_labels(num_samples or 50000, teacher.num_classes)
   ref = (references.load_reference(reference, extractor, mesh, batch_size) if images_mode
          else None)
@@ -399,7 +420,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
   if clip is not None:
     scores["clip_score"] = clip_score.clip_score(
         out["clip"], clip_score.prompt_embeds(clip, text.prompts)[labels])
-  result = {"sampler": sampler.description, "steps": sampler.steps, "step": sampler.step,
+  result = {"sampler": sampler.description, "tag": sampler.tag, "steps": sampler.steps,
+            "step": sampler.step,
             "num_samples": len(labels), "seed": seed, "reference": reference,
             "images_per_second": out["images_per_second"], "metrics": scores}
   if text is not None:
@@ -491,6 +513,12 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "stats: side of the centre
 _KEEP = flags.DEFINE_integer("keep_features", 10000, "stats: pool features kept for PRDC "
                              "(-1: all).")
 _OUT = flags.DEFINE_string("out", None, "stats: the .npz to write.")
+_TTEO_STEPS = flags.DEFINE_integer("tteo_steps", 0, "Test-time embedding optimization: SGD "
+                                   "steps on the generator's input embeddings raising the "
+                                   "run's reward (digits), 0 off.")
+_TTEO_LR = flags.DEFINE_float("tteo_lr", None, "Its step size (default: the config's tteo.lr).")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Evaluate at this many sampling seeds (--seed, "
+                              "--seed + 1, ...) and report each metric's mean and spread.")
 
 
 def load_extractor(path: Optional[str]):
@@ -540,14 +568,27 @@ def main(argv) -> None:
     temps = [float(t) for t in _GEN_TEMPS.value] or [None]
   except ValueError:
     raise EvaluateError(f"--gen_temps: expected numbers, found {_GEN_TEMPS.value}") from None
+  if _TTEO_STEPS.value < 0 or (_TTEO_LR.value is not None and not _TTEO_LR.value > 0):
+    raise EvaluateError(f"--tteo_steps must be >= 0 and --tteo_lr > 0, found "
+                        f"{_TTEO_STEPS.value} and {_TTEO_LR.value}")
+  if _SEEDS.value < 1:
+    raise EvaluateError(f"--seeds: expected at least 1 sampling seed, found {_SEEDS.value}")
+  base_seed = _SEED.value if _SEED.value is not None else samplers.eval_seed(_CONFIG.value)
   extractor, clip = load_extractor(_INCEPTION.value), load_clip(_CLIP.value)
   for temp in temps:
-    result = evaluate(
+    runs = [evaluate(
         _CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, params=_PARAMS.value,
-        teacher_steps=_TEACHER_STEPS.value, num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
-        batch_size=_BATCH_SIZE.value, extractor=extractor,
-        reference=_REF.value, save_png=_SAVE_PNG.value, save_npz=_SAVE_NPZ.value,
-        clip=clip, prompts=_PROMPTS.value, cfg=_CFG.value, gen_temp=temp)
+        teacher_steps=_TEACHER_STEPS.value, num_samples=_NUM_SAMPLES.value,
+        seed=base_seed + offset, batch_size=_BATCH_SIZE.value, extractor=extractor,
+        reference=_REF.value, save_png=_SAVE_PNG.value and offset == 0,
+        save_npz=_SAVE_NPZ.value and offset == 0, clip=clip, prompts=_PROMPTS.value,
+        cfg=_CFG.value, gen_temp=temp, tteo_steps=_TTEO_STEPS.value, tteo_lr=_TTEO_LR.value)
+        for offset in range(_SEEDS.value)]
+    result = runs[0]
+    if len(runs) > 1:
+      result = {**result, "seed": [run["seed"] for run in runs],
+                "metrics": metrics.over_seeds([run["metrics"] for run in runs])}
+      checkpoints.write_json(os.path.join(_WORKDIR.value, f"eval_{result['tag']}.json"), result)
     if jax.process_index() == 0:
       print(table(result))
       print(json.dumps(result, indent=2))

@@ -62,18 +62,28 @@ def generator_noise(config: ml_collections.ConfigDict, step: int) -> float:
 
 
 def generator(teacher: Teacher, params: Any, run: ml_collections.ConfigDict, step: int,
-              gen_temp: Optional[float] = None, which: str = "ema") -> Sampler:
+              gen_temp: Optional[float] = None, which: str = "ema",
+              tteo: Optional[Tuple[int, float, Callable]] = None) -> Sampler:
   """A Di[M]O generator (parameters `params` of the teacher's module) in one step, as its run
   `run` samples it: x_init (`fixed_ratio`), the embedding noise after `step` updates, no
   guidance, then Cat(softmax(z / gen_temp)) with the run's top-k / top-p filtering.
-  `gen_temp` defaults to the run's."""
+  `gen_temp` defaults to the run's. `tteo` = (steps, lr, reward): first that many SGD steps on
+  the input embeddings to raise the reward (`rewards.tteo_logits_fn`)."""
   temp = float(run.gen_temp if gen_temp is None else gen_temp)
   model = teacher.model
 
   def fn(inputs, rng, cond):
     variables, sigma = inputs
-    def logits_fn(tokens, cond_, noise_rng):
-      return model.apply(variables, tokens, cond_, emb_noise=sigma, rngs={"noise": noise_rng})
+
+    def logits_at(tokens, cond_, noise_rng, offset=None, sow=False):
+      return model.apply(variables, tokens, cond_, emb_noise=sigma, emb_offset=offset,
+                         rngs={"noise": noise_rng},
+                         **({"mutable": ["intermediates"]} if sow else {}))
+
+    logits_fn = logits_at
+    if tteo is not None and tteo[0] > 0:
+      from dimo_jax import rewards
+      logits_fn = rewards.tteo_logits_fn(logits_at, tteo[2], tteo[0], tteo[1], temp)
     return sampling.generator_sample(logits_fn, rng, cond, teacher.seq_len,
                                      teacher.codebook_size, teacher.mask_id, run.fixed_ratio,
                                      temp, run.top_k, run.top_p)[0]
@@ -82,6 +92,8 @@ def generator(teacher: Teacher, params: Any, run: ml_collections.ConfigDict, ste
   description = f"generator ({which}) step {step}, 1 step"
   if gen_temp is not None:
     tag, description = f"{tag}_T{temp:g}", f"{description}, gen_temp {temp:g}"
+  if tteo is not None and tteo[0] > 0:
+    tag, description = f"{tag}_tteo{tteo[0]}", f"{description}, TTEO {tteo[0]} x lr {tteo[1]:g}"
   return Sampler(fn, (params, np.float32(generator_noise(run, step))), tag, description, 1,
                  step)
 

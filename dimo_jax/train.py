@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from dimo_jax import (checkpoints, config_check, data, defaults, distill, distributed, dtypes,
-                      metrics, modeldir, parallel, samplers, teachers, visualize)
+                      metrics, modeldir, parallel, rewards, samplers, teachers, visualize)
 from dimo_jax.errors import UserError
 
 
@@ -77,7 +77,9 @@ def evaluate(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh,
   """Samples the teacher (at `sampling_step` and 1 step) and the generator on the same labels.
 
   Writes samples/comparison.png and returns {"teacher_<n>step"|"teacher_1step"|
-  "generator_1step": {<the dataset's metrics>, "sec_per_image"}}: fd and accuracy on digits,
+  "generator_1step": {<the dataset's metrics>, "sec_per_image"}}, each the mean over
+  `eval_seeds` sampling seeds (eval_seed, eval_seed + 1, ...) with its `<metric>_std` and
+  `seeds` (`metrics.over_seeds`): fd and accuracy on digits,
   true_nll, mode_coverage and in_mode on the synthetic set, none yet on ImageNet. With
   `eval_gen_temps`, also "generator_1step_T<t>" for each temperature t (same labels and key).
   `python -m dimo_jax.evaluate` with the same seed (`eval_seed`) and batch draws the same codes.
@@ -91,13 +93,20 @@ def evaluate(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh,
           "generator_1step": samplers.generator(teacher, gen_params, config, step)}
   for temp in config.eval_gen_temps:
     runs[gen_temp_name(temp)] = samplers.generator(teacher, gen_params, config, step, temp)
+  if config.tteo.steps > 0:
+    tteo = (config.tteo.steps, config.tteo.lr, rewards.make_reward(config, dataset))
+    runs[f"generator_1step_tteo{config.tteo.steps}"] = samplers.generator(
+        teacher, gen_params, config, step, tteo=tteo)
   results, panels = {}, {}
   for name, sampler in runs.items():
     run = samplers.MeshSampler(sampler, mesh, config.eval_batch_size, dataset.condition)
-    codes, seconds = samplers.timed(lambda: run(labels, seed))
-    results[name] = {**score(codes, labels), "sec_per_image": seconds / len(labels)}
-    if not name.startswith("generator_1step_T"):  # one panel of the generator is enough
-      panels[name.replace("_", " ")] = class_rows(dataset, codes, labels, 10, classes)
+    per_seed = []
+    for offset in range(config.get("eval_seeds", 1)):
+      codes, seconds = samplers.timed(lambda: run(labels, seed + offset))
+      per_seed.append({**score(codes, labels), "sec_per_image": seconds / len(labels)})
+      if offset == 0 and not name.startswith("generator_1step_T"):  # one panel is enough
+        panels[name.replace("_", " ")] = class_rows(dataset, codes, labels, 10, classes)
+    results[name] = metrics.over_seeds(per_seed)
     logging.info("%s: %s", name, results[name])
   if jax.process_index() == 0:
     visualize.side_by_side(panels, os.path.join(workdir, "samples", "comparison.png"))
@@ -120,15 +129,17 @@ class RunError(UserError):
 RESUME_FREE_KEYS = frozenset({
     "max_train_steps", "log_every", "validation_steps", "validation_metrics",
     "checkpointing_steps", "checkpoints_total_limit", "final_eval", "eval_samples",
-    "eval_batch_size", "eval_gen_temps", "eval_params", "sampling_step", "sched_mode", "cfg_w",
-    "r_temp", "sm_temp", "grid_classes", "num_devices", "mesh", "max_consecutive_skips",
-    "allow_config_change", "gradient_checkpointing", "prompt_cache"})
+    "eval_batch_size", "eval_gen_temps", "eval_params", "eval_seeds", "sampling_step",
+    "sched_mode", "cfg_w", "r_temp", "sm_temp", "grid_classes", "num_devices", "mesh",
+    "max_consecutive_skips", "allow_config_change", "gradient_checkpointing", "prompt_cache",
+    "tteo"})
 
 
 # Keys added after runs were written, each with the value that does what those runs did: a saved
 # config without one reads as having that value (the GAN block: Di[M]O alone).
 ADDED_KEYS = {"attention_impl": "auto",
-              **{f"gan.{key}": value for key, value in defaults.gan_config().items()}}
+              **{f"gan.{key}": value for key, value in defaults.gan_config().items()},
+              **{f"reward.{key}": value for key, value in defaults.reward_config().items()}}
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
@@ -291,10 +302,11 @@ def initial_state(config: ml_collections.ConfigDict, teacher: teachers.Teacher, 
 
 
 def jit_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh, state,
-                   teacher_params, conditions=None, real=None) -> Callable:
+                   teacher_params, conditions=None, real=None, reward=None) -> Callable:
   """`distill.make_train_step` jitted to keep `state`, `teacher_params` (and the fed
   `conditions` of a text-to-image run, see `place_conditions`) where they are; `real`: the
-  GAN's real data tokens (`data.real_tokens`), replicated constants of the step.
+  GAN's real data tokens (`data.real_tokens`), replicated constants of the step; `reward`: the
+  reward term's R (`rewards.make_reward`).
 
   The state's buffers are donated: the step updates them in place.
   """
@@ -304,7 +316,8 @@ def jit_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
     in_shardings += (where(conditions),)
   return jax.jit(
       distill.make_train_step(config, teacher,
-                              parallel.batch_constraint(mesh, config.train_batch_size), real),
+                              parallel.batch_constraint(mesh, config.train_batch_size), real,
+                              reward),
       in_shardings=in_shardings,
       out_shardings=(where(state), parallel.replicated(mesh)),
       donate_argnums=0)
@@ -381,8 +394,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
     logging.info("resumed from step %d", int(state.step))
   example = fed(int(state.step))
   real = data.real_tokens(dataset) if distill.gan_enabled(config) else None
+  reward = rewards.make_reward(config, dataset) if distill.reward_enabled(config) else None
   step_fn = distributed.compile_together(
-      jit_train_step(config, step_teacher, mesh, state, teacher_params, *example, real=real),
+      jit_train_step(config, step_teacher, mesh, state, teacher_params, *example, real=real,
+                     reward=reward),
       state, teacher_params, *example, name="train_step")
   # clu (and the TensorBoard writer under it) is imported only by a run that writes metrics:
   # the step, the samplers and the benchmarks import without it (a GPU image may lack it).

@@ -309,3 +309,43 @@ def test_eight_devices_give_the_features_of_one(dirs):
   for name, values in report.items():
     assert values["codes_equal"], name
     assert values["pool"] < 1e-5 and values["logits"] < 1e-5, (name, values)
+
+
+def test_over_seeds_is_the_mean_and_spread_of_each_metric():
+  from dimo_jax import metrics
+  out = metrics.over_seeds([{"fd": 0.4, "accuracy": 1.0}, {"fd": 0.6, "accuracy": 0.9}])
+  assert out["fd"] == pytest.approx(0.5) and out["fd_std"] == pytest.approx(0.1)
+  assert out["accuracy"] == pytest.approx(0.95) and out["seeds"] == 2
+
+
+def test_evaluate_seeds_flag_reports_the_mean_over_seeds(dirs, tmp_path, capsys, monkeypatch):
+  config_file = tmp_path / "config.py"
+  config_file.write_text(
+      "from tests.test_train import tiny_config\n"
+      f"def get_config():\n  return tiny_config({dirs['teacher']!r})\n")
+  monkeypatch.syspath_prepend(REPO)
+  seen = []
+  real_evaluate = evaluate.evaluate
+
+  def spy(*args, **kwargs):
+    result = real_evaluate(*args, **kwargs)
+    seen.append((kwargs["seed"], result["metrics"]["fd"]))
+    return result
+
+  monkeypatch.setattr(evaluate, "evaluate", spy)
+  workdir = str(tmp_path / "eval")
+  try:
+    flags.FLAGS(["evaluate", f"--config={config_file}", f"--workdir={workdir}",
+                 f"--checkpoint={dirs['run']}", "--num_samples=20", "--seed=7", "--seeds=3"])
+    evaluate.main(["evaluate"])
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert [seed for seed, _ in seen] == [7, 8, 9]
+  fds = np.array([fd for _, fd in seen])
+  assert len(set(fds.tolist())) > 1  # the seeds draw other samples
+  with open(os.path.join(workdir, "eval_3.json")) as f:
+    saved = json.load(f)
+  assert saved["seed"] == [7, 8, 9] and saved["metrics"]["seeds"] == 3
+  assert saved["metrics"]["fd"] == pytest.approx(fds.mean())
+  assert saved["metrics"]["fd_std"] == pytest.approx(fds.std())
+  assert f"{fds.mean():.4g} ± " in capsys.readouterr().out

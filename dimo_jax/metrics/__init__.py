@@ -11,7 +11,7 @@
 codes alone: each dataset names its scorer (`dataset.scorer`).
 """
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Sequence
 
 import numpy as np
 
@@ -31,3 +31,18 @@ def scorer(dataset) -> Scorer:
   if dataset.scorer is None:
     return lambda tokens, labels: {}
   raise ValueError(f"unknown scorer {dataset.scorer!r}; known: {SCORERS}")
+
+
+def over_seeds(runs: Sequence[Dict[str, float]]) -> Dict[str, float]:
+  """The metrics of evaluations that differ only in their sampling seed: each metric's mean,
+  its spread as `<metric>_std` (the standard deviation over seeds, 0 for one seed) and the
+  number of seeds as `seeds`. One evaluation of 1000 digits moves fd by about +-0.06 between
+  seeds, so a claim rests on the mean."""
+  out = {}
+  for key in runs[0]:
+    values = np.asarray([run[key] for run in runs], np.float64)
+    out[key] = float(values.mean())
+    if not key.endswith("_std"):
+      out[f"{key}_std"] = float(values.std())
+  out["seeds"] = len(runs)
+  return out

@@ -106,7 +106,7 @@ class Embed(nn.Module):
   @nn.compact
   def __call__(self, ids: jax.Array, emb_noise: Optional[jax.Array],
                deterministic: bool, probs: Optional[jax.Array] = None,
-               codebook_size: int = 0) -> jax.Array:
+               codebook_size: int = 0, emb_offset: Optional[jax.Array] = None) -> jax.Array:
     """ids: int32[B, 1 + L], class token first -> float[B, 1 + L, D]. With `probs`
     (float[B, L, codebook_size + 1]), the visual positions embed that distribution instead
     (models/soft.py; the mask column takes the release's mask row, the last)."""
@@ -115,12 +115,15 @@ class Embed(nn.Module):
     if probs is not None:
       visual = soft.embed(word.embedding, probs, codebook_size, self.vocab_size - 1)
       x = jnp.concatenate([x[:, :1], visual.astype(x.dtype)], axis=1)
+    visual = x[:, 1:]
     if emb_noise is not None:
-      visual = x[:, 1:]
       eps = jax.random.normal(self.make_rng("noise"), visual.shape, visual.dtype)
       sigma = jnp.asarray(emb_noise, visual.dtype)
       visual = sigma * eps + jnp.sqrt(1.0 - sigma**2) * visual
-      x = jnp.concatenate([x[:, :1], visual], axis=1)
+    if emb_offset is not None:
+      visual = visual + emb_offset.astype(visual.dtype)
+    self.sow("intermediates", "input_embedding", visual)
+    x = jnp.concatenate([x[:, :1], visual], axis=1)
     positions = nn.Embed(self.max_positions, self.features, name="position_embeddings")(
         jnp.arange(ids.shape[1])[None])
     x = nn.LayerNorm(_LN_EPS, dtype=self.dtype, name="embeddings_ln")(x + positions)
@@ -203,6 +206,7 @@ class GoogleMaskGIT(nn.Module):
       drop_label: Optional[jax.Array] = None,
       *,
       emb_noise: Optional[jax.Array] = None,
+      emb_offset: Optional[jax.Array] = None,
       deterministic: bool = True,
   ) -> jax.Array:
     """Logits of the clean visual tokens.
@@ -217,6 +221,8 @@ class GoogleMaskGIT(nn.Module):
       emb_noise: float32[] sigma: when given, the visual word embeddings become
         sigma * eps + sqrt(1 - sigma^2) * e with eps ~ N(0, I) drawn from the `noise` rng
         collection, before the position embedding is added (as MaskTransformer).
+      emb_offset: float[B, L, D] added to the visual word embeddings after the noise (as
+        MaskTransformer).
       deterministic: False enables dropout (needs the `dropout` rng collection).
 
     Returns:
@@ -237,7 +243,7 @@ class GoogleMaskGIT(nn.Module):
 
     embed = Embed(self.vocab_size, self.seq_len + 1, self.hidden_size, self.dropout, self.dtype,
                   name="Embed_0")
-    x = embed(ids, emb_noise, deterministic, probs, self.codebook_size)
+    x = embed(ids, emb_noise, deterministic, probs, self.codebook_size, emb_offset)
     layer = remat_layer(TransformerLayer, self.remat)
     for i in range(self.num_layers):
       x = layer(self.num_heads, self.intermediate_size, self.dropout, self.dtype, self.attention,

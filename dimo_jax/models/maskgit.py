@@ -188,6 +188,7 @@ class MaskTransformer(nn.Module):
       drop_label: Optional[jax.Array] = None,
       *,
       emb_noise: Optional[jax.Array] = None,
+      emb_offset: Optional[jax.Array] = None,
       deterministic: bool = True,
   ) -> jax.Array:
     """Logits of the clean visual tokens.
@@ -201,6 +202,9 @@ class MaskTransformer(nn.Module):
       emb_noise: float32[] sigma: when given, the visual token embeddings become
         sigma * s * eps + sqrt(1 - sigma^2) * e with eps ~ N(0, I) drawn from the `noise` rng
         collection and s = `emb_noise_scale` (Di[M]O's perturbation of the initial tokens).
+      emb_offset: float[B, L, D] added to the visual input embeddings after the noise (test-time
+        embedding optimization, rewards.py); those embeddings are sown as
+        `intermediates/input_embedding`.
       deterministic: False enables dropout (needs the `dropout` rng collection).
 
     Returns:
@@ -225,13 +229,16 @@ class MaskTransformer(nn.Module):
         raise ValueError(f"expected {self.seq_len} visual tokens, got tokens of shape "
                          f"{tokens.shape}")
       x = embed(jnp.concatenate([tokens.astype(jnp.int32), class_token[:, None]], axis=1))
+    visual = x[:, : self.seq_len]
     if emb_noise is not None:
-      visual = x[:, : self.seq_len]
       eps = jax.random.normal(self.make_rng("noise"), visual.shape, visual.dtype)
       sigma = jnp.asarray(emb_noise, visual.dtype)
       scale = jnp.asarray(self.emb_noise_scale, visual.dtype)
       visual = sigma * scale * eps + jnp.sqrt(1.0 - sigma**2) * visual
-      x = jnp.concatenate([visual, x[:, self.seq_len:]], axis=1)
+    if emb_offset is not None:
+      visual = visual + emb_offset.astype(visual.dtype)
+    self.sow("intermediates", "input_embedding", visual)
+    x = jnp.concatenate([visual, x[:, self.seq_len:]], axis=1)
     pos_emb = self.param("pos_emb", nn.initializers.truncated_normal(0.02),
                          (1, self.seq_len + 1, self.hidden_dim))
     x = (x + pos_emb).astype(self.dtype)

@@ -446,6 +446,7 @@ class MeissonicTransformer(nn.Module):
       timestep: jax.Array,
       *,
       emb_noise: Optional[jax.Array] = None,
+      emb_offset: Optional[jax.Array] = None,
   ) -> jax.Array:
     """Logits of the clean tokens.
 
@@ -466,6 +467,8 @@ class MeissonicTransformer(nn.Module):
       emb_noise: float32[] sigma: when given, the output of `embed` becomes
         sigma * eps + sqrt(1 - sigma^2) * e with eps ~ N(0, I) drawn from the `noise` rng
         collection (Di[M]O's `noise_emb_perturb`), at every image position.
+      emb_offset: float[B, h * w, D] added to that output after the noise (test-time embedding
+        optimization, rewards.py); it is sown as `intermediates/input_embedding`.
 
     Returns:
       float32[B, h * w, codebook_size], positions in raster order.
@@ -485,6 +488,9 @@ class MeissonicTransformer(nn.Module):
       eps = jax.random.normal(self.make_rng("noise"), x.shape, jnp.float32)
       sigma = jnp.asarray(emb_noise, jnp.float32)
       x = (sigma * eps + jnp.sqrt(1.0 - sigma**2) * x.astype(jnp.float32)).astype(dt)
+    if emb_offset is not None:
+      x = x + emb_offset.reshape(x.shape).astype(dt)
+    self.sow("intermediates", "input_embedding", x.reshape(batch, height * width_tokens, -1))
 
     text = _dense(width, "context_embedder", dt)(encoder_hidden_states.astype(dt))
     text = _rms_norm("encoder_proj_layer_norm", dt)(text)
@@ -566,8 +572,8 @@ class TextConditioned:
   def apply(self, variables, tokens, cond, drop_label=None, **kwargs):
     return self._call(self.transformer.apply, variables, tokens, cond, drop_label, **kwargs)
 
-  def _call(self, fn, first, tokens, cond, drop_label, *, emb_noise=None, deterministic=True,
-            rngs=None, mutable=False):
+  def _call(self, fn, first, tokens, cond, drop_label, *, emb_noise=None, emb_offset=None,
+            deterministic=True, rngs=None, mutable=False):
     del deterministic
     batch = tokens.shape[0]
     if soft.is_soft(tokens):
@@ -585,4 +591,4 @@ class TextConditioned:
     if mutable:
       kwargs["mutable"] = mutable
     return fn(first, tokens, hidden, pooled, cond["micro_conds"], timestep, emb_noise=emb_noise,
-              **kwargs)
+              emb_offset=emb_offset, **kwargs)
