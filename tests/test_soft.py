@@ -77,3 +77,33 @@ def test_every_layer_is_sown_for_the_discriminator(name):
   features = gan.layer_features(state["intermediates"])
   assert len(features) == {"maskgit": 1, "google-maskgit": 1, "meissonic": 2}[name]
   assert all(f.shape[0] == 3 and f.ndim == 3 for f in features)
+
+
+def _tiny_tokenizers():
+  from dimo_jax.models import diffusers_vq, google_vqgan, taming_vqgan
+  return {
+      "taming-vqgan": taming_vqgan.VQModel(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1,
+                                           attn_resolutions=(), in_channels=3, resolution=16,
+                                           z_channels=4, n_embed=17, embed_dim=4),
+      "google-vqgan": google_vqgan.VQGAN(filters=32, num_res_blocks=1, channel_multipliers=(1, 2),
+                                         embedding_dim=4, codebook_size=17),
+      "diffusers-vq": diffusers_vq.VQModel(in_channels=3, out_channels=3,
+                                           block_out_channels=(32, 64), layers_per_block=1,
+                                           latent_channels=4, num_vq_embeddings=17,
+                                           vq_embed_dim=4, norm_num_groups=8),
+  }
+
+
+@pytest.mark.parametrize("kind", ["taming-vqgan", "google-vqgan", "diffusers-vq"])
+def test_tokenizers_decode_soft_codes(kind):
+  model = _tiny_tokenizers()[kind]
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+  codes = jax.random.randint(jax.random.PRNGKey(1), (2, 4, 4), 0, 17)
+  decode = lambda c: model.apply(variables, c, method=model.decode)
+  hard = decode(codes)
+  for width in (17, 18):  # the codes alone, or with a mask column
+    np.testing.assert_allclose(decode(jax.nn.one_hot(codes, width)), hard, atol=1e-5)
+  # a mixture decodes the expected codebook vector, not the expected picture
+  other = (codes + 1) % 17
+  half = decode(0.5 * jax.nn.one_hot(codes, 17) + 0.5 * jax.nn.one_hot(other, 17))
+  assert np.max(np.abs(half - 0.5 * (hard + decode(other)))) > 1e-4

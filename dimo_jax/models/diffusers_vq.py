@@ -44,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dimo_jax.models import soft
 # diffusers' Downsample2D (downsample_padding=0: torch pads (0, 1, 0, 1) by hand, then a stride-2
 # 3x3 conv) and Upsample2D (nearest x2, 3x3 conv) compute exactly taming's, also named `conv`.
 from dimo_jax.models.taming_vqgan import Downsample as Downsample2D
@@ -200,8 +201,9 @@ class VectorQuantizer(nn.Module):
     return jnp.argmin(distances, axis=-1).astype(jnp.int32)
 
   def lookup(self, codes: jax.Array) -> jax.Array:
-    """int32[B, h, w] -> float32[B, h, w, embed_dim]."""
-    return jnp.take(self.embedding, codes, axis=0)
+    """int32[B, h, w] -> float32[B, h, w, embed_dim]; soft codes float[B, h, w, V (+1)] give
+    the expected codebook vector (models/soft.py)."""
+    return soft.lookup(self.embedding, codes)
 
 
 class VQModel(nn.Module):

@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dimo_jax.models import soft
+
 Dtype = Any
 
 
@@ -130,8 +132,9 @@ class VectorQuantizer(nn.Module):
     return jnp.argmin(distances, axis=-1).astype(jnp.int32)
 
   def lookup(self, codes: jax.Array) -> jax.Array:
-    """codes: int32[...] -> float32[..., D] codebook entries."""
-    return jnp.take(self.codebook, codes, axis=0)
+    """codes: int32[...] -> float32[..., D] codebook entries; soft codes float[..., V (+1)] give
+    the expected entry (models/soft.py)."""
+    return soft.lookup(self.codebook, codes)
 
 
 class VQGAN(nn.Module):

@@ -40,3 +40,17 @@ def embed(table: jax.Array, probs: jax.Array, codebook_size: int, mask_row: int)
   codes = jnp.einsum("blv,vd->bld", probs[..., :codebook_size], table[:codebook_size],
                      precision=jax.lax.Precision.HIGHEST)
   return codes + probs[..., codebook_size:] * table[mask_row]
+
+
+def lookup(table: jax.Array, codes: jax.Array) -> jax.Array:
+  """A tokenizer's codebook lookup: int[...] codes -> table rows float[..., D]; or soft codes
+  float[..., N (+ 1)] -> sum_v p_v * table[v] (a mask column past the N codes is dropped: it
+  has no codebook vector). The decoders fed this decode soft codes (Soft-Di[M]O's rewards)."""
+  if not is_soft(codes):
+    return jnp.take(table, codes, axis=0)
+  count = table.shape[0]
+  if codes.shape[-1] not in (count, count + 1):
+    raise ValueError(f"expected soft codes over the {count} codes of the codebook (last "
+                     f"dimension {count}, or {count + 1} with the mask), got {codes.shape}")
+  return jnp.einsum("...v,vd->...d", codes[..., :count].astype(table.dtype), table,
+                    precision=jax.lax.Precision.HIGHEST)

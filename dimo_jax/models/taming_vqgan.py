@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dimo_jax.models import soft
+
 Dtype = Any
 
 
@@ -211,8 +213,9 @@ class VectorQuantizer(nn.Module):
     return jnp.argmin(distances, axis=-1).astype(jnp.int32)
 
   def lookup(self, codes: jax.Array) -> jax.Array:
-    """int32[B, h, w] -> float32[B, h, w, embed_dim]."""
-    return jnp.take(self.embedding, codes, axis=0)
+    """int32[B, h, w] -> float32[B, h, w, embed_dim]; soft codes float[B, h, w, V (+1)] give
+    the expected codebook vector (models/soft.py)."""
+    return soft.lookup(self.embedding, codes)
 
 
 class VQModel(nn.Module):
