@@ -11,7 +11,8 @@ device refuses costs one row, not the call, and each starts with a clean peak-me
              tokens + class, 1024 codes, 174M), the recipe of configs/maskgit_imagenet256.py in
              bf16 at global batch 64, once per attention kernel (`auto`: the reference's op, which
              drops attention weights; `cudnn` (`xla` off a GPU): fused, without that dropout);
-             step time, images/s, model FLOPs; and cuDNN's logits against the einsum kernel's
+             step time, images/s, model FLOPs; cuDNN's logits against the einsum kernel's; and
+             the Soft-Di[M]O step (GAN on, the fused kernel) beside it
   torch      the same step in eager PyTorch on the same device (benchmarks/torch_dimo.py,
              torch.autocast bf16), with the attention maps the reference keeps and without
   sampling   batch 64 through the VQGAN decoder: the teacher at 8 guided steps (16 transformer
@@ -261,6 +262,24 @@ def section_step(size, rows, args):
              note=what, key=f"jax_step_ms_{attention}", model_flops=passes * flops,
              xla_flops=xla_flops(exe), pipelined_ms=pipelined * 1e3,
              images_per_s=size["batch"] / median)
+
+  # Soft-Di[M]O: the same step with the GAN term (weight 1, one discriminator update a step:
+  # the frozen teacher's backbone with heads on four layers; random tokens as its real data).
+  config = _recipe(size, fused)
+  config.gan.weight = 1.0
+  step_teacher = teacher.with_model(model.clone(attention=fused))
+  state = distill.create_state(config, variables, jax.random.PRNGKey(1),
+                               teacher.frozen_with_emb, teacher=step_teacher)
+  real = (jax.random.randint(jax.random.PRNGKey(4), (4 * size["batch"], size["tokens"]), 0,
+                             size["codes"]), jnp.arange(4 * size["batch"]) % size["classes"])
+  step = jax.jit(distill.make_train_step(config, step_teacher, real=real), donate_argnums=0)
+  exe, compile_s = compiled(step, state, variables)
+  times, pipelined = time_steps(exe, state, (variables,), size["step_runs"], warmup=2)
+  median = statistics.median(times)
+  rows.add(f"Soft-Di[M]O step (GAN on), attention {fused}", median * 1e3, "ms", compile_s,
+           times, note="the Di[M]O step plus the GAN term and one discriminator update",
+           key="soft_dimo_step_ms", pipelined_ms=pipelined * 1e3,
+           images_per_s=size["batch"] / median)
 
 
 def section_torch(size, rows, args):
@@ -527,6 +546,11 @@ def summarize(rows: List[Dict], size: str) -> Dict[str, Any]:
     exact = _value(rows, "jax_step_ms_auto")
     if exact:
       out["torch_over_jax_reference_op"] = torch_ref["value"] / exact["value"]
+  soft = _value(rows, "soft_dimo_step_ms")
+  # The Di[M]O step of the same (fused) kernel; the orchestrator does not start a backend.
+  plain = next((r for r in steps if r["key"] != "jax_step_ms_auto"), None)
+  if soft and plain:
+    out["soft_dimo_over_dimo_step"] = soft["value"] / plain["value"]
   speedup = _value(rows, "speedup_end_to_end")
   if speedup:
     out["one_step_speedup_end_to_end"] = speedup["value"]
@@ -595,6 +619,8 @@ def render(result: Dict[str, Any]) -> str:
                  f"attention {summary['torch_over_jax_kernel']})"
                  + (f"; {summary['torch_over_jax_reference_op']:.2f}x with the reference's op"
                     if "torch_over_jax_reference_op" in summary else ""))
+  if "soft_dimo_over_dimo_step" in summary:
+    lines.append(f"Soft-Di[M]O step / Di[M]O step: {summary['soft_dimo_over_dimo_step']:.2f}x")
   if "one_step_speedup_end_to_end" in summary:
     lines.append(f"one-step generator vs 8-step guided teacher, end to end: "
                  f"{summary['one_step_speedup_end_to_end']:.1f}x")

@@ -11,7 +11,9 @@ benchmarks/torch_dimo.py eagerly (`torch.autocast` for bf16). Each side does --w
 steps, then --steps timed steps; the medians are printed with the ratio torch / jax (> 1: JAX is
 faster).
 
---profile splits the time between the two halves of the step: JAX is also compiled with no
+--gan-weight W (> 0) also times the Soft-Di[M]O step (the GAN term of weight W on the teacher's
+backbone, one discriminator update; random tokens as its real data) and prints its cost against
+the Di[M]O step. --profile splits the time between the two halves of the step: JAX is also compiled with no
 auxiliary round (its generator half), PyTorch's halves are timed directly. The JAX step's FLOPs
 (XLA's cost analysis) and the rate achieved are printed too, for a utilization figure.
 """
@@ -37,22 +39,28 @@ _NUM_CLASSES = 1000
 _MIXED_PRECISION = {"bf16": "bf16", "fp32": "no"}  # the dtypes.DTYPES names
 
 
-def jax_config(args, fake_rounds: int):
+def jax_config(args, fake_rounds: int, gan_weight: float = 0.0):
   config = maskgit_imagenet256.get_config()
   config.mixed_precision = _MIXED_PRECISION[args.dtype]
   config.train_batch_size = args.batch
   config.mask_value = args.codes
   config.fake_rounds = fake_rounds
+  config.gan.weight = gan_weight
   return config
 
 
-def time_jax(args, model, variables, fake_rounds: int):
-  """(compile s, [step s], flops per step or None) of the jitted train step."""
-  config = jax_config(args, fake_rounds)
+def time_jax(args, model, variables, fake_rounds: int, gan_weight: float = 0.0):
+  """(compile s, [step s], flops per step or None) of the jitted train step (Soft-Di[M]O's with
+  `gan_weight` > 0)."""
+  config = jax_config(args, fake_rounds, gan_weight)
   teacher = teachers.of_module(model)
   state = distill.create_state(config, variables, jax.random.PRNGKey(1),
-                               teacher.frozen_with_emb)
-  step_fn = jax.jit(distill.make_train_step(config, teacher), donate_argnums=0)
+                               teacher.frozen_with_emb, teacher=teacher)
+  real = None
+  if gan_weight > 0:
+    real = (jax.random.randint(jax.random.PRNGKey(2), (256, args.tokens), 0, args.codes),
+            jnp.arange(256) % _NUM_CLASSES)
+  step_fn = jax.jit(distill.make_train_step(config, teacher, real=real), donate_argnums=0)
   start = time.perf_counter()
   compiled = step_fn.lower(state, variables).compile()
   compile_s = time.perf_counter() - start
@@ -114,6 +122,8 @@ def main():
                            "first eager steps)")
   parser.add_argument("--profile", action="store_true",
                       help="also time the generator and auxiliary halves separately")
+  parser.add_argument("--gan-weight", type=float, default=0.0,
+                      help="> 0: also time the Soft-Di[M]O step with this GAN weight")
   parser.add_argument("--jax-only", action="store_true",
                       help="time the JAX step alone (e.g. to compare XLA flags or allocators)")
   parser.add_argument("--torch-fast-attention", action="store_true",
@@ -148,6 +158,12 @@ def main():
           flush=True)
     print(f"ratio torch / jax: {torch_s / jax_s:.2f}x", flush=True)
 
+  if args.gan_weight > 0:
+    gan_compile_s, gan_times, _ = time_jax(args, model, variables, 1, args.gan_weight)
+    gan_s = statistics.median(gan_times)
+    print(f"jax soft-dimo: compile {gan_compile_s:.1f} s; step {ms(gan_s)} (all: "
+          f"{', '.join(ms(t) for t in gan_times)}); {gan_s / jax_s:.2f}x the Di[M]O step",
+          flush=True)
   if flops:
     rate = flops / jax_s
     print(f"jax step: {flops / 1e9:.1f} GFLOP (XLA cost analysis), {rate / 1e9:.1f} GFLOP/s "
