@@ -272,9 +272,9 @@ def section_step(size, rows, args):
                                teacher.frozen_with_emb, teacher=step_teacher)
   real = (jax.random.randint(jax.random.PRNGKey(4), (4 * size["batch"], size["tokens"]), 0,
                              size["codes"]), jnp.arange(4 * size["batch"]) % size["classes"])
-  step = jax.jit(distill.make_train_step(config, step_teacher, real=real), donate_argnums=0)
-  exe, compile_s = compiled(step, state, variables)
-  times, pipelined = time_steps(exe, state, (variables,), size["step_runs"], warmup=2)
+  step = jax.jit(distill.make_train_step(config, step_teacher), donate_argnums=0)
+  exe, compile_s = compiled(step, state, variables, None, real)
+  times, pipelined = time_steps(exe, state, (variables, None, real), size["step_runs"], warmup=2)
   median = statistics.median(times)
   rows.add(f"Soft-Di[M]O step (GAN on), attention {fused}", median * 1e3, "ms", compile_s,
            times, note="the Di[M]O step plus the GAN term and one discriminator update",

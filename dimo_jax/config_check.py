@@ -200,11 +200,15 @@ def gan_problems(config: ml_collections.ConfigDict) -> List[str]:
     found.append(f"gan.layers must be a non-empty tuple of depth fractions in (0, 1], found "
                  f"{layers!r}")
   from dimo_jax import data  # data imports the teachers; only a GAN config needs it here
-  if (_is_number(g.get("weight")) and g.weight > 0
-      and config.get("dataset", "digits") not in data.REAL_DATASETS):
-    found.append(f"gan.weight > 0 needs real data tokens, which dataset "
-                 f"{config.get('dataset')!r} does not hold (one of "
-                 f"{', '.join(data.REAL_DATASETS)}; gan.weight=0 is Di[M]O alone)")
+  dataset = config.get("dataset", "digits")
+  if _is_number(g.get("weight")) and g.weight > 0:
+    if dataset not in data.REAL_DATASETS:
+      found.append(f"gan.weight > 0 needs real data tokens, which dataset {dataset!r} does not "
+                   f"hold (one of {', '.join(data.REAL_DATASETS)}; gan.weight=0 is Di[M]O "
+                   "alone)")
+    elif dataset == "imagenet256" and not g.get("real_tokens"):
+      found.append("gan.weight > 0 on imagenet256 needs gan.real_tokens, a token dataset made "
+                   "by python -m dimo_jax.tokenize")
   return found
 
 

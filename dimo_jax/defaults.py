@@ -119,6 +119,7 @@ def gan_config() -> ml_collections.ConfigDict:
       head_width=128,  # each head: LayerNorm, Dense(head_width) + Dense(r), GELU, Dense(1) (ours)
       disc_rounds=1,  # discriminator updates per generator update (ours)
       lr=1e-4, adam_beta1=0.0, adam_beta2=0.99,  # the heads' Adam (ours)
+      real_tokens="",  # imagenet256: the token dataset of `python -m dimo_jax.tokenize`
   ))
 
 

@@ -202,13 +202,12 @@ class Losses(NamedTuple):
 
 def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
                 batch_constraint: Callable[[jax.Array], jax.Array] = lambda x: x,
-                real: Optional[Tuple[jax.Array, jax.Array]] = None,
                 reward: Optional[rewards.Reward] = None) -> Losses:
   """The losses of the step (`make_train_step`, whose arguments these are):
 
     generator(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed)
     fake(fake_params, gen_params, rng, sigma, fed)
-    disc(disc_params, gen_params, teacher_params, rng, sigma)   (None without the GAN)
+    disc(disc_params, gen_params, teacher_params, rng, sigma, real)   (None without the GAN)
 
   Args:
     config: the run's config (see configs/digits.py for every field).
@@ -216,18 +215,16 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
       auxiliary model (its variables are not read: the step is given them).
     batch_constraint: applied to every batch-shaped array; on a mesh, a sharding constraint
       that splits the batch over the data axis.
-    real: Soft-Di[M]O's real data, (tokens int32[N, L], labels int32[N]) (`data.real_tokens`),
-      from which each discriminator update draws its batch with the step's key.
     reward: R(probs, labels) -> float32[B] of the reward term (`rewards.make_reward`).
+
+  `real` of the discriminator's loss: Soft-Di[M]O's real data, (tokens int[N, L], labels
+  int32[N]) (`data.real_tokens`), from which each update draws its batch with the step's key.
   """
   # Ours is V (the codebook size); a release with its own mask id may also be named by that.
   if config.mask_value not in teacher.mask_values:
     raise ValueError(f"mask_value {config.mask_value} does not match the model's mask id "
                      f"({' or '.join(map(str, teacher.mask_values))})")
   use_gan = gan_enabled(config)
-  if use_gan and real is None:
-    raise ValueError("the GAN term (gan.weight > 0) needs real data tokens: a dataset with "
-                     "`real_tokens` (digits, synthetic)")
   if reward_enabled(config) and reward is None:
     raise ValueError("the reward term (reward.weight > 0) needs its reward function")
   model = teacher.model
@@ -238,7 +235,6 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
   fake_drop = (config.fake_cfg_drop_ratio
                if (config.fake_cfg_train != 1 or config.fake_cfg_eval != 1) else 0.0)
   if use_gan:
-    real = tuple(jnp.asarray(x, jnp.int32) for x in real)
     discriminator = gan.make_discriminator(model, gan.Heads(config.gan.head_width),
                                            config.gan.layers)
 
@@ -340,7 +336,7 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
       loss = config.alpha_fake * soft_loss + (1.0 - config.alpha_fake) * hard
     return loss, {"loss_fake_hard": hard}
 
-  def disc_loss(disc_params, gen_params, teacher_params, rng, sigma):
+  def disc_loss(disc_params, gen_params, teacher_params, rng, sigma, real):
     """The discriminator's loss: real data tokens against the generator's soft tokens of a
     fresh step; neither input carries a gradient to theta or phi."""
     label_rng, gen_rng, real_rng, fake_mask_rng, real_mask_rng = jax.random.split(rng, 5)
@@ -349,7 +345,7 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
     fake = gan.soft_tokens(jax.lax.stop_gradient(gen_logits), config.gan.tau)
     index = jax.random.randint(real_rng, (batch,), 0, real[0].shape[0])
     real_labels = batch_constraint(real[1][index])
-    real_tokens = soft.one_hot(batch_constraint(real[0][index]), codebook)
+    real_tokens = soft.one_hot(batch_constraint(real[0][index].astype(jnp.int32)), codebook)
 
     def score(probs, cond, mask_rng):
       probs, ratio = gan.remask(mask_rng, probs, config.gan.r_max)
@@ -366,9 +362,10 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
 
 def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
                     batch_constraint: Callable[[jax.Array], jax.Array] = lambda x: x,
-                    real: Optional[Tuple[jax.Array, jax.Array]] = None,
                     reward: Optional[rewards.Reward] = None):
-  """Builds `train_step(state, teacher_params[, conditions]) -> (state, metrics)` (pure; jit it).
+  """Builds `train_step(state, teacher_params[, conditions[, real]]) -> (state, metrics)` (pure;
+  jit it). With the GAN on, `real` is its real data (`make_losses`), an input of the step (not a
+  constant of it: an ImageNet token set is large).
 
   Args:
     config: the run's config (see configs/digits.py for every field).
@@ -376,14 +373,13 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
       auxiliary model (its variables are not read: the step is given them).
     batch_constraint: applied to every batch-shaped array; on a mesh, a sharding constraint
       that splits the batch over the data axis.
-    real: Soft-Di[M]O's real data, (tokens int32[N, L], labels int32[N]) (`data.real_tokens`).
     reward: the reward term's R (`rewards.make_reward`).
   """
-  losses = make_losses(config, teacher, batch_constraint, real, reward)
+  losses = make_losses(config, teacher, batch_constraint, reward)
   gen_tx, fake_tx = optimizers(config, teacher.frozen_with_emb)
   disc_tx = disc_optimizer(config) if losses.disc is not None else None
 
-  def train_step(state: DistillState, teacher_params: Params, conditions=None):
+  def train_step(state: DistillState, teacher_params: Params, conditions=None, real=None):
     """One generator update, `fake_rounds` auxiliary updates (and `gan.disc_rounds`
     discriminator updates).
 
@@ -419,13 +415,16 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
 
     disc_params, disc_opt_state, disc_metrics = state.disc_params, state.disc_opt_state, {}
     if losses.disc is not None:
+      if real is None:
+        raise ValueError("the GAN term (gan.weight > 0) needs real data tokens: a dataset with "
+                         "`real_tokens` (digits, synthetic, a tokenized imagenet256)")
       disc_rng = jax.random.fold_in(fake_rng, config.fake_rounds)
 
       def disc_round(carry, round_index):
         params, opt_state = carry
         (loss_d, metrics), grads = jax.value_and_grad(losses.disc, has_aux=True)(
             params, gen_params, teacher_params, jax.random.fold_in(disc_rng, round_index),
-            sigma)
+            sigma, real)
         params, opt_state, _, _ = _apply_if_finite(disc_tx, grads, opt_state, params, loss_d)
         return (params, opt_state), {"loss_disc": loss_d, **metrics}
 

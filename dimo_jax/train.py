@@ -301,23 +301,28 @@ def initial_state(config: ml_collections.ConfigDict, teacher: teachers.Teacher, 
                    f"{hint}, or choose another --workdir") from None
 
 
+def step_inputs(conditions=None, real=None) -> tuple:
+  """What the step is called with after (state, teacher_params): (), (conditions,) or
+  (conditions, real), conditions None in a class-conditional run with real data."""
+  return (conditions, real)[:2 if real is not None else 1 if conditions is not None else 0]
+
+
 def jit_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh, state,
                    teacher_params, conditions=None, real=None, reward=None) -> Callable:
   """`distill.make_train_step` jitted to keep `state`, `teacher_params` (and the fed
   `conditions` of a text-to-image run, see `place_conditions`) where they are; `real`: the
-  GAN's real data tokens (`data.real_tokens`), replicated constants of the step; `reward`: the
-  reward term's R (`rewards.make_reward`).
+  GAN's real data tokens (`data.real_tokens`), replicated on the mesh; `reward`: the reward
+  term's R (`rewards.make_reward`). The step is called `(state, teacher_params[, conditions[,
+  real]])`, conditions None in a class-conditional run with real data.
 
   The state's buffers are donated: the step updates them in place.
   """
   where = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)
-  in_shardings = (where(state), where(teacher_params))
-  if conditions is not None:
-    in_shardings += (where(conditions),)
+  in_shardings = (where(state), where(teacher_params)) + tuple(
+      None if x is None else where(x) for x in step_inputs(conditions, real))
   return jax.jit(
       distill.make_train_step(config, teacher,
-                              parallel.batch_constraint(mesh, config.train_batch_size), real,
-                              reward),
+                              parallel.batch_constraint(mesh, config.train_batch_size), reward),
       in_shardings=in_shardings,
       out_shardings=(where(state), parallel.replicated(mesh)),
       donate_argnums=0)
@@ -369,12 +374,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   # The step calls the teacher's module rematerialized when asked; the samplers do not.
   step_teacher = teacher.with_model(teacher.model.clone(remat=config.gradient_checkpointing))
 
+  # Soft-Di[M]O's real data tokens, replicated on the mesh once (int16: half the memory).
+  real = None
+  if distill.gan_enabled(config):
+    tokens, labels = data.real_tokens(dataset)
+    real = parallel.replicate((np.asarray(tokens, np.int16), np.asarray(labels, np.int32)), mesh)
+
   def fed(step: int):
-    """The conditions step `step` is fed (a text-to-image run), placed on the mesh."""
+    """What step `step` is fed besides the state and the teacher: the conditions of a
+    text-to-image run (placed on the mesh), and the GAN's real data tokens."""
     if not teacher.text_conditioned:
-      return ()
+      return step_inputs(None, real)
     indices = dataset.train_conditions(step, config.train_batch_size, config.fake_rounds)
-    return (place_conditions(dataset.conditions, indices, mesh),)
+    return step_inputs(place_conditions(dataset.conditions, indices, mesh), real)
 
   saved = check_resume(config, workdir)
   manager = checkpoints.manager(workdir, config)
@@ -393,10 +405,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   if int(state.step):
     logging.info("resumed from step %d", int(state.step))
   example = fed(int(state.step))
-  real = data.real_tokens(dataset) if distill.gan_enabled(config) else None
   reward = rewards.make_reward(config, dataset) if distill.reward_enabled(config) else None
   step_fn = distributed.compile_together(
-      jit_train_step(config, step_teacher, mesh, state, teacher_params, *example, real=real,
+      jit_train_step(config, step_teacher, mesh, state, teacher_params, *example,
                      reward=reward),
       state, teacher_params, *example, name="train_step")
   # clu (and the TensorBoard writer under it) is imported only by a run that writes metrics:

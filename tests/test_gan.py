@@ -83,9 +83,9 @@ def test_the_discriminator_loss_reaches_neither_theta_nor_the_teacher(setup):
   teacher, real = setup
   config = _config()
   state = _state(config, teacher)
-  losses = distill.make_losses(config, teacher, real=real)
+  losses = distill.make_losses(config, teacher)
   args = (state.disc_params, state.gen_params, teacher.variables, jax.random.PRNGKey(2),
-          jnp.float32(0.1))
+          jnp.float32(0.1), real)
   to_disc, to_gen, to_teacher = jax.grad(lambda *a: losses.disc(*a)[0], argnums=(0, 1, 2))(*args)
   assert _norm(to_disc) > 1e-4
   assert _norm(to_gen) == 0.0 and _norm(to_teacher) == 0.0
@@ -99,8 +99,8 @@ def test_the_gan_term_reaches_theta_through_the_frozen_backbone(setup):
   args = (state.gen_params, state.fake_params, state.disc_params, teacher.variables,
           jax.random.PRNGKey(3), jnp.float32(0.1), None)
   grad = lambda config: jax.grad(
-      lambda *a: distill.make_losses(config, teacher, real=real).generator(*a)[0])(*args)
-  loss_gan, metrics = distill.make_losses(with_gan, teacher, real=real).generator(*args)
+      lambda *a: distill.make_losses(config, teacher).generator(*a)[0])(*args)
+  loss_gan, metrics = distill.make_losses(with_gan, teacher).generator(*args)
   difference = jax.tree_util.tree_map(lambda a, b: a - b, grad(with_gan), grad(without))
   assert _norm(difference) > 1e-6  # the GAN term moves theta ...
   loss_dimo, _ = distill.make_losses(without, teacher).generator(*args)
@@ -112,14 +112,21 @@ def test_a_gan_step_updates_the_heads_and_never_the_teacher(setup):
   config = _config()
   state = _state(config, teacher)
   before = jax.tree_util.tree_map(np.asarray, teacher.variables)
-  step = jax.jit(distill.make_train_step(config, teacher, real=real))
-  new, metrics = step(state, teacher.variables)
+  step = jax.jit(distill.make_train_step(config, teacher))
+  new, metrics = step(state, teacher.variables, None, real)
   for key in ("loss_gan", "loss_disc", "d_real", "d_fake"):
     assert np.isfinite(metrics[key])
   moved = jax.tree_util.tree_map(lambda a, b: np.any(a != b), new.disc_params, state.disc_params)
   assert all(jax.tree_util.tree_leaves(moved))
   jax.tree_util.tree_map(np.testing.assert_array_equal, before,
                          jax.tree_util.tree_map(np.asarray, teacher.variables))
+
+
+def test_a_gan_step_without_real_data_is_refused(setup):
+  teacher, _ = setup
+  config = _config()
+  with pytest.raises(ValueError, match="needs real data tokens"):
+    distill.make_train_step(config, teacher)(_state(config, teacher), teacher.variables)
 
 
 def test_dimo_alone_keeps_no_discriminator(setup):
@@ -179,7 +186,7 @@ def test_every_gan_value_is_checked_before_any_work(tmp_path, key, value, messag
 
 
 def test_the_gan_needs_a_dataset_with_real_tokens(tmp_path):
-  config = tiny_config(str(tmp_path / "t"), dataset="imagenet256")
+  config = tiny_config(str(tmp_path / "t"), dataset="prompts")
   config.gan.weight = 1.0
   with pytest.raises(config_check.ConfigError, match="gan.weight > 0 needs real data tokens"):
     config_check.check(config)

@@ -156,9 +156,11 @@ def test_main_writes_metrics_samples_and_checkpoints(teacher_path, tmp_path):
                              "teacher_1step", "teacher_8step"]
   # A sharper and a flatter generator are different samplers.
   assert metrics["generator_1step_T0.25"]["fd"] != metrics["generator_1step_T4"]["fd"]
-  for values in metrics.values():
-    assert sorted(values) == ["accuracy", "fd", "sec_per_image"]
+  for values in metrics.values():  # each the mean over configs/digits.py's five seeds
+    assert sorted(values) == ["accuracy", "accuracy_std", "fd", "fd_std", "sec_per_image",
+                              "sec_per_image_std", "seeds"]
     assert 0.0 <= values["accuracy"] <= 1.0 and values["fd"] >= 0 and values["sec_per_image"] > 0
+    assert values["seeds"] == 5 and values["fd_std"] > 0
   assert os.path.isfile(os.path.join(workdir, "samples", "comparison.png"))
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "2"))
 

@@ -149,6 +149,7 @@ class ImageNet256:
   num_classes: int = 1000
   seq_len: int = 256
   codebook_size: int = 1024
+  real_tokens_path: Optional[str] = None  # `python -m dimo_jax.tokenize` output (gan.real_tokens)
   conditioning = CLASS
   condition = train_condition = staticmethod(class_condition)
   scorer = None
@@ -165,6 +166,20 @@ class ImageNet256:
   def images(self, tokens) -> np.ndarray:
     """int[N, 256] -> float32[N, 256, 256, 3] in [0, 1], decoded by the tokenizer."""
     return decode_images(self.tokenizer, tokens)
+
+  def real_tokens(self) -> Tuple[np.ndarray, np.ndarray]:
+    """The token dataset of `gan.real_tokens` (every shard, in every process: the
+    discriminator draws its batches from the whole set with the step's key)."""
+    from dimo_jax import tokenize
+    shards = tokenize.TokenShards(self.real_tokens_path)
+    manifest = shards.manifest
+    if (manifest.get("seq_len"), manifest.get("codebook_size")) != (self.seq_len,
+                                                                    self.codebook_size):
+      raise tokenize.TokenizeError(
+          f"{self.real_tokens_path}: tokens of {manifest.get('seq_len')} positions over "
+          f"{manifest.get('codebook_size')} codes; the teacher has {self.seq_len} over "
+          f"{self.codebook_size}")
+    return shards.load(list(range(manifest["shards"])))
 
 
 
@@ -226,7 +241,8 @@ class TextPrompts:
 
 
 
-REAL_DATASETS = ("digits", "synthetic")  # those with `real_tokens`, which the GAN term needs
+# Those with `real_tokens`, which the GAN term needs (imagenet256 with `gan.real_tokens`).
+REAL_DATASETS = ("digits", "synthetic", "imagenet256")
 
 
 def real_tokens(dataset) -> Tuple[np.ndarray, np.ndarray]:
@@ -249,7 +265,8 @@ def get(config: ml_collections.ConfigDict, teacher: Optional[Teacher] = None):
   if name == "synthetic":
     return Synthetic(config.synthetic)
   if name == "imagenet256":
-    return ImageNet256(config.tokenizer_path)
+    return ImageNet256(config.tokenizer_path,
+                       real_tokens_path=config.get("gan", {}).get("real_tokens") or None)
   if name == "prompts":
     return TextPrompts(config, teacher)
   if name == "digits_text":
