@@ -151,6 +151,13 @@ def problems(config: ml_collections.ConfigDict) -> List[str]:
     found += gan_problems(config)
   if has("reward"):
     found += reward_problems(config)
+  if has("diversity"):
+    for key, low_open in (("weight", False), ("temp", True)):
+      value = config.diversity.get(key)
+      if not (_is_number(value) and math.isfinite(value) and (value > 0 if low_open
+                                                              else value >= 0)):
+        found.append(f"diversity.{key} must be a finite number {'>' if low_open else '>='} 0, "
+                     f"found {value!r}")
   if has("tteo"):
     t = config.tteo
     if not (_is_int(t.get("steps")) and t.steps >= 0):

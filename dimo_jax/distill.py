@@ -23,6 +23,11 @@ and with `config.reward.weight` > 0 the reward term (dimo_jax/rewards.py):
 
   generator:  loss += reward.weight * -E[R(softmax(z_theta / reward.tau), c)]
 
+and with `config.diversity.weight` > 0 our mode-covering term (dimo_jax/diversity.py), a second
+generator step on independent x_init for the same conditions:
+
+  generator:  loss += diversity.weight * E[sum_v p(v | x_init) p(v | x_init')]
+
 A class-conditional step takes no data: labels are drawn from the state's key, so a run is a
 pure function of (config, teacher, seed) and a resumed run repeats an uninterrupted one exactly.
 A text-to-image step is fed its conditions (prompt encodings, see
@@ -37,7 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from dimo_jax import divergence, gan, masking, rewards, sampling, teachers
+from dimo_jax import divergence, diversity, gan, masking, rewards, sampling, teachers
 from dimo_jax.models import soft
 
 Params = Any
@@ -311,6 +316,14 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
       loss_gan, gan_metrics = gan_term(gen_logits, labels, disc_params, teacher_params,
                                        jax.random.fold_in(rng, 1))
       total, metrics = total + config.gan.weight * loss_gan, {**metrics, **gan_metrics}
+    if config.get("diversity") and config.diversity.weight > 0:
+      _, other_logits = generate(gen_params, jax.random.fold_in(rng, 2), labels, sigma)
+      loss_div = diversity.collision(gen_logits, other_logits, config.diversity.temp)
+      # Summed over positions like Di[M]O's surrogate (loss_reduction 'sum'), so that one
+      # weight means the same per token at any sequence length.
+      scale = seq_len if config.loss_reduction == "sum" else 1
+      total = total + config.diversity.weight * scale * loss_div
+      metrics = {**metrics, "collision": loss_div}
     if reward_enabled(config):
       loss_reward, mean_reward = rewards.reward_loss(reward, gen_logits, labels,
                                                      config.reward.tau)

@@ -139,7 +139,8 @@ RESUME_FREE_KEYS = frozenset({
 # config without one reads as having that value (the GAN block: Di[M]O alone).
 ADDED_KEYS = {"attention_impl": "auto",
               **{f"gan.{key}": value for key, value in defaults.gan_config().items()},
-              **{f"reward.{key}": value for key, value in defaults.reward_config().items()}}
+              **{f"reward.{key}": value for key, value in defaults.reward_config().items()},
+              "diversity.weight": 0.0, "diversity.temp": 1.0}
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:

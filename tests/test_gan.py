@@ -190,3 +190,28 @@ def test_the_gan_needs_a_dataset_with_real_tokens(tmp_path):
   config.gan.weight = 1.0
   with pytest.raises(config_check.ConfigError, match="gan.weight > 0 needs real data tokens"):
     config_check.check(config)
+
+
+def test_the_collision_term_is_the_probability_that_two_samples_agree():
+  from dimo_jax import diversity
+  a = jnp.log(jnp.array([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]]]) + 1e-30)
+  b = jnp.log(jnp.array([[[0.5, 0.0, 0.5], [0.0, 1.0, 0.0]]]) + 1e-30)
+  np.testing.assert_allclose(diversity.collision(a, b), (0.25 + 0.0) / 2, atol=1e-6)
+  np.testing.assert_allclose(diversity.collision(a, a), (0.5 + 1.0) / 2, atol=1e-6)
+  # descending it moves the second sample's mass away from where the first one's is
+  grad = jax.grad(lambda z: diversity.collision(a, z))(jnp.zeros((1, 2, 3)))
+  assert grad[0, 1, 0] > 0 and grad[0, 1, 1] < 0
+
+
+def test_the_diversity_term_is_added_to_the_generator_loss(setup):
+  teacher, _ = setup
+  config = _config()
+  config.gan.weight, config.diversity.weight = 0.0, 2.0
+  state = _state(config, teacher)
+  args = (state.gen_params, state.fake_params, None, teacher.variables, jax.random.PRNGKey(3),
+          jnp.float32(0.1), None)
+  total, metrics = distill.make_losses(config, teacher).generator(*args)
+  config.diversity.weight = 0.0
+  plain, _ = distill.make_losses(config, teacher).generator(*args)
+  assert 0 < float(metrics["collision"]) < 1
+  np.testing.assert_allclose(total, plain + 2.0 * L * metrics["collision"], rtol=1e-5)
