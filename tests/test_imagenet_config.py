@@ -123,3 +123,15 @@ def test_grids_show_the_chosen_classes_as_many_times_as_the_rarest():
   # 2 rows (classes 7 and 5), 2 columns (class 5 has two samples), scaled 4x with 1 pixel pads.
   assert grid.shape == (2 * 17 + 1, 2 * 17 + 1, 3)
   assert grid[1 + 8, 1 + 8, 0] == round(0.7 * 255) and grid[18 + 8, 18 + 8, 0] == round(0.5 * 255)
+
+
+def test_the_soft_dimo_recipe_is_the_dimo_recipe_plus_the_gan(config):
+  from configs import soft_dimo_maskgit_imagenet256
+  from dimo_jax import config_check
+  soft = soft_dimo_maskgit_imagenet256.get_config()
+  config_check.check(soft)
+  assert {key: soft[key] for key in RECIPE} == RECIPE
+  assert soft.gan.weight > 0 and soft.gan.r_max == 0.95 and soft.gan.real_tokens
+  soft.gan.real_tokens = ""
+  with pytest.raises(config_check.ConfigError, match="needs gan.real_tokens"):
+    config_check.check(soft)
