@@ -158,6 +158,9 @@ def problems(config: ml_collections.ConfigDict) -> List[str]:
                                                               else value >= 0)):
         found.append(f"diversity.{key} must be a finite number {'>' if low_open else '>='} 0, "
                      f"found {value!r}")
+    if config.diversity.get("space") not in ("tokens", "features"):
+      found.append(f"diversity.space must be 'tokens' or 'features', found "
+                   f"{config.diversity.get('space')!r}")
   if has("tteo"):
     t = config.tteo
     if not (_is_int(t.get("steps")) and t.steps >= 0):

@@ -99,8 +99,9 @@ def reference_config() -> ml_collections.ConfigDict:
   c.sm_temp = 1.0
   c.gan = gan_config()
   c.reward = reward_config()
-  # Ours (dimo_jax/diversity.py): the collision probability of two samples of one condition.
-  c.diversity = ml_collections.ConfigDict(dict(weight=0.0, temp=1.0))
+  # Ours (dimo_jax/diversity.py): how much two samples of one condition from independent x_init
+  # may agree ('tokens': collision probability; 'features': teacher-feature cosine similarity).
+  c.diversity = ml_collections.ConfigDict(dict(weight=0.0, temp=1.0, space="tokens"))
   c.tteo = ml_collections.ConfigDict(dict(
       steps=0,  # test-time embedding optimization at sampling (rewards.py): SGD steps, 0 off
       lr=0.2,  # its step size (the paper's; no clipping)

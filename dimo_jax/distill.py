@@ -318,12 +318,18 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
       total, metrics = total + config.gan.weight * loss_gan, {**metrics, **gan_metrics}
     if config.get("diversity") and config.diversity.weight > 0:
       _, other_logits = generate(gen_params, jax.random.fold_in(rng, 2), labels, sigma)
-      loss_div = diversity.collision(gen_logits, other_logits, config.diversity.temp)
+      if config.diversity.space == "features":
+        features = [gan.backbone_features(model, teacher_params, batch_constraint(
+            gan.soft_tokens(z, config.diversity.temp)), labels, (1.0,))[0]
+                    for z in (gen_logits, other_logits)]
+        loss_div = diversity.feature_similarity(*features)
+      else:
+        loss_div = diversity.collision(gen_logits, other_logits, config.diversity.temp)
       # Summed over positions like Di[M]O's surrogate (loss_reduction 'sum'), so that one
       # weight means the same per token at any sequence length.
       scale = seq_len if config.loss_reduction == "sum" else 1
       total = total + config.diversity.weight * scale * loss_div
-      metrics = {**metrics, "collision": loss_div}
+      metrics = {**metrics, "loss_diversity": loss_div}
     if reward_enabled(config):
       loss_reward, mean_reward = rewards.reward_loss(reward, gen_logits, labels,
                                                      config.reward.tau)

@@ -1,5 +1,7 @@
-"""A mode-covering term of ours (not in Di[M]O or Soft-Di[M]O): the collision probability of two
-one-step samples of the same condition from independent x_init.
+"""Mode-covering terms of ours (not in Di[M]O or Soft-Di[M]O), on two one-step samples of the
+same condition from independent x_init (`diversity.space`):
+
+'tokens': their collision probability
 
   C = E_{c, x_init, x_init'} [ mean_l  sum_v p_l(v | x_init, c) p_l(v | x_init', c) ]
 
@@ -10,8 +12,12 @@ sum_v pbar_l(v | c)^2, pbar the generator's marginal, i.e. exp(-H_2) of that mar
 entropy). A generator that dropped modes repeats itself across inputs and has a high C: two
 samples of a K-mode mixture coincide with probability about 1/K' when K' modes are used.
 Minimizing w * C pushes samples of different inputs apart; Di[M]O's term keeps them in the
-teacher's modes, so the balance spreads them over more modes. Its gradient reaches theta through
-both samples.
+teacher's modes. Its gradient reaches theta through both samples.
+
+'features': the cosine similarity of their mean last-layer features in the frozen teacher
+(fed the soft tokens, as the GAN's discriminator is): token-level agreement is dominated by
+the positions two samples of one mode share, so lowering it adds noise inside a mode; the
+teacher's features abstract the corruption away, so moving apart there means another mode.
 """
 
 import jax
@@ -23,3 +29,13 @@ def collision(logits_a: jax.Array, logits_b: jax.Array, temp: float = 1.0) -> ja
   p_a = jax.nn.softmax(logits_a.astype(jnp.float32) / temp, axis=-1)
   p_b = jax.nn.softmax(logits_b.astype(jnp.float32) / temp, axis=-1)
   return jnp.mean(jnp.sum(p_a * p_b, axis=-1))
+
+
+def feature_similarity(features_a: jax.Array, features_b: jax.Array) -> jax.Array:
+  """float[B, T, D] teacher features of two samples per row -> float32[]: the mean over rows
+  of the cosine similarity of their position-averaged features."""
+  a = jnp.mean(features_a.astype(jnp.float32), axis=1)
+  b = jnp.mean(features_b.astype(jnp.float32), axis=1)
+  a = a / jnp.linalg.norm(a, axis=-1, keepdims=True).clip(1e-6)
+  b = b / jnp.linalg.norm(b, axis=-1, keepdims=True).clip(1e-6)
+  return jnp.mean(jnp.sum(a * b, axis=-1))

@@ -140,7 +140,7 @@ RESUME_FREE_KEYS = frozenset({
 ADDED_KEYS = {"attention_impl": "auto",
               **{f"gan.{key}": value for key, value in defaults.gan_config().items()},
               **{f"reward.{key}": value for key, value in defaults.reward_config().items()},
-              "diversity.weight": 0.0, "diversity.temp": 1.0}
+              "diversity.weight": 0.0, "diversity.temp": 1.0, "diversity.space": "tokens"}
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:

@@ -213,5 +213,9 @@ def test_the_diversity_term_is_added_to_the_generator_loss(setup):
   total, metrics = distill.make_losses(config, teacher).generator(*args)
   config.diversity.weight = 0.0
   plain, _ = distill.make_losses(config, teacher).generator(*args)
-  assert 0 < float(metrics["collision"]) < 1
-  np.testing.assert_allclose(total, plain + 2.0 * L * metrics["collision"], rtol=1e-5)
+  assert 0 < float(metrics["loss_diversity"]) < 1
+  np.testing.assert_allclose(total, plain + 2.0 * L * metrics["loss_diversity"], rtol=1e-5)
+  config.diversity.update(weight=2.0, space="features")
+  total, metrics = distill.make_losses(config, teacher).generator(*args)
+  assert -1 <= float(metrics["loss_diversity"]) <= 1
+  np.testing.assert_allclose(total, plain + 2.0 * L * metrics["loss_diversity"], rtol=1e-5)
