@@ -384,15 +384,7 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
                     reward: Optional[rewards.Reward] = None):
   """Builds `train_step(state, teacher_params[, conditions[, real]]) -> (state, metrics)` (pure;
   jit it). With the GAN on, `real` is its real data (`make_losses`), an input of the step (not a
-  constant of it: an ImageNet token set is large).
-
-  Args:
-    config: the run's config (see configs/digits.py for every field).
-    teacher: the teacher whose module is the shared architecture of teacher, generator and
-      auxiliary model (its variables are not read: the step is given them).
-    batch_constraint: applied to every batch-shaped array; on a mesh, a sharding constraint
-      that splits the batch over the data axis.
-    reward: the reward term's R (`rewards.make_reward`).
+  constant of it: an ImageNet token set is large). The arguments are `make_losses`'.
   """
   losses = make_losses(config, teacher, batch_constraint, reward)
   gen_tx, fake_tx = optimizers(config, teacher.frozen_with_emb)
