@@ -311,7 +311,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
              extractor=None, reference: Optional[str] = None, save_png: bool = False,
              save_npz: bool = False, clip=None, prompts: Optional[str] = None,
              cfg: Optional[float] = None, gen_temp: Optional[float] = None,
-             tteo_steps: int = 0, tteo_lr: Optional[float] = None) -> Dict[str, Any]:
+             tteo_steps: int = 0, tteo_lr: Optional[float] = None,
+             seeds: int = 1) -> Dict[str, Any]:
   """Samples, scores and writes one evaluation (see the module docstring); returns its result.
 
   Args:
@@ -335,10 +336,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
     tteo_steps, tteo_lr: test-time embedding optimization of the generator's input embeddings
       against the run's reward (rewards.py; digits only): SGD steps (0: off) and their size
       (default: the config's tteo.lr).
+    seeds: evaluate at sampling seeds seed, seed + 1, ...: each metric is then the mean over
+      them with its `<metric>_std` and `seeds` (`metrics.over_seeds`).
   """
   params = params or config.get("eval_params", "ema")
   if params not in PARAMS:
     raise EvaluateError(f"params must be one of {PARAMS}, got {params!r}")
+  if seeds < 1:
+    raise EvaluateError(f"--seeds: expected at least 1 sampling seed, found {seeds}")
   if (num_samples is not None and num_samples < 1) or teacher_steps < 0:
     raise EvaluateError(f"expected num_samples >= 1 and teacher_steps >= 0, found {num_samples} "
                         f"and {teacher_steps}")
@@ -408,22 +413,27 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
   os.makedirs(workdir, exist_ok=True)
   sink = SampleSink(workdir, sampler.tag, dataset, labels, save_png, save_npz,
                     None if text is None else [text.prompts[i] for i in labels])
-  out = generate(sampler, labels, mesh, batch_size, seed, tokenizer,
-                 extractor if images_mode else None, sink if sink.active else None,
-                 condition=condition, clip=clip)
+  per_seed, speeds = [], []
+  for offset in range(seeds):  # the samples of the first seed are the ones kept
+    out = generate(sampler, labels, mesh, batch_size, seed + offset, tokenizer,
+                   extractor if images_mode else None,
+                   sink if sink.active and offset == 0 else None, condition=condition, clip=clip)
+    scores = {}
+    if text is None and not images_mode:
+      scores = metrics.scorer(dataset)(out["codes"], labels)
+    if images_mode:
+      scores.update(references.image_metrics(out["pool"], out["logits"], ref))
+    if clip is not None:
+      scores["clip_score"] = clip_score.clip_score(
+          out["clip"], clip_score.prompt_embeds(clip, text.prompts)[labels])
+    per_seed.append(scores)
+    speeds.append(out["images_per_second"])
   sink.close()
-  scores = {}
-  if text is None and not images_mode:
-    scores = metrics.scorer(dataset)(out["codes"], labels)
-  if images_mode:
-    scores.update(references.image_metrics(out["pool"], out["logits"], ref))
-  if clip is not None:
-    scores["clip_score"] = clip_score.clip_score(
-        out["clip"], clip_score.prompt_embeds(clip, text.prompts)[labels])
+  scores = per_seed[0] if seeds == 1 else metrics.over_seeds(per_seed)
   result = {"sampler": sampler.description, "tag": sampler.tag, "steps": sampler.steps,
-            "step": sampler.step,
-            "num_samples": len(labels), "seed": seed, "reference": reference,
-            "images_per_second": out["images_per_second"], "metrics": scores}
+            "step": sampler.step, "num_samples": len(labels),
+            "seed": seed if seeds == 1 else list(range(seed, seed + seeds)),
+            "reference": reference, "images_per_second": speeds[-1], "metrics": scores}
   if text is not None:
     result.update(prompts=text.source, num_prompts=len(text.prompts))
   checkpoints.write_json(os.path.join(workdir, f"eval_{sampler.tag}.json"), result)
@@ -571,24 +581,15 @@ def main(argv) -> None:
   if _TTEO_STEPS.value < 0 or (_TTEO_LR.value is not None and not _TTEO_LR.value > 0):
     raise EvaluateError(f"--tteo_steps must be >= 0 and --tteo_lr > 0, found "
                         f"{_TTEO_STEPS.value} and {_TTEO_LR.value}")
-  if _SEEDS.value < 1:
-    raise EvaluateError(f"--seeds: expected at least 1 sampling seed, found {_SEEDS.value}")
-  base_seed = _SEED.value if _SEED.value is not None else samplers.eval_seed(_CONFIG.value)
   extractor, clip = load_extractor(_INCEPTION.value), load_clip(_CLIP.value)
   for temp in temps:
-    runs = [evaluate(
+    result = evaluate(
         _CONFIG.value, _WORKDIR.value, checkpoint=_CHECKPOINT.value, params=_PARAMS.value,
-        teacher_steps=_TEACHER_STEPS.value, num_samples=_NUM_SAMPLES.value,
-        seed=base_seed + offset, batch_size=_BATCH_SIZE.value, extractor=extractor,
-        reference=_REF.value, save_png=_SAVE_PNG.value and offset == 0,
-        save_npz=_SAVE_NPZ.value and offset == 0, clip=clip, prompts=_PROMPTS.value,
-        cfg=_CFG.value, gen_temp=temp, tteo_steps=_TTEO_STEPS.value, tteo_lr=_TTEO_LR.value)
-        for offset in range(_SEEDS.value)]
-    result = runs[0]
-    if len(runs) > 1:
-      result = {**result, "seed": [run["seed"] for run in runs],
-                "metrics": metrics.over_seeds([run["metrics"] for run in runs])}
-      checkpoints.write_json(os.path.join(_WORKDIR.value, f"eval_{result['tag']}.json"), result)
+        teacher_steps=_TEACHER_STEPS.value, num_samples=_NUM_SAMPLES.value, seed=_SEED.value,
+        batch_size=_BATCH_SIZE.value, extractor=extractor,
+        reference=_REF.value, save_png=_SAVE_PNG.value, save_npz=_SAVE_NPZ.value,
+        clip=clip, prompts=_PROMPTS.value, cfg=_CFG.value, gen_temp=temp,
+        tteo_steps=_TTEO_STEPS.value, tteo_lr=_TTEO_LR.value, seeds=_SEEDS.value)
     if jax.process_index() == 0:
       print(table(result))
       print(json.dumps(result, indent=2))

@@ -319,20 +319,21 @@ def test_over_seeds_is_the_mean_and_spread_of_each_metric():
 
 
 def test_evaluate_seeds_flag_reports_the_mean_over_seeds(dirs, tmp_path, capsys, monkeypatch):
+  from dimo_jax import data, metrics
   config_file = tmp_path / "config.py"
   config_file.write_text(
       "from tests.test_train import tiny_config\n"
       f"def get_config():\n  return tiny_config({dirs['teacher']!r})\n")
   monkeypatch.syspath_prepend(REPO)
   seen = []
-  real_evaluate = evaluate.evaluate
+  real_generate = evaluate.generate
 
-  def spy(*args, **kwargs):
-    result = real_evaluate(*args, **kwargs)
-    seen.append((kwargs["seed"], result["metrics"]["fd"]))
-    return result
+  def spy(sampler, labels, mesh, batch_size, seed, *args, **kwargs):
+    out = real_generate(sampler, labels, mesh, batch_size, seed, *args, **kwargs)
+    seen.append((seed, metrics.scorer(data.Digits())(out["codes"], labels)["fd"]))
+    return out
 
-  monkeypatch.setattr(evaluate, "evaluate", spy)
+  monkeypatch.setattr(evaluate, "generate", spy)
   workdir = str(tmp_path / "eval")
   try:
     flags.FLAGS(["evaluate", f"--config={config_file}", f"--workdir={workdir}",
