@@ -136,11 +136,10 @@ RESUME_FREE_KEYS = frozenset({
 
 
 # Keys added after runs were written, each with the value that does what those runs did: a saved
-# config without one reads as having that value (the GAN block: Di[M]O alone).
+# config without one reads as having that value (the Soft-Di[M]O blocks' defaults: Di[M]O alone).
 ADDED_KEYS = {"attention_impl": "auto",
-              **{f"gan.{key}": value for key, value in defaults.gan_config().items()},
-              **{f"reward.{key}": value for key, value in defaults.reward_config().items()},
-              "diversity.weight": 0.0, "diversity.temp": 1.0, "diversity.space": "tokens"}
+              **{f"{block}.{key}": value for block in ("gan", "reward", "diversity")
+                 for key, value in defaults.reference_config()[block].items()}}
 
 
 def _flat(tree: Any, prefix: str = "") -> Dict[str, Any]:
@@ -375,11 +374,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   # The step calls the teacher's module rematerialized when asked; the samplers do not.
   step_teacher = teacher.with_model(teacher.model.clone(remat=config.gradient_checkpointing))
 
-  # Soft-Di[M]O's real data tokens, replicated on the mesh once (int16: half the memory).
+  # Soft-Di[M]O's real data tokens, replicated on the mesh once (int16 where the codes fit:
+  # half the memory of an ImageNet token set).
   real = None
   if distill.gan_enabled(config):
     tokens, labels = data.real_tokens(dataset)
-    real = parallel.replicate((np.asarray(tokens, np.int16), np.asarray(labels, np.int32)), mesh)
+    dtype = np.int16 if teacher.codebook_size <= np.iinfo(np.int16).max else np.int32
+    real = parallel.replicate((np.asarray(tokens, dtype), np.asarray(labels, np.int32)), mesh)
 
   def fed(step: int):
     """What step `step` is fed besides the state and the teacher: the conditions of a
