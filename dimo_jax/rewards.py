@@ -75,9 +75,11 @@ def digit_classifier(seed: int = 1, steps: int = 1500) -> Tuple[DigitCNN, Any]:
 def soft_digit_images(probs: jax.Array) -> jax.Array:
   """The digits' decoder fed soft codes: float[B, 64, V(+1)] -> float32[B, 8, 8], the expected
   grey level sum_v p_v * v / 16 (a mask column, if any, counts as black)."""
-  levels = jnp.arange(probs.shape[-1], dtype=jnp.float32) / 16.0
-  levels = jnp.where(jnp.arange(probs.shape[-1]) < 17, levels, 0.0)
-  return jnp.einsum("blv,v->bl", probs.astype(jnp.float32), levels).reshape(-1, 8, 8)
+  from dimo_jax.data import digits
+  codes = jnp.arange(probs.shape[-1])
+  levels = jnp.where(codes < digits.CODEBOOK_SIZE, codes / (digits.CODEBOOK_SIZE - 1.0), 0.0)
+  return jnp.einsum("blv,v->bl", probs.astype(jnp.float32), levels).reshape(
+      -1, digits.SIDE, digits.SIDE)
 
 
 def make_reward(config: ml_collections.ConfigDict, dataset) -> Reward:
