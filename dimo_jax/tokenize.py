@@ -194,25 +194,44 @@ class TokenShards:
             np.concatenate([p["labels"] for p in parts]).astype(np.int32))
 
 
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "Tokenizer directory (python -m "
-                                 "dimo_jax.convert taming-vqgan ...).")
-_IMAGES = flags.DEFINE_string("images", None, "An image folder, one subfolder a class.")
-_TFDS = flags.DEFINE_string("tfds", None, "A tensorflow-datasets 'name:split' with image and "
-                            "label.")
-_OUT = flags.DEFINE_string("out", None, "The token dataset folder (shards + tokens.json).")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 256, "Side of the centre crop.")
-_SHARD_SIZE = flags.DEFINE_integer("shard_size", 10000, "Images a shard.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images encoded at once.")
+# The command's own flags, apart from absl's global FlagValues (evaluate defines --images, --out
+# and --batch_size there with other meanings, and both modules may be imported in one process).
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("tokenizer", None, "Tokenizer directory (python -m dimo_jax.convert "
+                    "taming-vqgan ...).", flag_values=FLAGS)
+flags.DEFINE_string("images", None, "An image folder, one subfolder a class.", flag_values=FLAGS)
+flags.DEFINE_string("tfds", None, "A tensorflow-datasets 'name:split' with image and label.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("out", None, "The token dataset folder (shards + tokens.json).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("image_size", 256, "Side of the centre crop.", flag_values=FLAGS)
+flags.DEFINE_integer("shard_size", 10000, "Images a shard.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 64, "Images encoded at once.", flag_values=FLAGS)
+PROG = "python -m dimo_jax.tokenize"
 
 
-def main(argv) -> None:
-  if len(argv) > 1:
-    raise TokenizeError(f"unexpected arguments: {argv[1:]}")
-  if _TOKENIZER.value is None or _OUT.value is None:
-    raise TokenizeError("--tokenizer and --out are required")
-  tokenize(_TOKENIZER.value, _OUT.value, _IMAGES.value, _TFDS.value, _IMAGE_SIZE.value,
-           _SHARD_SIZE.value, _BATCH_SIZE.value)
+def main(argv=None) -> None:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if {"-h", "--help", "--helpfull"} & set(argv):
+    print(f"{__doc__.splitlines()[0]}\n\nusage: {PROG} [flags]\n\n{FLAGS.get_help()}")
+    raise SystemExit(0)
+  FLAGS.unparse_flags()
+  try:
+    rest = FLAGS([PROG] + argv)
+  except flags.Error as e:
+    cli.fail(f"{e} (see {PROG} --help)", status=2)
+  try:
+    if len(rest) > 1:
+      raise TokenizeError(f"unexpected arguments: {rest[1:]}")
+    if FLAGS.tokenizer is None or FLAGS.out is None:
+      raise TokenizeError("--tokenizer and --out are required")
+    tokenize(FLAGS.tokenizer, FLAGS.out, FLAGS.images, FLAGS.tfds, FLAGS.image_size,
+             FLAGS.shard_size, FLAGS.batch_size)
+  except UserError as e:
+    cli.fail(e)
+  except cli.USER_OS_ERRORS as e:
+    cli.fail(f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else e)
 
 
 if __name__ == "__main__":
-  cli.run(main, config_flag=None)
+  main()

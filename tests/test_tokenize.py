@@ -96,3 +96,16 @@ def test_a_token_dataset_of_other_shapes_is_named_as_real_data(setup, tmp_path):
                            real_tokens_path=out)
   tokens, labels = data.real_tokens(small)
   assert tokens.shape == (7, 64) and labels.tolist() == [0, 0, 0, 1, 1, 1, 1]
+
+
+def test_the_command_line_writes_the_shards_and_names_a_missing_flag(setup, tmp_path, capsys):
+  root, tokenizer_dir = setup
+  out = str(tmp_path / "tokens")
+  tokenize.main(["--tokenizer", tokenizer_dir, "--images", str(root / "images"), "--out", out,
+                 "--image_size", "16"])
+  assert tokenize.TokenShards(out).manifest["count"] == 7
+  with pytest.raises(SystemExit) as exit_info:
+    tokenize.main(["--images", str(root / "images")])
+  assert exit_info.value.code == 1
+  assert capsys.readouterr().err.strip().splitlines()[-1] == (
+      "error: --tokenizer and --out are required")
