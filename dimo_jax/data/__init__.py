@@ -8,6 +8,8 @@ Each gives what pretraining, the sample grids and the final evaluation need:
   train_batch:  (np.random.Generator, batch) -> (tokens int32[B, L], labels int32[B])
   train_condition: train_batch's labels -> the teacher's condition (pretraining)
   images:       tokens int[N, L] -> float32[N, h, w] (grey) or [N, H, W, 3] (RGB) in [0, 1]
+  real_tokens:  () -> (tokens int32[N, L], labels int32[N]), what Soft-Di[M]O's discriminator
+                sees as real (digits, synthetic, and imagenet256 with `gan.real_tokens`)
   scorer:       the `metrics.scorer` of its codes: "digits" (fd and accuracy in a trained
                 classifier's features), "synthetic" (true_nll, mode_coverage and in_mode), or
                 None (imagenet256, prompts: images are scored by dimo_jax/evaluate.py).
