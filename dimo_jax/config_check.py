@@ -167,7 +167,9 @@ def problems(config: ml_collections.ConfigDict) -> List[str]:
       found.append(f"tteo.steps must be an integer >= 0, found {t.get('steps')!r}")
     if not (_is_number(t.get("lr")) and math.isfinite(t.lr) and t.lr > 0):
       found.append(f"tteo.lr must be a finite number > 0, found {t.get('lr')!r}")
-    if _is_int(t.get("steps")) and t.steps > 0 and config.get("dataset", "digits") != "digits":
+    from dimo_jax import rewards
+    if (_is_int(t.get("steps")) and t.steps > 0
+        and config.get("dataset", "digits") not in rewards.DATASETS):
       found.append(f"tteo.steps > 0 needs a reward, which dataset {config.get('dataset')!r} "
                    "has not (digits only; tteo.steps=0)")
   if has("train_batch_size"):
@@ -236,7 +238,8 @@ def reward_problems(config: ml_collections.ConfigDict) -> List[str]:
                  f"{r.get('kind')!r}")
   if not _is_int(r.get("classifier_seed")):
     found.append(f"reward.classifier_seed must be an integer, found {r.get('classifier_seed')!r}")
-  if _is_number(weight) and weight > 0 and config.get("dataset", "digits") != "digits":
+  if (_is_number(weight) and weight > 0
+      and config.get("dataset", "digits") not in rewards.DATASETS):
     found.append(f"reward.weight > 0: the classifier reward reads digits; dataset "
                  f"{config.get('dataset')!r} has no reward yet (reward.weight=0)")
   return found

@@ -396,7 +396,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
     else:
       tteo = None
       if tteo_steps:
-        if config.get("dataset") != "digits":
+        if config.get("dataset") not in rewards.DATASETS:
           raise EvaluateError(f"--tteo_steps: test-time embedding optimization needs a reward, "
                               f"which exists for dataset 'digits' only, not "
                               f"{config.get('dataset')!r}")

@@ -25,6 +25,7 @@ import ml_collections
 import optax
 
 KINDS = ("classifier",)
+DATASETS = ("digits",)  # the datasets a reward exists for (the reward term, TTEO)
 Reward = Callable[[jax.Array, jax.Array], jax.Array]  # (probs [B, L, V], cond) -> float32[B]
 
 

@@ -10,20 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dimo_jax import config_check, defaults, distill, gan, teachers, train
+from dimo_jax import config_check, distill, gan, teachers, train
 from dimo_jax.models.maskgit import MaskTransformer
+from tests.test_distill_step import _config as step_config
 from tests.test_train import restore_latest, tiny_config, tiny_teacher
 
 V, L = 5, 8
 
 
 def _config(**gan_overrides):
-  c = defaults.reference_config()
-  c.train_batch_size = 4
-  c.mask_value = V
-  c.mixed_precision = "no"
-  c.lr_scheduler_type = "constant"
-  c.generator_lr = c.fake_lr = 1e-3
+  """tests/test_distill_step.py's step config (V = 5 codes) with the GAN on."""
+  c = step_config()
   c.gan.update(weight=1.0, **gan_overrides)
   return c
 
