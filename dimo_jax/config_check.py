@@ -31,6 +31,7 @@ ENUMS = {
     "ratio_mode": masking.RATIO_MODES,
     "ratio_mode_fake": masking.RATIO_MODES,
     "sched_mode": sampling.SCHED_MODES,
+    "guidance_annealing": sampling.GUIDANCE_ANNEALING,
     "eval_params": ("ema", "generator"),
     "attention_impl": attention.IMPLEMENTATIONS,
 }
@@ -46,7 +47,7 @@ POSITIVE_FLOATS = ("generator_lr", "fake_lr", "adam_epsilon", "gen_temp", "true_
                    "fake_temp", "temperature_fake", "sm_temp", "lr")
 NON_NEGATIVE_FLOATS = ("max_grad_norm", "fake_max_grad_norm", "adam_weight_decay",
                        "dm_loss_weight", "r_temp", "cfg_w", "true_cfg", "fake_cfg_eval",
-                       "fake_cfg_train", "weight_decay")
+                       "fake_cfg_train", "weight_decay", "scale_pow")
 # key -> (low, high, high included)
 UNIT_INTERVAL = {"ema_decay": (0.0, 1.0, True), "adam_beta1": (0.0, 1.0, False),
                  "adam_beta2": (0.0, 1.0, False), "label_smoothing": (0.0, 1.0, False),

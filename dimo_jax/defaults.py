@@ -97,6 +97,11 @@ def reference_config() -> ml_collections.ConfigDict:
   c.cfg_w = 3.0
   c.r_temp = 4.5
   c.sm_temp = 1.0
+  # MaskBit's decode rule only (sampling.maskbit_sample): guidance cond + cfg_w * a_i *
+  # (cond - uncond) with a_i 'none' (1), 'linear' (i / n) or 'cosine' ((1 - cos((i/n)^p pi)) / 2,
+  # p = scale_pow); r_temp is its `randomize_temperature`.
+  c.guidance_annealing = "none"
+  c.scale_pow = 3.0
   c.gan = gan_config()
   c.reward = reward_config()
   # Ours (dimo_jax/diversity.py): how much two samples of one condition from independent x_init

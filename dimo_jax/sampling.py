@@ -1,5 +1,6 @@
 """Every decode rule, each over a pluggable logits function: MaskGIT's confidence-based
-parallel decoding (`maskgit_sample`), Meissonic's scheduler (`meissonic_sample`, the release's
+parallel decoding (`maskgit_sample`), MaskBit's (`maskbit_sample`, the release's
+modeling/modules/sampling.py), Meissonic's scheduler (`meissonic_sample`, the release's
 src/scheduler.py) and the one step of a distilled generator (`generator_sample`).
 
 A `LogitsFn` is `(tokens int32[B, L], labels, drop bool[B]) -> float32[B, L, V]`; the teacher,
@@ -178,6 +179,120 @@ def maskgit_sample(
                       tokens=jnp.full((batch, seq_len), mask_id, jnp.int32),
                       masked=jnp.ones((batch, seq_len), bool))
   return jax.lax.fori_loop(0, steps, body, init).tokens
+
+
+GUIDANCE_ANNEALING = ("none", "linear", "cosine")  # MaskBit's guidance schedules
+
+
+def maskbit_guidance(step, steps: int, guidance_scale: float, annealing: str = "none",
+                     scale_pow: float = 3.0):
+  """MaskBit's guidance scale at 0-based step `step` of `steps`: the release's s_i, applied as
+  cond + s_i (cond - uncond). 'none': s; 'linear': s i / n; 'cosine': s (1 - cos((i / n)^p pi))
+  / 2 with p = scale_pow."""
+  if annealing == "none":
+    return guidance_scale
+  t = step / steps
+  if annealing == "linear":
+    return guidance_scale * t
+  if annealing == "cosine":
+    return guidance_scale * (1.0 - jnp.cos((t ** scale_pow) * jnp.pi)) / 2.0
+  raise ValueError(f"guidance_annealing must be one of {GUIDANCE_ANNEALING}, got {annealing!r}")
+
+
+def maskbit_mask_counts(steps: int, seq_len: int, sched_mode: str = "arccos") -> np.ndarray:
+  """int32[steps]: floor(L * ratio(progress_i)) with progress_i = (i + 1) / n and the ratio
+  clamped to [1e-6, 1], in float32 as the release computes it (`get_masking_ratio`)."""
+  if sched_mode not in _SCHEDULES:
+    raise ValueError(f"sched_mode must be one of {SCHED_MODES}, got {sched_mode!r}")
+  progress = (np.arange(steps, dtype=np.float32) + 1) / np.float32(steps)
+  ratio = np.clip(_SCHEDULES[sched_mode](progress).astype(np.float32), 1e-6, 1.0)
+  return np.floor(ratio * np.float32(seq_len)).astype(np.int32)
+
+
+def maskbit_step(tokens: jax.Array, logits: jax.Array, sample_gumbel: jax.Array,
+                 conf_gumbel: jax.Array, mask_count: jax.Array, progress: jax.Array,
+                 mask_id: int, r_temp: float = 7.8, sm_temp: float = 1.0):
+  """One step of MaskBit's `sample` over the L = n * m sub-tokens jointly.
+
+  Every masked sub-token is drawn from softmax(logits * sm_temp) (the Gumbel-max draw with
+  `sample_gumbel`); its confidence is the log-probability of the draw plus Gumbel noise
+  `conf_gumbel` of scale r_temp (1 - progress), +inf for sub-tokens already known. With k =
+  min(max(mask_count, 1), masked - 1) (torch.clamp's order; `masked` counted in the first
+  row, as the release does), every sub-token whose confidence is at most the k-th smallest is
+  masked again.
+
+  Args:
+    tokens: int32[B, L] (mask = mask_id); logits: float32[B, L, V] (guided).
+    sample_gumbel: float32[B, L, V]; conf_gumbel: float32[B, L] standard Gumbel noise.
+    mask_count: int32[], floor(L * ratio) of this step (`maskbit_mask_counts`).
+    progress: float32[], (i + 1) / n.
+
+  Returns:
+    (next tokens int32[B, L] with the re-masked sub-tokens, the drawn tokens int32[B, L]).
+  """
+  probs = jax.nn.softmax(logits.astype(jnp.float32) * sm_temp, axis=-1)
+  masked = tokens == mask_id
+  drawn = jnp.argmax(jnp.log(probs) + sample_gumbel, axis=-1).astype(jnp.int32)
+  pred = jnp.where(masked, drawn, tokens)
+  conf = jnp.take_along_axis(probs, pred[..., None], axis=-1)[..., 0]
+  conf = jnp.where(masked, jnp.log(conf), jnp.inf) + conf_gumbel * r_temp * (1.0 - progress)
+  remaining = masked[0].sum().astype(jnp.int32)
+  k = jnp.minimum(jnp.maximum(mask_count, 1), remaining - 1)
+  index = jnp.mod(k - 1, tokens.shape[1])  # k = 0 reads the largest, as torch's [-1] does
+  threshold = jax.lax.dynamic_index_in_dim(jnp.sort(conf, axis=-1), index, axis=1)
+  return jnp.where(conf <= threshold, mask_id, pred), pred
+
+
+@flax.struct.dataclass
+class _MaskBitState:
+  rng: jax.Array
+  tokens: jax.Array  # int32[B, L], masks included
+  drawn: jax.Array  # int32[B, L], the last step's draw
+
+
+def maskbit_sample(
+    logits_fn: LogitsFn,
+    rng: jax.Array,
+    labels: jax.Array,
+    seq_len: int,
+    mask_id: int,
+    steps: int = 64,
+    guidance_scale: float = 7.1,
+    r_temp: float = 7.8,
+    sm_temp: float = 1.0,
+    sched_mode: str = "arccos",
+    guidance_annealing: str = "cosine",
+    scale_pow: float = 3.0,
+) -> jax.Array:
+  """MaskBit's decode rule (markweberdev/maskbit modeling/modules/sampling.py `sample`) as a
+  `lax.fori_loop` of `maskbit_step`s; the defaults are the 14-bit release's.
+
+  Guidance is cond + s_i (cond - uncond) with s_i from `maskbit_guidance`; 0 makes one
+  conditional pass. The last step's draw is returned (its re-masking is moot).
+
+  Returns:
+    int32[B, L] sub-token codes, no mask left.
+  """
+  batch = condition_batch(labels)
+  counts = jnp.asarray(maskbit_mask_counts(steps, seq_len, sched_mode))
+
+  def body(i, state: _MaskBitState) -> _MaskBitState:
+    rng, sample_rng, conf_rng = jax.random.split(state.rng, 3)
+    tokens = state.tokens
+    if guidance_scale == 0:
+      logits = logits_fn(tokens, labels, jnp.zeros((batch,), bool))
+    else:
+      scale = maskbit_guidance(i, steps, guidance_scale, guidance_annealing, scale_pow)
+      logits = guided_logits(logits_fn, tokens, labels, 1.0 + jnp.asarray(scale, jnp.float32))
+    sample_gumbel = jax.random.gumbel(sample_rng, logits.shape, jnp.float32)
+    conf_gumbel = jax.random.gumbel(conf_rng, tokens.shape, jnp.float32)
+    progress = (i + 1).astype(jnp.float32) / steps
+    nxt, pred = maskbit_step(tokens, logits, sample_gumbel, conf_gumbel, counts[i], progress,
+                             mask_id, r_temp, sm_temp)
+    return _MaskBitState(rng=rng, tokens=nxt, drawn=pred)
+
+  start = jnp.full((batch, seq_len), mask_id, jnp.int32)
+  return jax.lax.fori_loop(0, steps, body, _MaskBitState(rng, start, start)).drawn
 
 
 def generator_sample(

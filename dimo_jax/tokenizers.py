@@ -21,11 +21,13 @@ _KINDS = {
     "taming-vqgan": "dimo_jax.models.taming_vqgan:VQModel",
     "google-vqgan": "dimo_jax.models.google_vqgan:VQGAN",
     "diffusers-vq": "dimo_jax.models.diffusers_vq:VQModel",
+    "maskbit-vqgan": "dimo_jax.models.maskbit_vqgan:ConvVQModel",
 }
 # kind -> the number of codes of its module (each names the field its release uses).
 _CODEBOOK_SIZE = {"taming-vqgan": lambda model: model.n_embed,
                   "google-vqgan": lambda model: model.codebook_size,
-                  "diffusers-vq": lambda model: model.num_vq_embeddings}
+                  "diffusers-vq": lambda model: model.num_vq_embeddings,
+                  "maskbit-vqgan": lambda model: model.codebook_size}
 
 
 def model_description(model: nn.Module) -> Dict[str, Any]:

@@ -132,12 +132,12 @@ RESUME_FREE_KEYS = frozenset({
     "eval_batch_size", "eval_gen_temps", "eval_params", "eval_seeds", "sampling_step",
     "sched_mode", "cfg_w", "r_temp", "sm_temp", "grid_classes", "num_devices", "mesh",
     "max_consecutive_skips", "allow_config_change", "gradient_checkpointing", "prompt_cache",
-    "tteo"})
+    "tteo", "guidance_annealing", "scale_pow"})
 
 
 # Keys added after runs were written, each with the value that does what those runs did: a saved
 # config without one reads as having that value (the Soft-Di[M]O blocks' defaults: Di[M]O alone).
-ADDED_KEYS = {"attention_impl": "auto",
+ADDED_KEYS = {"attention_impl": "auto", "guidance_annealing": "none", "scale_pow": 3.0,
               **{f"{block}.{key}": value for block in ("gan", "reward", "diversity")
                  for key, value in defaults.reference_config()[block].items()}}
 

@@ -11,7 +11,7 @@ from dimo_jax import gan, teachers
 from dimo_jax.models import soft
 from tests.test_teacher_contract import tiny_modules
 
-KINDS = ["maskgit", "google-maskgit", "meissonic"]
+KINDS = ["maskgit", "google-maskgit", "meissonic", "maskbit"]
 
 
 def _teacher(name):
@@ -75,7 +75,8 @@ def test_every_layer_is_sown_for_the_discriminator(name):
   _, state = teacher.model.apply(teacher.variables, probs, teacher.example_condition(3), None,
                                  mutable=["intermediates"])
   features = gan.layer_features(state["intermediates"])
-  assert len(features) == {"maskgit": 1, "google-maskgit": 1, "meissonic": 2}[name]
+  assert len(features) == {"maskgit": 1, "google-maskgit": 1, "meissonic": 2,
+                           "maskbit": 1}[name]
   assert all(f.shape[0] == 3 and f.ndim == 3 for f in features)
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from dimo_jax import modeldir, teachers
 from dimo_jax.models.google_maskgit import GoogleMaskGIT
+from dimo_jax.models.maskbit import LFQBert
 from dimo_jax.models.maskgit import MaskTransformer
 from dimo_jax.models.meissonic import MeissonicTransformer, TextConditioned
 
@@ -25,19 +26,22 @@ def tiny_modules():
           "google-maskgit": GoogleMaskGIT(codebook_size=16, num_classes=3, seq_len=4,
                                           hidden_size=16, num_layers=1, num_heads=2,
                                           intermediate_size=32),
-          "meissonic": TextConditioned(meissonic, 2, 2)}
+          "meissonic": TextConditioned(meissonic, 2, 2),
+          # 2 positions x 2 splits of 4 bits: L = 4 sub-tokens of V = 16 codes
+          "maskbit": LFQBert(codebook_bits=8, codebook_splits=2, num_positions=2,
+                             num_classes=3, hidden_dim=16, depth=1, num_heads=2, mlp_dim=32)}
 
 
 def test_every_kind_declares_what_the_code_asks():
-  assert sorted(teachers.KINDS) == ["google-maskgit", "maskgit", "meissonic"]
+  assert sorted(teachers.KINDS) == ["google-maskgit", "maskbit", "maskgit", "meissonic"]
   for kind in teachers.KINDS.values():
     assert kind.conditioning in (teachers.CLASS, teachers.TEXT)
-    assert kind.decode in ("maskgit", "meissonic") and kind.frozen_with_emb
+    assert kind.decode in ("maskgit", "maskbit", "meissonic") and kind.frozen_with_emb
     module, name = kind.module.split(":")
     assert modeldir.module_class({kind.name: kind.module}, kind.name, "teacher").__name__ == name
 
 
-@pytest.mark.parametrize("name", ["maskgit", "google-maskgit", "meissonic"])
+@pytest.mark.parametrize("name", ["maskgit", "google-maskgit", "meissonic", "maskbit"])
 def test_a_module_becomes_the_teacher_of_its_kind(name):
   teacher = teachers.of_module(tiny_modules()[name])
   assert teacher.kind.name == name and teacher.description["kind"] == name

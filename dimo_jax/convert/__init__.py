@@ -2,6 +2,7 @@
 
   python -m dimo_jax.convert KIND --src SRC --dst DST
       [--num-heads 16] [--codebook-size 1024 | --num-classes 1000]   (halton-maskgit)
+      [--config RELEASE.yaml]                                        (maskbit, maskbit-tokenizer)
 
 KIND                 SRC                                            DST loads with
 halton-maskgit       .pth with model_state_dict (valeoai/Halton-MaskGIT v1.0)   teachers.load
@@ -15,6 +16,10 @@ meissonic            Meissonic release root (transformer/, vqvae/, text_encoder/
 fid-inception        pytorch-fid pt_inception-2015-12-05-6726825d.pth (state dict)   models.fid_inception.load
 clip                 folder with config.json + model.safetensors + vocab.json + merges.txt
                      (transformers CLIPModel, for CLIP score)       convert.clip.load_clip
+maskbit              maskbit_generator_*.bin --config maskbit_generator_*.yaml
+                     (markweberdev/maskbit LFQBert)                 teachers.load
+maskbit-tokenizer    maskbit_tokenizer_*.bin --config maskbit_tokenizer_*.yaml
+                     (MaskBit's VQGAN+ with lookup-free quantization)  tokenizers.load
 
 Every converter checks each key, shape and dtype of the source against the Flax module it
 builds, and every value (no NaN or Inf), and stops with a `ConversionError` naming the file, the
@@ -44,6 +49,8 @@ CONVERTERS = {
     "meissonic": "dimo_jax.convert.meissonic:convert",
     "fid-inception": "dimo_jax.convert.fid_inception:convert",
     "clip": "dimo_jax.convert.clip:convert",
+    "maskbit": "dimo_jax.convert.maskbit:convert",
+    "maskbit-tokenizer": "dimo_jax.convert.maskbit:convert_tokenizer",
 }
 
 
@@ -87,7 +94,8 @@ def converter(kind: str) -> Callable[..., None]:
   @functools.wraps(convert)
   def checked(src: str, dst: str, **options) -> None:
     with modeldir.locked(dst):
-      modeldir.check_destination(dst, sources=[src])
+      modeldir.check_destination(dst, sources=[src] + ([options["config"]]
+                                                       if options.get("config") else []))
       check_writable(dst)
       convert(src, dst, **options)
 

@@ -41,11 +41,15 @@ def main(argv=None) -> int:
                       help="halton-maskgit: classes C (see --codebook-size)")
   parser.add_argument("--resolution", type=int, default=None,
                       help="meissonic: image side in pixels (default 1024, the release's)")
+  parser.add_argument("--config", default=None,
+                      help="maskbit, maskbit-tokenizer: the release's YAML (configs/generator or "
+                           "configs/tokenizer of markweberdev/maskbit)")
   args = parser.parse_args(argv)
   options = {name: value for name, value in (("num_heads", args.num_heads),
                                              ("codebook_size", args.codebook_size),
                                              ("num_classes", args.num_classes),
-                                             ("resolution", args.resolution))
+                                             ("resolution", args.resolution),
+                                             ("config", args.config))
              if value is not None}
   accepted = converter_options(args.kind)
   refused = [_flag(name) for name in options if name not in accepted]

@@ -110,7 +110,7 @@ class Synthetic:
 # The range a tokenizer kind decodes to when its model.json gives no `value_range`: taming's
 # VQGAN works in [-1, 1], Google's MaskGIT VQGAN in [0, 1].
 _KIND_VALUE_RANGE = {"taming-vqgan": (-1.0, 1.0), "google-vqgan": (0.0, 1.0),
-                     "diffusers-vq": (0.0, 1.0)}
+                     "diffusers-vq": (0.0, 1.0), "maskbit-vqgan": (0.0, 1.0)}
 
 
 def value_range(description: Dict[str, Any]) -> Tuple[float, float]:

@@ -36,8 +36,9 @@ class Kind:
     conditioning: CLASS (labels int32[B]) or TEXT (prompt encodings, fed by the host).
     guidance: whether it has an unconditional input (classifier-free guidance).
     frozen_with_emb: '/'-joined parameter-path prefixes `fix_emb_layer` freezes.
-    decode: its multi-step sampler, 'maskgit' (`sampling.maskgit_sample`) or 'meissonic'
-      (`sampling.meissonic_sample`, the release's scheduler).
+    decode: its multi-step sampler, 'maskgit' (`sampling.maskgit_sample`), 'maskbit'
+      (`sampling.maskbit_sample`) or 'meissonic' (`sampling.meissonic_sample`, the release's
+      scheduler).
   """
   name: str
   module: str
@@ -58,6 +59,11 @@ KINDS = {k.name: k for k in (
          "maskgit"),
     Kind("meissonic", "dimo_jax.models.meissonic:MeissonicTransformer", TEXT, True,
          ("embed", "mlm_layer"), "meissonic"),
+    # markweberdev/maskbit's LFQBert: n positions x m splits as L = n * m sub-tokens. Its
+    # embeddings are the bit projection, the class table and the positions (the output head
+    # is a separate layer, not tied as MaskGIT's).
+    Kind("maskbit", "dimo_jax.models.maskbit:LFQBert", CLASS, True,
+         ("input_proj", "class_emb", "pos_emb"), "maskbit"),
 )}
 _MODULES = {k.name: k.module for k in KINDS.values() if k.conditioning == CLASS}
 
@@ -88,7 +94,9 @@ def save(dst: str, model: nn.Module, variables: Any,
 
 
 # What a decode rule reads of a run's config (`Teacher.decode_options`).
-_DECODE_KEYS = {"maskgit": ("r_temp", "sm_temp", "sched_mode"), "meissonic": ()}
+_DECODE_KEYS = {"maskgit": ("r_temp", "sm_temp", "sched_mode"), "meissonic": (),
+                "maskbit": ("r_temp", "sm_temp", "sched_mode", "guidance_annealing",
+                            "scale_pow")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,10 +203,12 @@ class Teacher:
 
     Args:
       steps: decoding steps.
-      cfg: guidance scale (MaskGIT: the ramp's top, 1 + cfg at the last step; Meissonic: the
-        constant scale, against the negative prompt when `cond` carries it).
-      options: MaskGIT: r_temp, sm_temp, sched_mode; Meissonic: temperature (a pair or a
-        number), masking_schedule (default: the scheduler config's).
+      cfg: guidance scale (MaskGIT: the ramp's top, 1 + cfg at the last step; MaskBit: s of
+        cond + s (cond - uncond), annealed; Meissonic: the constant scale, against the negative
+        prompt when `cond` carries it).
+      options: MaskGIT: r_temp, sm_temp, sched_mode; MaskBit: those and guidance_annealing,
+        scale_pow; Meissonic: temperature (a pair or a number), masking_schedule (default: the
+        scheduler config's).
     """
     if self.kind.decode == "meissonic":
       from dimo_jax.teachers import meissonic
@@ -214,9 +224,11 @@ class Teacher:
                                          self.mask_id, steps, cfg, **options)
       return fn
 
+    rule = sampling.maskbit_sample if self.kind.decode == "maskbit" else sampling.maskgit_sample
+
     def fn(variables, rng, cond):
-      return sampling.maskgit_sample(self.logits_fn(variables), rng, cond, self.seq_len,
-                                     self.mask_id, steps, cfg, **options)
+      return rule(self.logits_fn(variables), rng, cond, self.seq_len, self.mask_id, steps, cfg,
+                  **options)
     return fn
 
 
