@@ -18,6 +18,10 @@ device refuses costs one row, not the call, and each starts with a clean peak-me
   sampling   batch 64 through the VQGAN decoder: the teacher at 8 guided steps (16 transformer
              passes) and the one-step generator, images/s, end to end and transformer alone
   inception  FID Inception pool features (float32, the precision `evaluate` scores with)
+  maskbit    the Di[M]O and Soft-Di[M]O steps on MaskBit's 14-bit release size (LFQBert 1024
+             wide, 24 layers, 16 heads, 256 positions x 2 splits of 128 codes, 1000 classes),
+             the recipe of configs/maskbit_imagenet256.py in bf16 at global batch 64: step time,
+             images/s and peak device memory
   meissonic  the 1B Meissonic recipe at 1024 px (random weights in the released shapes), remat,
              teacher held in bf16: peak device memory and step time per batch size, one process
              each, until one does not fit; beside benchmarks/memory_estimate.py's estimate
@@ -45,11 +49,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SECTIONS = ("matmul", "step", "torch", "sampling", "inception", "meissonic")
+SECTIONS = ("matmul", "step", "torch", "sampling", "inception", "maskbit", "meissonic")
 # The seconds a section needs at least, on a GPU at the real size (start, compile, runs): one
 # that would start with less left is skipped. Measured on no device yet: compile-time guesses.
 MIN_SECONDS = {"matmul": 20, "step": 150, "torch": 40, "sampling": 60, "inception": 40,
-               "meissonic": 150}
+               "maskbit": 90, "meissonic": 150}
 
 # The two sizes. `real` is the paper's: MaskGIT ImageNet-256 and Meissonic at 1024 px.
 SIZES = {
@@ -61,7 +65,9 @@ SIZES = {
                    n_embed=1024, embed_dim=256),
         inception_batch=200, inception_side=256, inception_runs=5,
         meissonic={}, meissonic_grid=64, meissonic_text=77, meissonic_batches=(4, 16, 32, 48, 64, 96),
-        meissonic_runs=3, torch_runs=10),
+        meissonic_runs=3, torch_runs=10,
+        maskbit=dict(codebook_bits=14, codebook_splits=2, num_positions=256, num_classes=1000,
+                     hidden_dim=1024, depth=24, num_heads=16, mlp_dim=4096)),
     "tiny": dict(
         matmul=256, hidden=64, depth=2, heads=4, tokens=16, codes=32, classes=10,
         batch=4, step_runs=3, sample_batch=4, sample_runs=2,
@@ -73,7 +79,9 @@ SIZES = {
                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
                        axes_dims_rope=(4, 6, 6), vocab_size=40, codebook_size=32),
         meissonic_grid=8, meissonic_text=5, meissonic_batches=(1, 2), meissonic_runs=2,
-        torch_runs=3),
+        torch_runs=3,
+        maskbit=dict(codebook_bits=6, codebook_splits=2, num_positions=16, num_classes=10,
+                     hidden_dim=64, depth=2, num_heads=4, mlp_dim=128)),
 }
 
 
@@ -280,6 +288,46 @@ def section_step(size, rows, args):
            times, note="the Di[M]O step plus the GAN term and one discriminator update",
            key="soft_dimo_step_ms", pipelined_ms=pipelined * 1e3,
            images_per_s=size["batch"] / median)
+
+
+def section_maskbit(size, rows, args):
+  import jax
+  import jax.numpy as jnp
+  from configs import maskbit_imagenet256
+  from dimo_jax import distill, teachers
+  from dimo_jax.models.maskbit import LFQBert
+
+  fused = fused_kernel()
+  model = LFQBert(**size["maskbit"], dtype=jnp.bfloat16, attention=fused)
+  teacher = teachers.of_module(model)
+  variables = jax.jit(teacher.init_variables)()
+  count = sum(x.size for x in jax.tree_util.tree_leaves(variables))
+  rows.add("MaskBit LFQBert parameters", count / 1e6, "M", key="maskbit_params_m")
+  for gan in (0.0, 1.0):
+    config = maskbit_imagenet256.get_config()
+    config.train_batch_size = config.per_device_batch = size["batch"]
+    config.mask_value = model.mask_id
+    config.attention_impl = fused
+    config.gan.weight = gan
+    state = distill.create_state(config, variables, jax.random.PRNGKey(1),
+                                 teacher.frozen_with_emb, teacher=teacher)
+    real = None
+    if gan:
+      real = (jax.random.randint(jax.random.PRNGKey(4), (4 * size["batch"], model.seq_len), 0,
+                                 model.codebook_size),
+              jnp.arange(4 * size["batch"]) % model.num_classes)
+    step = jax.jit(distill.make_train_step(config, teacher), donate_argnums=0)
+    exe, compile_s = compiled(step, state, variables, None, real)
+    times, pipelined = time_steps(exe, state, (variables, None, real), size["step_runs"],
+                                  warmup=2)
+    median = statistics.median(times)
+    peak = peak_bytes()
+    name = "Soft-Di[M]O (GAN on)" if gan else "Di[M]O"
+    rows.add(f"MaskBit {name} step, attention {fused}", median * 1e3, "ms", compile_s, times,
+             note=f"{model.seq_len} sub-tokens of {model.codebook_size} codes, bf16",
+             key=f"maskbit_{'soft_' if gan else ''}step_ms", pipelined_ms=pipelined * 1e3,
+             images_per_s=size["batch"] / median,
+             peak_gib=None if peak is None else peak / 2**30)
 
 
 def section_torch(size, rows, args):

@@ -2,6 +2,12 @@
 
   python benchmarks/memory_estimate.py [--teacher-dtype fp32|bf16] [--per-device-batch 4]
       [--remat | --no-remat] [--devices 1,2,4,8,16,64] [--json OUT]
+  python benchmarks/memory_estimate.py --model maskbit [--teacher-dtype ...] [--devices ...]
+
+`--model maskbit` counts the train state of the 14-bit MaskBit release (LFQBert, 1024 wide,
+24 layers, 256 positions x 2 splits; configs/maskbit_imagenet256.py, `input_proj`, `class_emb`
+and `pos_emb` frozen) the same way, without an activation estimate (the GPU suite's `maskbit`
+section measures the step's peak).
 
 The state is the real one at the real size, built abstractly: `jax.eval_shape` of the released
 MeissonicTransformer's init (about 1.0e9 parameters) and of `distill.create_state` with the
@@ -77,11 +83,43 @@ def abstract_teacher(model: meissonic.MeissonicTransformer, grid: int = TOKEN_GR
   return jax.eval_shape(model.init, jax.random.PRNGKey(0), *inputs)
 
 
-def abstract_state(config, variables: Any) -> distill.DistillState:
+def abstract_state(config, variables: Any, frozen=FROZEN) -> distill.DistillState:
   """`distill.create_state` of `variables` under `jax.eval_shape`: the run's train state."""
   return jax.eval_shape(
-      lambda v, rng: distill.create_state(config, v, rng, frozen=FROZEN),
+      lambda v, rng: distill.create_state(config, v, rng, frozen=frozen),
       variables, jax.random.PRNGKey(config.global_seed))
+
+
+# The 14-bit MaskBit release's generator (configs/generator/maskbit_generator_14bit.yaml).
+MASKBIT_14BIT = dict(codebook_bits=14, codebook_splits=2, num_positions=256, num_classes=1000,
+                     hidden_dim=1024, depth=24, num_heads=16, mlp_dim=4096)
+
+
+def maskbit_states(config, fsdp_sizes: Sequence[int], sizes=None) -> Dict[str, Any]:
+  """Bytes per device of the MaskBit run's train state (teacher, generator, auxiliary, EMA,
+  Adam moments, gradient) for every fsdp size."""
+  from dimo_jax.models.maskbit import LFQBert
+  model = LFQBert(**(sizes or MASKBIT_14BIT), dtype=jnp.bfloat16)
+  variables = jax.eval_shape(model.init, jax.random.PRNGKey(0),
+                             jax.ShapeDtypeStruct((1, model.seq_len), jnp.int32),
+                             jax.ShapeDtypeStruct((1,), jnp.int32))
+  frozen = KINDS["maskbit"].frozen_with_emb
+  components = state_components(abstract_state(config, variables, frozen), variables,
+                                config.teacher_dtype)
+  rows = {name: {f: tree_bytes(tree, f) for f in fsdp_sizes} for name, tree in components.items()}
+  return {"params": num_params(variables), "fsdp": list(fsdp_sizes), "rows": rows,
+          "states": {f: sum(rows[name][f] for name in rows) for f in fsdp_sizes}}
+
+
+def print_maskbit(result: Dict[str, Any]) -> None:
+  sizes = result["fsdp"]
+  print(f"MaskBit 14-bit Di[M]O, {result['params'] / 1e6:.1f}M parameters; GiB per device "
+        "(train state and gradient; activations: benchmarks/gpu_suite.py --sections maskbit)")
+  print(f"{'component':<28}" + "".join(
+      f"{'replicated' if f == 1 else f'fsdp={f}':>12}" for f in sizes))
+  for name, values in list(result["rows"].items()) + [("= states + gradient",
+                                                       result["states"])]:
+    print(f"{name:<28}" + "".join(f"{values[f] / GiB:>12.2f}" for f in sizes))
 
 
 def num_params(tree: Any) -> int:
@@ -254,6 +292,8 @@ def main(argv=None) -> Dict[str, Any]:
   parser.add_argument("--devices", default=",".join(map(str, FSDP_SIZES)),
                       help="comma-separated fsdp sizes; 1 is fully replicated")
   parser.add_argument("--json", default=None, help="also write the numbers (bytes) here")
+  parser.add_argument("--model", choices=("meissonic", "maskbit"), default="meissonic",
+                      help="whose run: the 1B Meissonic recipe, or the 14-bit MaskBit release")
   args = parser.parse_args(argv)
   sizes = [int(s) for s in args.devices.split(",")]
   if any(s < 1 for s in sizes) or args.per_device_batch < 1:
@@ -265,9 +305,13 @@ def main(argv=None) -> Dict[str, Any]:
   config.mixed_precision = "bf16"
   config.teacher_dtype = args.teacher_dtype
   config.gradient_checkpointing = args.remat
-  model = meissonic.MeissonicTransformer(dtype=jnp.bfloat16, remat=args.remat)
-  result = estimate(model, config, sizes, args.per_device_batch)
-  print_report(result)
+  if args.model == "maskbit":
+    result = maskbit_states(config, sizes)
+    print_maskbit(result)
+  else:
+    model = meissonic.MeissonicTransformer(dtype=jnp.bfloat16, remat=args.remat)
+    result = estimate(model, config, sizes, args.per_device_batch)
+    print_report(result)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(result, f, indent=1)

@@ -152,7 +152,7 @@ def generate(sampler: samplers.Sampler, labels: np.ndarray, mesh, batch_size: in
              tokenizer=None, extractor=None,
              sink: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None,
              condition: Callable[[np.ndarray], Any] = data.class_condition,
-             clip=None) -> Dict[str, Any]:
+             clip=None, image_codes=None) -> Dict[str, Any]:
   """Samples every label, a global batch at a time (`samplers.MeshSampler`); gathers the
   results on every process.
 
@@ -167,6 +167,7 @@ def generate(sampler: samplers.Sampler, labels: np.ndarray, mesh, batch_size: in
     condition: labels -> the sampler's condition (`data.class_condition`, or
       `PromptConditions.condition`).
     clip: a convert.clip.Clip whose image tower embeds the decoded images.
+    image_codes: the sampler's tokens -> the tokenizer's codes (`Teacher.image_codes`).
 
   Returns:
     {"codes": int32[N, L], "pool": float32[N, F], "logits": float32[N, C] (the last two with
@@ -179,7 +180,8 @@ def generate(sampler: samplers.Sampler, labels: np.ndarray, mesh, batch_size: in
          "extractor": None if extractor is None else extractor.variables,
          "clip": None if clip is None else clip.variables["vision"]}
   runner = samplers.MeshSampler(sampler, mesh, batch_size, condition,
-                                pipeline.image_pipeline(tokenizer, extractor, clip), aux)
+                                pipeline.image_pipeline(tokenizer, extractor, clip, image_codes),
+                                aux)
   keep = ("codes",) + (() if extractor is None else ("pool", "logits"))
   keep += () if clip is None else ("clip",)
   parts = {name: [] for name in keep}
@@ -389,7 +391,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
                           "pass --inception and --ref")
     tokenizer = dataset.tokenizer if images_mode else None
     if tokenizer is not None:
-      tokenizers.check_pairing(tokenizer, config.tokenizer_path, teacher.codebook_size,
+      tokenizers.check_pairing(tokenizer, config.tokenizer_path, teacher.image_codebook_size,
                                config.teacher_path)
     if teacher_steps:
       sampler = teacher_sampler(config, teacher, teacher_steps)
@@ -417,7 +419,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
   for offset in range(seeds):  # the samples of the first seed are the ones kept
     out = generate(sampler, labels, mesh, batch_size, seed + offset, tokenizer,
                    extractor if images_mode else None,
-                   sink if sink.active and offset == 0 else None, condition=condition, clip=clip)
+                   sink if sink.active and offset == 0 else None, condition=condition, clip=clip,
+                   image_codes=teacher.image_codes)
     scores = {}
     if text is None and not images_mode:
       scores = metrics.scorer(dataset)(out["codes"], labels)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from dimo_jax import cli, config_check, data, masking, modeldir, parallel, teachers
 from dimo_jax.divergence import label_smoothed_ce
+from dimo_jax.models import maskbit
 from dimo_jax.models.maskgit import MaskTransformer
 from dimo_jax.models.meissonic import MeissonicTransformer, TextConditioned
 from dimo_jax.teachers import meissonic
@@ -46,14 +47,17 @@ class PretrainState:
 
 
 def build_teacher(config: ml_collections.ConfigDict) -> teachers.Teacher:
-  """The untrained teacher: a MaskTransformer, or on 'digits_text' a MeissonicTransformer
-  behind TextConditioned (`config.token_grid` (h, w), timestep 0)."""
+  """The untrained teacher: a MaskTransformer; on 'digits_bits' MaskBit's LFQBert; on
+  'digits_text' a MeissonicTransformer behind TextConditioned (`config.token_grid` (h, w),
+  timestep 0)."""
   if config.get("dataset") == "digits_text":
     fields = config.model.to_dict()
     # JSON and ml_collections may hold the tuple as a list; the module is a jit static argument.
     transformer = MeissonicTransformer(**dict(fields,
                                               axes_dims_rope=tuple(fields["axes_dims_rope"])))
     return teachers.of_module(TextConditioned(transformer, *config.token_grid))
+  if config.get("dataset") == "digits_bits":
+    return teachers.of_module(maskbit.LFQBert(**config.model.to_dict()))
   return teachers.of_module(MaskTransformer(**config.model.to_dict()))
 
 
@@ -83,9 +87,12 @@ def train_batch(dataset, rng: np.random.Generator, batch: int):
   return tokens, dataset.train_condition(labels)
 
 
-def embedding_rms(model: MaskTransformer, variables: Any) -> float:
-  """The RMS of the trained visual token embeddings (the codebook rows of `tok_emb`), which the
-  teacher records as its `emb_noise_scale` (see MaskTransformer)."""
+def embedding_rms(model, variables: Any) -> float:
+  """The RMS of the trained visual token embeddings (the codebook rows of `tok_emb`; MaskBit's
+  projected random bits, `maskbit.embedding_rms`), which the teacher records as its
+  `emb_noise_scale` (see MaskTransformer)."""
+  if isinstance(model, maskbit.LFQBert):
+    return maskbit.embedding_rms(variables)
   table = np.asarray(jax.device_get(variables["params"]["tok_emb"]["embedding"]))
   return round(float(np.sqrt(np.mean(table[: model.codebook_size].astype(np.float64) ** 2))), 6)
 

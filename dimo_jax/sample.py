@@ -143,7 +143,7 @@ def sample_grid(args: types.SimpleNamespace) -> np.ndarray:
                           with_variables=args.generator is None)
   labels = parse_labels(args.labels, teacher.num_classes)
   tokenizer = tokenizers.load(args.tokenizer)
-  tokenizers.check_pairing(tokenizer, args.tokenizer, teacher.codebook_size, args.teacher)
+  tokenizers.check_pairing(tokenizer, args.tokenizer, teacher.image_codebook_size, args.teacher)
   # Label l in row l: image_grid fills columns first, so the labels repeat as a block.
   all_labels = np.tile(labels, args.samples_per_label)
   batch = min(args.batch_size, len(all_labels))
@@ -158,6 +158,10 @@ def sample_grid(args: types.SimpleNamespace) -> np.ndarray:
                         f"{flags['sched']!r}")
     config = defaults.reference_config()
     config.update(cfg_w=flags["cfg"], r_temp=flags["temperature"], sched_mode=flags["sched"])
+    if teacher.kind.decode == "maskbit":  # the release's guidance annealing, from its YAML
+      release = teacher.description.get("release_sampler") or {}
+      config.update({key: release[key] for key in ("guidance_annealing", "scale_pow")
+                     if release.get(key) is not None})
     try:
       config_check.check_guidance(config, teacher, keys=("cfg_w",))
     except ValueError as e:
@@ -168,7 +172,7 @@ def sample_grid(args: types.SimpleNamespace) -> np.ndarray:
                                                       teacher_dir=args.teacher)
     sampler = samplers.generator(teacher, params, config, step)
   codes = samplers.MeshSampler(sampler, parallel.make_mesh(), batch)(all_labels, args.seed)
-  images = data.decode_images(tokenizer, codes, batch)
+  images = data.decode_images(tokenizer, teacher.image_codes(codes), batch)
   return visualize.image_grid(images, rows=len(labels), scale=1)
 
 

@@ -135,3 +135,24 @@ def test_the_soft_dimo_recipe_is_the_dimo_recipe_plus_the_gan(config):
   soft.gan.real_tokens = ""
   with pytest.raises(config_check.ConfigError, match="needs gan.real_tokens"):
     config_check.check(soft)
+
+
+def test_the_maskbit_recipes_keep_the_reference_recipe_and_the_papers_long_run():
+  from configs import maskbit_imagenet256, soft_dimo_maskbit_imagenet256
+  from dimo_jax import config_check
+  dimo = maskbit_imagenet256.get_config()
+  config_check.check(dimo)
+  # The reference's Di[M]O values, on MaskBit's sub-tokens and with its release's decode rule.
+  own = ("sampling_step", "cfg_w", "r_temp", "mask_value", "teacher_path", "tokenizer_path")
+  assert {key: dimo[key] for key in RECIPE if key not in own} == {
+      key: value for key, value in RECIPE.items() if key not in own}
+  assert (dimo.mask_value, dimo.cfg_w, dimo.r_temp, dimo.guidance_annealing) == (
+      128, 7.1, 7.8, "cosine")
+  soft = soft_dimo_maskbit_imagenet256.get_config()
+  config_check.check(soft)
+  assert (soft.generator_lr, soft.gan.weight, soft.optimizer_type, soft.adam_weight_decay,
+          soft.gan.r_max) == (5e-7, 200.0, "adamw", 0.01, 0.95)
+  soft.guidance_annealing = "exponential"
+  with pytest.raises(config_check.ConfigError, match="guidance_annealing"):
+    config_check.check(soft)
+

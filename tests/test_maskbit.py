@@ -146,7 +146,8 @@ def test_a_wrong_shape_is_named(generator, tmp_path, capsys):
 
 # ---- tokenizer -------------------------------------------------------------------------------
 
-TOK_BITS, TOK_HIDDEN, TOK_MULT, TOK_BLOCKS = 5, 32, (1, 1, 2), 2
+# The generator's 6 bits, so that the two pair: 4 positions = a 2x2 grid of 8x8 pixels.
+TOK_BITS, TOK_HIDDEN, TOK_MULT, TOK_BLOCKS = BITS, 32, (1, 1, 2), 2
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +215,48 @@ def test_a_tokenizer_with_a_wrong_codebook_buffer_is_refused(tokenizer, tmp_path
   assert "'quantize.codebook' is not the +-1 bit table" in capsys.readouterr().err
 
 
+def test_sample_draws_a_maskbit_teacher_through_its_tokenizer(generator, tokenizer, tmp_path):
+  from PIL import Image
+  from dimo_jax import sample
+  _, teacher_dir, _ = generator
+  _, tokenizer_dir = tokenizer
+  out = str(tmp_path / "grid.png")
+  sample.main(["--teacher", teacher_dir, "--tokenizer", tokenizer_dir, "--labels", "0,3",
+               "--samples_per_label", "2", "--steps", "4", "--out", out])
+  grid = np.asarray(Image.open(out))
+  assert grid.shape == (2 * 9 + 1, 2 * 9 + 1, 3)  # 2 rows x 2 columns of 8x8, 1-px borders
+  # and the sub-tokens reach the tokenizer merged: a wrong pairing is refused by name
+  teacher = teachers.load(teacher_dir)
+  assert teacher.image_codebook_size == 2 ** BITS
+  tokens = jnp.asarray([[1, 2, 3, 4, 5, 6, 7, 0]])
+  np.testing.assert_array_equal(teacher.image_codes(tokens), [[1 + 16, 3 + 32, 5 + 48, 7]])
+
+
+def test_real_imagenet_tokens_are_the_teachers_sub_tokens(generator, tokenizer, tmp_path):
+  """`python -m dimo_jax.tokenize` with the MaskBit tokenizer writes full indices; the GAN's
+  real data reads them as the teacher's sub-tokens, which merge back to those indices."""
+  from PIL import Image
+  from dimo_jax import data, tokenize
+  _, teacher_dir, _ = generator
+  _, tokenizer_dir = tokenizer
+  (tmp_path / "images" / "n01").mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+        tmp_path / "images" / "n01" / f"{i}.png")
+  out = str(tmp_path / "tokens")
+  manifest = tokenize.tokenize(tokenizer_dir, out, images=str(tmp_path / "images"),
+                               image_size=8, shard_size=2, batch_size=2)
+  assert (manifest["seq_len"], manifest["codebook_size"]) == (POSITIONS, 2 ** BITS)
+  teacher = teachers.load(teacher_dir)
+  dataset = data.ImageNet256(tokenizer_dir, real_tokens_path=out, teacher=teacher)
+  tokens, labels = dataset.real_tokens()
+  assert tokens.shape == (3, POSITIONS * SPLITS) and tokens.max() < V
+  np.testing.assert_array_equal(teacher.image_codes(tokens),
+                                tokenize.TokenShards(out).load([0, 1])[0])
+  assert dataset.images(tokens).shape == (3, 8, 8, 3)
+
+
 # ---- decode rule -----------------------------------------------------------------------------
 
 def _toy_logits(table, uncond_table):
@@ -275,3 +318,46 @@ def test_decode_rule_keeps_and_remasks_what_the_release_does(annealing, guidance
       annealing, 3.0))(key)
   np.testing.assert_array_equal(np.asarray(final), history[-1][1].reshape(batch, -1).numpy())
   assert (np.asarray(final) < V).all()
+
+
+# ---- the offline toy: a MaskBit-kind teacher pretrained and distilled ------------------------
+
+def test_a_maskbit_teacher_pretrains_and_distills_end_to_end(tmp_path):
+  from configs import maskbit_digits, maskbit_digits_teacher
+  from dimo_jax import data, pretrain, train
+
+  dataset = data.get(maskbit_digits.get_config())
+  tokens, _ = dataset.train_batch(np.random.default_rng(0), 8)
+  assert tokens.shape == (8, 128) and tokens.max() < 8
+  np.testing.assert_array_equal(dataset.full_codes(tokens),
+                                (tokens[:, 0::2] + 8 * tokens[:, 1::2]).clip(max=16))
+
+  config = maskbit_digits_teacher.get_config()
+  config.model.update(hidden_dim=32, depth=1, num_heads=2, mlp_dim=64)
+  config.num_steps, config.warmup_steps, config.log_every = 60, 5, 20
+  path = pretrain.pretrain(config, str(tmp_path / "pretrain"))
+  teacher = teachers.load(path)
+  assert teacher.kind.name == "maskbit" and teacher.seq_len == 128 and teacher.mask_id == 8
+  assert teacher.model.emb_noise_scale == maskbit.embedding_rms(teacher.variables)
+  losses = teacher.description["pretraining"]["losses"]
+  assert losses[-1] < losses[0], losses
+
+  run = maskbit_digits.get_config()
+  run.teacher_path = path
+  run.max_train_steps, run.train_batch_size, run.log_every = 4, 16, 2
+  run.validation_steps = run.checkpointing_steps = 4
+  run.eval_samples, run.eval_batch_size, run.eval_seeds = 64, 32, 2
+  metrics = train.train_and_evaluate(run, str(tmp_path / "dimo"))
+  for name in ("teacher_8step", "generator_1step"):
+    assert metrics[name]["seeds"] == 2 and np.isfinite(metrics[name]["fd"])
+  # The generator moved away from its teacher, except what fix_emb_layer keeps: the bit
+  # projection, the class table and the positions.
+  from dimo_jax import checkpoints
+  params, _, step = checkpoints.load_generator(str(tmp_path / "dimo"), teacher, "generator")
+  assert step == 4
+  start = teacher.variables["params"]
+  for name in ("input_proj", "class_emb", "pos_emb"):
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params["params"][name], start[name])
+  moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - b).max()),
+                                 params["params"]["prediction_layer"], start["prediction_layer"])
+  assert max(jax.tree_util.tree_leaves(moved)) > 0

@@ -144,3 +144,25 @@ def test_real_size_script(tmp_path, capsys):
   assert 4 * params / 8 <= rows["generator (fp32)"]["8"] < 1.01 * 4 * params / 8
   printed = capsys.readouterr().out
   assert "GPU 80GB" in printed and "TPU v5e 16GB" in printed and "fsdp=8" in printed
+
+
+def test_maskbit_state_bytes_match_the_hand_count():
+  # LFQBert of 6 bits in 2 splits, 16 positions, 5 classes, width 32, one layer, MLP 64.
+  sizes = dict(codebook_bits=6, codebook_splits=2, num_positions=16, num_classes=5,
+               hidden_dim=32, depth=1, num_heads=2, mlp_dim=64)
+  width, mlp = 32, 64
+  frozen = (6 * width + width) + 6 * width + 17 * width  # input_proj, class_emb, pos_emb
+  block = (3 * width * width + 3 * width + width * width + width + 2 * width  # attention, norm
+           + width * mlp + mlp + mlp * width + width + 2 * width)  # feed-forward, norm
+  rest = 2 * width + (width * width + width + 2 * width) + (width * 16 + 16)
+  params = frozen + block + rest
+  result = me.maskbit_states(config(teacher_dtype="bf16"), [1, 2], sizes)
+  assert result["params"] == params
+  rows = result["rows"]
+  assert rows["teacher (bf16)"][1] == 2 * params
+  for name in ("generator (fp32)", "auxiliary (fp32)", "EMA (fp32)"):
+    assert rows[name][1] == 4 * params
+  # Adam keeps two moments of what it trains: the frozen embeddings have none.
+  # (+ a few bytes: the optimizer chain's int32 step counts)
+  assert 0 <= rows["Adam generator (mu, nu)"][1] - 2 * 4 * (params - frozen) <= 16
+  assert result["states"][2] < result["states"][1]

@@ -11,7 +11,7 @@ Each gives what pretraining, the sample grids and the final evaluation need:
   real_tokens:  () -> (tokens int32[N, L], labels int32[N]), what Soft-Di[M]O's discriminator
                 sees as real (digits, synthetic, and imagenet256 with `gan.real_tokens`)
   scorer:       the `metrics.scorer` of its codes: "digits" (fd and accuracy in a trained
-                classifier's features), "synthetic" (true_nll, mode_coverage and in_mode), or
+                classifier's features; "digits_bits" the same of the merged sub-tokens), "synthetic" (true_nll, mode_coverage and in_mode), or
                 None (imagenet256, prompts: images are scored by dimo_jax/evaluate.py).
 Text-to-image datasets ('prompts', 'digits_text') add the prompts the step is fed:
   conditions:        data.prompts.PromptConditions (the prompts' encodings)
@@ -59,6 +59,41 @@ class Digits:
     from dimo_jax.data import digits
     return digits.tokens_to_images(tokens)
 
+
+
+@dataclasses.dataclass(frozen=True)
+class DigitBits:
+  """The digits as MaskBit sees an image: each pixel's grey level (0..16) an index of 6 bits in
+  2 sub-tokens of 3 bits (least significant first), the 64 pixels x 2 splits as L = 128
+  sub-tokens of V = 8 codes (`models.maskbit.split_codes`). Indices past 16 (which the data
+  never holds) read as 16 when scored and drawn."""
+  num_classes: int = 10
+  seq_len: int = 128
+  codebook_size: int = 8
+  splits: int = 2
+  conditioning = CLASS
+  condition = train_condition = staticmethod(class_condition)
+  scorer = "digits_bits"
+
+  def split(self, tokens) -> np.ndarray:
+    from dimo_jax.models import maskbit
+    return maskbit.split_codes(np.asarray(tokens), self.splits, 3)
+
+  def full_codes(self, tokens) -> np.ndarray:
+    """Sub-tokens int[N, 128] -> grey levels int32[N, 64] (clipped to 16)."""
+    from dimo_jax.models import maskbit
+    return np.minimum(maskbit.merge_splits(np.asarray(tokens), self.splits, 3), 16)
+
+  def train_batch(self, rng: np.random.Generator, batch: int):
+    tokens, labels = Digits().train_batch(rng, batch)
+    return self.split(tokens), labels
+
+  def real_tokens(self) -> Tuple[np.ndarray, np.ndarray]:
+    tokens, labels = Digits().real_tokens()
+    return self.split(tokens), labels
+
+  def images(self, tokens) -> np.ndarray:
+    return Digits().images(self.full_codes(tokens))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +187,9 @@ class ImageNet256:
   seq_len: int = 256
   codebook_size: int = 1024
   real_tokens_path: Optional[str] = None  # `python -m dimo_jax.tokenize` output (gan.real_tokens)
+  # The teacher whose tokens these are: MaskBit's sub-tokens merge into the tokenizer's full
+  # indices to be drawn, and real data is split into them (`Teacher.image_codes`).
+  teacher: Optional[Teacher] = None
   conditioning = CLASS
   condition = train_condition = staticmethod(class_condition)
   scorer = None
@@ -166,8 +204,9 @@ class ImageNet256:
                               "its teacher comes from `python -m dimo_jax.convert`")
 
   def images(self, tokens) -> np.ndarray:
-    """int[N, 256] -> float32[N, 256, 256, 3] in [0, 1], decoded by the tokenizer."""
-    return decode_images(self.tokenizer, tokens)
+    """int[N, L] -> float32[N, 256, 256, 3] in [0, 1], decoded by the tokenizer."""
+    codes = tokens if self.teacher is None else self.teacher.image_codes(np.asarray(tokens))
+    return decode_images(self.tokenizer, codes)
 
   def real_tokens(self) -> Tuple[np.ndarray, np.ndarray]:
     """The token dataset of `gan.real_tokens` (every shard, in every process: the
@@ -175,13 +214,19 @@ class ImageNet256:
     from dimo_jax import tokenize
     shards = tokenize.TokenShards(self.real_tokens_path)
     manifest = shards.manifest
-    if (manifest.get("seq_len"), manifest.get("codebook_size")) != (self.seq_len,
-                                                                    self.codebook_size):
+    positions, codes = self.seq_len, self.codebook_size
+    if self.teacher is not None:
+      positions = self.teacher.image_codes(np.zeros((1, self.teacher.seq_len), np.int32)).shape[1]
+      codes = self.teacher.image_codebook_size
+    if (manifest.get("seq_len"), manifest.get("codebook_size")) != (positions, codes):
       raise tokenize.TokenizeError(
           f"{self.real_tokens_path}: tokens of {manifest.get('seq_len')} positions over "
-          f"{manifest.get('codebook_size')} codes; the teacher has {self.seq_len} over "
-          f"{self.codebook_size}")
-    return shards.load(list(range(manifest["shards"])))
+          f"{manifest.get('codebook_size')} codes; the teacher's tokenizer has {positions} over "
+          f"{codes}")
+    tokens, labels = shards.load(list(range(manifest["shards"])))
+    if self.teacher is not None:
+      tokens = self.teacher.tokens_of_image_codes(tokens)
+    return tokens, labels
 
 
 
@@ -244,7 +289,7 @@ class TextPrompts:
 
 
 # Those with `real_tokens`, which the GAN term needs (imagenet256 with `gan.real_tokens`).
-REAL_DATASETS = ("digits", "synthetic", "imagenet256")
+REAL_DATASETS = ("digits", "digits_bits", "synthetic", "imagenet256")
 
 
 def real_tokens(dataset) -> Tuple[np.ndarray, np.ndarray]:
@@ -254,7 +299,8 @@ def real_tokens(dataset) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def get(config: ml_collections.ConfigDict, teacher: Optional[Teacher] = None):
-  """The dataset a config names: 'digits', 'synthetic' (with `config.synthetic`),
+  """The dataset a config names: 'digits', 'digits_bits' (MaskBit's layout), 'synthetic' (with
+  `config.synthetic`),
   'imagenet256' (with `config.tokenizer_path`), or a text-to-image one, 'prompts' or
   'digits_text', whose prompts `teacher`'s text encoder encodes (read from
   `config.teacher_path` when not given; pretraining on 'digits_text' needs no teacher)."""
@@ -264,15 +310,18 @@ def get(config: ml_collections.ConfigDict, teacher: Optional[Teacher] = None):
     teacher = teachers.load(config.teacher_path)
   if name == "digits":
     return Digits()
+  if name == "digits_bits":
+    return DigitBits()
   if name == "synthetic":
     return Synthetic(config.synthetic)
   if name == "imagenet256":
     return ImageNet256(config.tokenizer_path,
-                       real_tokens_path=config.get("gan", {}).get("real_tokens") or None)
+                       real_tokens_path=config.get("gan", {}).get("real_tokens") or None,
+                       teacher=teacher)
   if name == "prompts":
     return TextPrompts(config, teacher)
   if name == "digits_text":
     from dimo_jax.data import digit_prompts
     return digit_prompts.from_config(config, teacher)
-  raise ValueError(f"unknown dataset {name!r}; known: 'digits', 'synthetic', 'imagenet256', "
-                   "'prompts', 'digits_text'")
+  raise ValueError(f"unknown dataset {name!r}; known: 'digits', 'digits_bits', 'synthetic', "
+                   "'imagenet256', 'prompts', 'digits_text'")

@@ -16,16 +16,19 @@ from typing import Callable, Dict, Sequence
 import numpy as np
 
 Scorer = Callable[[np.ndarray, np.ndarray], Dict[str, float]]
-SCORERS = ("digits", "synthetic", None)  # what a dataset's `scorer` may name
+SCORERS = ("digits", "digits_bits", "synthetic", None)  # what a dataset's `scorer` may name
 
 
 def scorer(dataset) -> Scorer:
   """(tokens int[N, L], labels int[N]) -> {metric: float} for `dataset`: "digits" -> fd and
-  accuracy (`metrics.digits`), "synthetic" -> true_nll, mode_coverage and in_mode (the mixture's
+  accuracy (`metrics.digits`; "digits_bits" of MaskBit sub-tokens merged to grey levels), "synthetic" -> true_nll, mode_coverage and in_mode (the mixture's
   exact likelihood, `data.synthetic`), None -> nothing (images are scored by `evaluate`)."""
-  if dataset.scorer == "digits":
+  if dataset.scorer in ("digits", "digits_bits"):
     from dimo_jax.metrics import digits
-    return digits.scorer()
+    score = digits.scorer()
+    if dataset.scorer == "digits":
+      return score
+    return lambda tokens, labels: score(dataset.full_codes(tokens), labels)
   if dataset.scorer == "synthetic":
     return dataset.distribution.synthetic_metrics
   if dataset.scorer is None:

@@ -26,7 +26,7 @@ def features_fn(extractor) -> Callable[[Any, jax.Array], Tuple[jax.Array, jax.Ar
       variables, images.astype(jnp.float32) / 255.0)
 
 
-def image_pipeline(tokenizer=None, extractor=None, clip=None
+def image_pipeline(tokenizer=None, extractor=None, clip=None, image_codes=None
                    ) -> Optional[Callable[[Any, jax.Array], Dict[str, jax.Array]]]:
   """What follows sampling on the device (`samplers.MeshSampler`'s `post`):
   (aux, codes) -> {"images" uint8[B, H, W, 3][, "pool", "logits"][, "clip"]}; None without a
@@ -42,6 +42,8 @@ def image_pipeline(tokenizer=None, extractor=None, clip=None
   low, high = data.value_range(tokenizer.description)
 
   def post(aux, codes):
+    if image_codes is not None:
+      codes = image_codes(codes)
     side = math.isqrt(codes.shape[1])
     pictures = tokenizer.model.apply(aux["tokenizer"], codes.reshape(-1, side, side),
                                      method=tokenizer.model.decode)

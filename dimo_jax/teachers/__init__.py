@@ -150,6 +150,28 @@ class Teacher:
     return None if self.text_conditioned else self.model.num_classes
 
   @property
+  def image_codebook_size(self) -> int:
+    """The codes of the tokenizer that decodes this teacher's tokens: V, or for MaskBit the
+    2^bits full indices its sub-tokens merge into."""
+    if self.kind.decode == "maskbit":
+      return 2 ** self.model.codebook_bits
+    return self.codebook_size
+
+  def image_codes(self, tokens):
+    """Tokens int[B, L] as the tokenizer's codes int32[B, n]: unchanged, or for MaskBit the m
+    sub-tokens of each position merged into its full index (`models.maskbit.merge_splits`)."""
+    if self.kind.decode == "maskbit":
+      return self.model.merge(tokens)
+    return tokens
+
+  def tokens_of_image_codes(self, codes):
+    """The tokenizer's codes int[B, n] as this teacher's tokens (`image_codes` inverted)."""
+    if self.kind.decode == "maskbit":
+      from dimo_jax.models import maskbit
+      return maskbit.split_codes(codes, self.model.codebook_splits, self.model.bits_per_split)
+    return codes
+
+  @property
   def mask_values(self) -> Tuple[int, ...]:
     """The `mask_value`s a config may give: ours, and a text teacher's release id (8255)."""
     if self.text_conditioned:
