@@ -10,7 +10,8 @@ Pretrains a teacher on the prototype mixture of that spec with configs/synthetic
 distribution's NLL per token of the samples, lower is better; the data's own entropy is the
 floor a perfect sampler reaches on average), diversity (share of the modes covered) and the
 share of samples in a mode, for every sampler of the final evaluation, then the generator
-against the targets: NLL <= 1.25x, coverage >= 0.95x, in-mode >= 0.8x the 8-step teacher's.
+against the targets: NLL <= 1.25x, coverage >= 0.97x, in-mode >= 0.8x the 8-step teacher's
+(the Soft-Di[M]O issue's bar; the Di[M]O study of docs/experiments.md used 0.95x).
 """
 
 import argparse
@@ -24,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import synthetic, synthetic_teacher  # noqa: E402
 from dimo_jax import config_check, data, pretrain, train  # noqa: E402
 
-TARGETS = {"true_nll": ("<=", 1.25), "mode_coverage": (">=", 0.95), "in_mode": (">=", 0.8)}
+TARGETS = {"true_nll": ("<=", 1.25), "mode_coverage": (">=", 0.97), "in_mode": (">=", 0.8)}
 
 
 def spec_name(spec) -> str:

@@ -7,13 +7,13 @@ changes only what a 0.2M-parameter teacher over 8x8 digits needs: larger learnin
 shorter warm-up and EMA horizon, float32, and the 17-code vocabulary.
 """
 
-from dimo_jax import defaults
+from dimo_jax import assets, defaults
 
 
 def get_config():
   c = defaults.reference_config()
   c.dataset = "digits"
-  c.teacher_path = "assets/teachers/digits"
+  c.teacher_path = assets.teacher("digits")  # installed with the package
   c.num_devices = -1  # every visible device on the data axis
   c.mixed_precision = "no"
   c.adam_epsilon = 1e-8  # the reference's eps without bf16

@@ -66,7 +66,7 @@ def get_config():
   c.log_every = 50
   c.validation_steps = 200
   # FID, IS and PRDC need 50 000 samples through Inception: run them apart, with
-  # `python -m dimo_jax.evaluate` (README, "Evaluation"); in-run validation draws grids only.
+  # `python -m dimo_jax.evaluate` (docs/evaluation.md); in-run validation draws grids only.
   c.validation_metrics = False
   # The reference's sample-grid classes: goldfish, cock, tiger cat, hourglass, ship, ...
   c.grid_classes = (1, 7, 282, 604, 724, 179, 751, 404, 850)

@@ -43,7 +43,7 @@ def get_config():
   c.mixed_precision = "bf16"
   c.gradient_checkpointing = True
   # The reference keeps the teacher in its own dtype (`cast_models_to_dtype: false`); 'bf16'
-  # halves its memory (README, "Memory at 1B parameters").
+  # halves its memory (docs/performance.md, "Memory at 1B parameters").
   c.teacher_dtype = "fp32"
   c.teacher_dropout = False  # the reference puts the Meissonic teacher in eval mode
   c.mask_value = 8255  # the release's mask id (vocab_size - 1); our codes use 8192 inside

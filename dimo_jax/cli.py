@@ -89,6 +89,8 @@ def parse_flags(argv: List[str], config_flag: Optional[str] = "config") -> List[
 def run(main: Callable[[List[str]], None], config_flag: Optional[str] = "config") -> None:
   """`absl.app.run(main)` with user errors printed as one line (see the module docstring)."""
   def guarded(argv):
+    from dimo_jax import writers
+    writers.quiet_orbax()
     try:
       main(argv)
     except UserError as e:

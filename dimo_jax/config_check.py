@@ -41,7 +41,8 @@ POSITIVE_INTS = ("max_train_steps", "fake_rounds", "log_every", "validation_step
                  "checkpointing_steps", "checkpoints_total_limit", "sampling_step",
                  "eval_samples", "eval_batch_size", "eval_seeds", "ema_freq",
                  "num_steps", "batch_size")  # the last two: teacher pretraining
-NON_NEGATIVE_INTS = ("lr_warmup_steps", "top_k", "max_consecutive_skips", "warmup_steps")
+NON_NEGATIVE_INTS = ("lr_warmup_steps", "top_k", "max_consecutive_skips", "warmup_steps",
+                     "profile_steps")
 # Rates, temperatures and eps: finite and > 0.
 POSITIVE_FLOATS = ("generator_lr", "fake_lr", "adam_epsilon", "gen_temp", "true_temp",
                    "fake_temp", "temperature_fake", "sm_temp", "lr")
@@ -173,6 +174,12 @@ def problems(config: ml_collections.ConfigDict) -> List[str]:
         and config.get("dataset", "digits") not in rewards.DATASETS):
       found.append(f"tteo.steps > 0 needs a reward, which dataset {config.get('dataset')!r} "
                    "has not (digits only; tteo.steps=0)")
+  if has("writers"):
+    from dimo_jax import writers
+    value = config.writers
+    if (isinstance(value, str) or not isinstance(value, (tuple, list))
+        or any(w not in writers.WRITERS for w in value)):
+      bad("writers", f"must be a list of {', '.join(map(repr, writers.WRITERS))}")
   if has("train_batch_size"):
     per_device = config.get("per_device_batch", -1) or -1
     batch = config.train_batch_size

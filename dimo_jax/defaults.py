@@ -45,6 +45,11 @@ def reference_config() -> ml_collections.ConfigDict:
   # The reference builds Adam with eps 1e-6 under bf16 mixed precision (1e-8 otherwise).
   c.adam_epsilon = 1e-6
   c.validation_steps = 200
+  # Ours: where scalars, grids and the final metrics go ('tensorboard': event files through
+  # tensorboardX; 'wandb': Weights & Biases, pip install wandb), and a jax.profiler trace of
+  # this many steps after the first (WORKDIR/profile; 0: none).
+  c.writers = ("tensorboard",)
+  c.profile_steps = 0
   c.checkpointing_steps = 1000
   c.checkpoints_total_limit = 5
   # Ours, not the reference's: stop the run with an error after this many generator (or

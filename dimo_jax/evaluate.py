@@ -74,7 +74,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dimo_jax import (checkpoints, cli, config_check, data, distributed, dtypes, metrics, outputs,
-                      parallel, rewards, samplers, teachers, tokenizers, visualize)
+                      parallel, rewards, samplers, teachers, tokenizers, visualize, writers)
 from dimo_jax.data.digits import class_balanced_labels
 from dimo_jax.errors import UserError
 from dimo_jax.metrics import clip_score, pipeline, reference as references
@@ -440,12 +440,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
   if text is not None:
     result.update(prompts=text.source, num_prompts=len(text.prompts))
   checkpoints.write_json(os.path.join(workdir, f"eval_{sampler.tag}.json"), result)
-  # clu (and the TensorBoard writer under it) is imported only by a run that writes metrics:
-  # the step, the samplers and the benchmarks import without it (a GPU image may lack it).
-  from clu import metric_writers
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create(workdir, config)
   writer.write_scalars(sampler.step, {f"eval_{sampler.tag}/{k}": v for k, v in scores.items()})
-  writer.flush()
+  writer.close()
   return result
 
 

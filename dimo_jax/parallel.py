@@ -26,8 +26,11 @@ MIN_SHARD_SIZE = 1024
 def make_mesh(num_devices: int = -1, data: int = -1, fsdp: int = 1) -> Mesh:
   """A `data` x `fsdp` mesh over the first `num_devices` devices (-1: all of them).
 
-  One of `data` and `fsdp` may be -1: the rest of the devices. Consecutive devices share an
-  `fsdp` group, since that axis carries the most traffic (gathered parameters).
+  One of `data` and `fsdp` may be -1: the rest of the devices. The devices are laid out by
+  `jax.experimental.mesh_utils.create_device_mesh`, which follows the physical topology (a TPU
+  slice's torus, a host's GPUs) so that an `fsdp` group, the axis with the most traffic
+  (gathered parameters), is made of neighbours; where it knows no topology (CPU, a subset of
+  the devices) it keeps their order.
   """
   devices = jax.devices()
   if num_devices == 0 or num_devices < -1:
@@ -47,7 +50,13 @@ def make_mesh(num_devices: int = -1, data: int = -1, fsdp: int = 1) -> Mesh:
   if data * fsdp != count:
     raise ValueError(f"a mesh of data={data} x fsdp={fsdp} does not fit the {count} devices "
                      f"in use (num_devices={num_devices})")
-  return Mesh(np.asarray(devices[:count]).reshape(data, fsdp), (DATA, FSDP))
+  chosen = devices[:count]
+  try:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh((data, fsdp), chosen, allow_split_physical_axes=True)
+  except (ValueError, NotImplementedError, AssertionError):  # no topology rule for this layout
+    grid = np.asarray(chosen).reshape(data, fsdp)
+  return Mesh(grid, (DATA, FSDP))
 
 
 def batch_devices(mesh: Mesh) -> int:

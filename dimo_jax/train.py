@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from dimo_jax import (checkpoints, config_check, data, defaults, distill, distributed, dtypes,
-                      metrics, modeldir, parallel, rewards, samplers, teachers, visualize)
+                      metrics, modeldir, parallel, rewards, samplers, teachers, visualize,
+                      writers)
 from dimo_jax.errors import UserError
 
 
@@ -132,12 +133,13 @@ RESUME_FREE_KEYS = frozenset({
     "eval_batch_size", "eval_gen_temps", "eval_params", "eval_seeds", "sampling_step",
     "sched_mode", "cfg_w", "r_temp", "sm_temp", "grid_classes", "num_devices", "mesh",
     "max_consecutive_skips", "allow_config_change", "gradient_checkpointing", "prompt_cache",
-    "tteo", "guidance_annealing", "scale_pow"})
+    "tteo", "guidance_annealing", "scale_pow", "writers", "profile_steps"})
 
 
 # Keys added after runs were written, each with the value that does what those runs did: a saved
 # config without one reads as having that value (the Soft-Di[M]O blocks' defaults: Di[M]O alone).
 ADDED_KEYS = {"attention_impl": "auto", "guidance_annealing": "none", "scale_pow": 3.0,
+              "writers": ["tensorboard"], "profile_steps": 0,
               **{f"{block}.{key}": value for block in ("gan", "reward", "diversity")
                  for key, value in defaults.reference_config()[block].items()}}
 
@@ -412,10 +414,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
       jit_train_step(config, step_teacher, mesh, state, teacher_params, *example,
                      reward=reward),
       state, teacher_params, *example, name="train_step")
-  # clu (and the TensorBoard writer under it) is imported only by a run that writes metrics:
-  # the step, the samplers and the benchmarks import without it (a GPU image may lack it).
-  from clu import metric_writers
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = writers.create(workdir, config)
+  if int(state.step) == 0 and jax.process_index() == 0:
+    from clu import parameter_overview
+    logging.info("generator parameters:\n%s",
+                 parameter_overview.get_parameter_overview(state.gen_params))
   # The digits scorer trains its feature classifier: build it once, and only if it is used.
   score = metrics.scorer(dataset) if config.validation_metrics or config.final_eval else None
   # One compiled one-step sampler for every validation, fed the parameters of the moment.
@@ -436,11 +439,41 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   writer.flush()
 
   if not config.final_eval:
+    writer.close()
     return {}
   params = state.ema_params if config.eval_params == "ema" else state.gen_params
   results = evaluate(config, teacher, mesh, params, int(state.step), workdir, dataset, score)
   checkpoints.write_json(os.path.join(workdir, "metrics.json"), results)
+  final = {f"final/{sampler}/{k}": v for sampler, values in results.items()
+           for k, v in values.items() if isinstance(v, (int, float))}
+  writer.write_scalars(int(state.step), final)
+  writer.write_hparams(config, final, int(state.step))
+  writer.close()
   return results
+
+
+class ProfileWindow:
+  """`config.profile_steps` = N > 0: a `jax.profiler` trace of the N steps after the first one
+  of this process (which compiles), written under WORKDIR/profile (TensorBoard's profile tab,
+  or Perfetto)."""
+
+  def __init__(self, steps: int, start: int, workdir: str):
+    self.first, self.last = start + 1, start + 1 + steps
+    self.on, self.enabled = False, steps > 0 and jax.process_index() == 0
+    self.folder = os.path.join(workdir, "profile")
+
+  def before(self, step: int) -> None:
+    if self.enabled and step == self.first:
+      jax.profiler.start_trace(self.folder)
+      self.on = True
+
+  def after(self, done: int, state) -> None:
+    if self.on and done == self.last:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.on = False
+      logging.info("profile of steps %d-%d written to %s", self.first + 1, self.last,
+                   self.folder)
 
 
 def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, validation,
@@ -449,15 +482,22 @@ def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, 
   classes = grid_classes(config, dataset.num_classes)
   grid_labels = np.repeat(classes, 8)
   labels = eval_labels(config, dataset.num_classes)
+  window = writers.WindowMean()
+  profile = ProfileWindow(config.get("profile_steps", 0), int(state.step), workdir)
   for step in progress:
+    profile.before(step)
     state, metrics = step_fn(state, teacher_params, *fed(step))
     done = step + 1
+    profile.after(done, state)
     watch.after(done, metrics)
+    window.add(metrics)
     if done % config.log_every == 0 or done == config.max_train_steps:
-      scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      scalars = window.result()  # the window's means and its steps/s
+      scalars["images_per_s"] = scalars["steps_per_s"] * config.train_batch_size
       writer.write_scalars(done, scalars)
       progress.set_postfix(loss_g=f"{scalars['loss_generator']:.3g}",
-                           loss_fake=f"{scalars['loss_fake']:.3g}")
+                           loss_fake=f"{scalars['loss_fake']:.3g}",
+                           img_s=f"{scalars['images_per_s']:.3g}")
     if done % config.validation_steps == 0:
       sigma = np.float32(samplers.generator_noise(config, done))
       codes = validation(grid_labels, 0, (state.ema_params, sigma))
@@ -470,7 +510,8 @@ def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, 
           codes = validation(labels, 1, (params, sigma))
           writer.write_scalars(done, {f"val_{name}/{k}": v
                                       for k, v in score(codes, labels).items()})
-    manager.save(done, args=ocp.args.StandardSave(state))
+    if done % config.checkpointing_steps == 0:  # no step-1 save (orbax's initial-save policy)
+      manager.save(done, args=ocp.args.StandardSave(state))
   watch.check()
   if int(state.step) not in manager.all_steps():
     manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)

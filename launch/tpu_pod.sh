@@ -15,7 +15,7 @@
 #   PROJECT   the Google Cloud project (default: gcloud's configured one)
 #   REPO_DIR  where this repository is checked out on every worker (default: ~/dimo_jax); it is
 #             expanded by the workers' shell, so `~` and `$HOME` work
-#   SETUP     a command each worker runs first, e.g. "pip install -r requirements.txt"
+#   SETUP     a command each worker runs first, e.g. "pip install -e .[tpu] -c constraints.txt"
 #   PYTHON    the workers' Python (default: python3)
 #
 # Each worker starts the same `python -m dimo_jax.main`; JAX finds the other workers from the

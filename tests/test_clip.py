@@ -2,6 +2,10 @@
 score, preprocessing against CLIPImageProcessorPil, and the BPE tokenizer against
 transformers.CLIPTokenizer."""
 
+from tests.optional import need
+
+need("torch", "transformers", "safetensors")
+
 import collections
 import json
 import os

@@ -1,5 +1,9 @@
 """diffusers-vq conversion: tiny random diffusers.VQModel releases, converted, against diffusers."""
 
+from tests.optional import need
+
+need("torch", "diffusers", "safetensors")
+
 import json
 import os
 

@@ -1,5 +1,9 @@
 """fid-inception conversion: random pytorch-fid weights, converted, against a torch reference."""
 
+from tests.optional import need
+
+need("torch")
+
 import os
 
 import jax.numpy as jnp

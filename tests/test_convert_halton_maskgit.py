@@ -1,5 +1,9 @@
 """convert/halton_maskgit.py: a Halton-MaskGIT v1.0 `.pth` becomes a teacher with equal logits."""
 
+from tests.optional import need
+
+need("torch")
+
 import os
 
 import flax.linen as nn

@@ -1,5 +1,9 @@
 """taming-vqgan conversion: a tiny random taming release, converted, against a torch reference."""
 
+from tests.optional import need
+
+need("torch", "yaml")
+
 import os
 
 import jax.numpy as jnp

@@ -2,6 +2,10 @@
 transformers.CLIPTokenizer, the prompt encodings against transformers' CLIP text model, and a
 Meissonic-style teacher pretrained on it that loads back as a text-conditioned Teacher."""
 
+from tests.optional import need
+
+need("torch", "transformers")
+
 import json
 import os
 

@@ -183,6 +183,8 @@ def test_stats_command_on_a_folder(dirs, tmp_path, monkeypatch):
 
 def test_stats_from_a_tfds_dataset(monkeypatch):
   """`--tfds name:split` through tensorflow-datasets' own mock of cifar10 (nothing downloaded)."""
+  from tests.optional import need
+  need("tensorflow_datasets", "tensorflow")
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=5):
     count, batches = reference.tfds_batches("cifar10:test", 16, 2)

@@ -10,6 +10,10 @@ The command line runs in a process with 8 simulated CPU devices (as tests/test_e
 does) and must give the one-device samples.
 """
 
+from tests.optional import need
+
+need("torch", "transformers")
+
 import json
 import os
 import subprocess

@@ -24,7 +24,7 @@ TPU = dict(TPU_NAME="pod", ZONE="us-central2-b", CONFIG="configs/x.py", WORKDIR=
 
 
 def test_tpu_pod_runs_main_on_every_worker():
-  out = dry_run("tpu_pod.sh", dict(TPU, PROJECT="proj", SETUP="pip install -r requirements.txt"),
+  out = dry_run("tpu_pod.sh", dict(TPU, PROJECT="proj", SETUP="pip install -e .[tpu] -c constraints.txt"),
                 "--config.lr=1e-5")
   assert out.returncode == 0, out.stderr
   argv = shlex.split(out.stdout)
@@ -32,7 +32,7 @@ def test_tpu_pod_runs_main_on_every_worker():
                        "us-central2-b", "--project", "proj", "--worker=all"]
   assert argv[-2] == "--command"
   remote = argv[-1].split(" && ")
-  assert remote[:2] == ["cd ~/dimo_jax", "pip install -r requirements.txt"]
+  assert remote[:2] == ["cd ~/dimo_jax", "pip install -e .[tpu] -c constraints.txt"]
   assert shlex.split(remote[2]) == ["python3"] + TRAIN
 
 

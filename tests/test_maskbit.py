@@ -2,6 +2,10 @@
 pre-norm) to modules equal to an independent PyTorch reference, the kind keeps the teacher
 contract, and its decode rule keeps and re-masks what the release's `sample` does."""
 
+from tests.optional import need
+
+need("torch", "yaml")
+
 import os
 
 import jax

@@ -1,6 +1,10 @@
 """Meissonic transformer: a tiny random release in the diffusers layout, converted, against the
 torch reference (upstream diffusers blocks + Meissonic's glue, tests/reference/meissonic_torch.py)."""
 
+from tests.optional import need
+
+need("torch", "safetensors")
+
 import json
 import os
 

@@ -1,6 +1,10 @@
 """Prompts for text-to-image distillation: prompt files, tfds captions, config selection, CLIP
 embeddings against transformers' CLIPTextModelWithProjection, and the embedding cache."""
 
+from tests.optional import need
+
+need("torch", "transformers")
+
 import os
 import sys
 import types
@@ -64,6 +68,8 @@ def _coco_like(count: int):
 def test_tfds_captions_from_the_real_coco_captions_builder():
   """tensorflow-datasets' own mock of coco_captions (its real builder and features, random
   text, nothing downloaded)."""
+  from tests.optional import need
+  need("tensorflow_datasets", "tensorflow")
   import tensorflow_datasets as tfds
   with tfds.testing.mock_data(num_examples=3):
     captions = prompts_lib.tfds_captions("coco_captions", "train", "captions/text")

@@ -2,6 +2,10 @@
 when it is a model directory, SRC and what contains it are never touched, and at every instant
 either the old or the new directory is whole (interrupted conversions are cleaned up next time)."""
 
+from tests.optional import need
+
+need("torch", "yaml", "safetensors")
+
 import argparse
 import contextlib
 import json

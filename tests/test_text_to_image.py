@@ -3,6 +3,10 @@ into one model directory, loaded; prompt encoding against transformers, logits a
 converted transformer and the torch reference, the sampler's rule against diffusers'
 AmusedScheduler, the sample CLI."""
 
+from tests.optional import need
+
+need("torch", "transformers", "diffusers", "safetensors")
+
 import json
 import math
 import os

@@ -294,7 +294,7 @@ def load_safetensors(path: str, what: str = "safetensors weights") -> Dict[str, 
   """The tensors of a .safetensors file as numpy arrays of their own dtype (bfloat16 and float8
   become float32; no PyTorch needed); `check_shape` checks them where they become parameters."""
   require_file(path, what)
-  import safetensors.numpy  # conversion-only dependency (requirements-convert.txt)
+  import safetensors.numpy  # conversion-only dependency (the [convert] extra)
   try:
     try:
       state = safetensors.numpy.load_file(path)

@@ -49,7 +49,7 @@ OLD_INPUT_PROJ = "token_emb."  # the released generator files' spelling of input
 
 def read_yaml(path: str) -> Dict[str, Any]:
   common.require_file(path, "a MaskBit YAML config (configs/generator or configs/tokenizer)")
-  import yaml  # conversion-only dependency (requirements-convert.txt)
+  import yaml  # conversion-only dependency (the [convert] extra)
   with open(path) as f:
     try:
       config = yaml.safe_load(f)

@@ -31,7 +31,7 @@ _REQUIRED_DDCONFIG = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolut
 
 def model_from_config(path: str) -> VQModel:
   """The VQModel a taming yaml describes; ConversionError naming the file and the missing key."""
-  import yaml  # conversion-only dependency (requirements-convert.txt)
+  import yaml  # conversion-only dependency (the [convert] extra)
   with open(path) as f:
     try:
       config = yaml.safe_load(f)

@@ -1,0 +1,91 @@
+"""dimo_jax/writers.py: TensorBoard events without TensorFlow (read back here), window means,
+and orbax kept at WARNING."""
+
+import glob
+import logging
+import os
+import struct
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+
+from dimo_jax import writers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_events(folder):
+  """Every Event proto of the TFRecord event files in `folder` (length, crc, data, crc)."""
+  from tensorboardX.proto import event_pb2
+  events = []
+  for path in sorted(glob.glob(f"{folder}/**/events.out.tfevents.*", recursive=True)):
+    with open(path, "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event()
+      event.ParseFromString(data[offset + 12:offset + 12 + length])
+      events.append(event)
+      offset += 12 + length + 4
+  return events
+
+
+def scalars(events):
+  return {(v.tag, e.step): v.simple_value for e in events for v in e.summary.value
+          if v.HasField("simple_value")}
+
+
+def test_scalars_images_and_hparams_reach_the_event_file(tmp_path):
+  writer = writers.Writer(str(tmp_path), config={"lr": 0.1})
+  writer.write_scalars(5, {"loss": 0.25, "steps_per_s": 3.0})
+  writer.write_images(5, {"grid": np.zeros((1, 4, 6, 3), np.uint8)})
+  writer.write_hparams({"generator_lr": 1e-4, "gan": {"weight": 1.0}, "writers": ("tensorboard",)},
+                       {"final/fd": 0.5})
+  writer.close()
+  events = read_events(tmp_path)
+  found = scalars(events)
+  assert found[("loss", 5)] == 0.25 and found[("steps_per_s", 5)] == 3.0
+  tags = {v.tag for e in events for v in e.summary.value}
+  assert "grid" in tags
+  assert any(v.metadata.plugin_data.plugin_name == "hparams" for e in events
+             for v in e.summary.value)
+  assert found[("final/fd", 0)] == 0.5
+
+
+def test_a_run_imports_no_tensorflow():
+  """The core install has no TensorFlow: training, evaluation and the writers import without
+  it (tensorflow-datasets only when a tfds dataset is named)."""
+  # main and evaluate each define --config: one process each.
+  for modules in ("dimo_jax.main, dimo_jax.sample, dimo_jax.writers, dimo_jax.tokenize",
+                  "dimo_jax.evaluate, dimo_jax.pretrain"):
+    code = (f"import sys; import {modules}; "
+            "bad = [m for m in ('tensorflow', 'tensorflow_datasets') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+def test_window_mean_is_the_mean_of_the_window_and_restarts():
+  window = writers.WindowMean()
+  for value in (1.0, 2.0, 6.0):
+    window.add({"loss": jnp.float32(value)})
+  first = window.result()
+  assert first["loss"] == 3.0 and first["steps_per_s"] > 0
+  window.add({"loss": jnp.float32(10.0)})
+  assert window.result()["loss"] == 10.0
+
+
+def test_orbax_info_is_dropped_and_its_warnings_kept():
+  writers.quiet_orbax()
+  logger = logging.getLogger("absl")
+  record = lambda level, path: logging.LogRecord("absl", level, path, 1, "m", None, None)
+  assert not logger.filter(record(logging.INFO, "/x/site-packages/orbax/checkpoint/a.py"))
+  assert logger.filter(record(logging.WARNING, "/x/site-packages/orbax/checkpoint/a.py"))
+  assert logger.filter(record(logging.INFO, "/x/dimo_jax/train.py"))
+
+
+def test_the_hyper_parameters_flatten_to_scalars_and_strings():
+  flat = writers.flat_hparams({"a": 1, "b": {"c": 0.5, "d": (1, 2)}, "e": None})
+  assert flat == {"a": 1, "b.c": 0.5, "b.d": "(1, 2)", "e": "None"}
