@@ -32,7 +32,7 @@ import numpy as np
 
 from dimo_jax.models import attention as attention_lib
 from dimo_jax.models import soft
-from dimo_jax.models.maskgit import remat_layer
+from dimo_jax.models.maskgit import perturb_input, remat_layer
 
 Dtype = Any
 
@@ -116,13 +116,7 @@ class Embed(nn.Module):
       visual = soft.embed(word.embedding, probs, codebook_size, self.vocab_size - 1)
       x = jnp.concatenate([x[:, :1], visual.astype(x.dtype)], axis=1)
     visual = x[:, 1:]
-    if emb_noise is not None:
-      eps = jax.random.normal(self.make_rng("noise"), visual.shape, visual.dtype)
-      sigma = jnp.asarray(emb_noise, visual.dtype)
-      visual = sigma * eps + jnp.sqrt(1.0 - sigma**2) * visual
-    if emb_offset is not None:
-      visual = visual + emb_offset.astype(visual.dtype)
-    self.sow("intermediates", "input_embedding", visual)
+    visual = perturb_input(self, visual, emb_noise, 1.0, emb_offset)
     x = jnp.concatenate([x[:, :1], visual], axis=1)
     positions = nn.Embed(self.max_positions, self.features, name="position_embeddings")(
         jnp.arange(ids.shape[1])[None])

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dimo_jax.models import soft
-from dimo_jax.models.maskgit import MultiheadAttention, remat_layer
+from dimo_jax.models.maskgit import MultiheadAttention, perturb_input, remat_layer
 
 Dtype = Any
 _EPS = 1e-12  # every LayerNorm of the release
@@ -251,15 +251,8 @@ class LFQBert(nn.Module):
                          f"{self.codebook_splits} splits), got tokens of shape {tokens.shape}")
       bits = jnp.take(table, tokens.astype(jnp.int32), axis=0)
     bits = bits.reshape(batch, self.num_positions, self.codebook_bits)
-    visual = nn.Dense(self.hidden_dim, dtype=self.dtype, name="input_proj")(bits)
-    if emb_noise is not None:
-      eps = jax.random.normal(self.make_rng("noise"), visual.shape, visual.dtype)
-      sigma = jnp.asarray(emb_noise, visual.dtype)
-      scale = jnp.asarray(self.emb_noise_scale, visual.dtype)
-      visual = sigma * scale * eps + jnp.sqrt(1.0 - sigma**2) * visual
-    if emb_offset is not None:
-      visual = visual + emb_offset.astype(visual.dtype)
-    self.sow("intermediates", "input_embedding", visual)
+    projected = nn.Dense(self.hidden_dim, dtype=self.dtype, name="input_proj")(bits)
+    visual = perturb_input(self, projected, emb_noise, self.emb_noise_scale, emb_offset)
 
     label = labels.astype(jnp.int32)
     if drop_label is not None:

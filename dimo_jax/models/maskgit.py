@@ -229,15 +229,8 @@ class MaskTransformer(nn.Module):
         raise ValueError(f"expected {self.seq_len} visual tokens, got tokens of shape "
                          f"{tokens.shape}")
       x = embed(jnp.concatenate([tokens.astype(jnp.int32), class_token[:, None]], axis=1))
-    visual = x[:, : self.seq_len]
-    if emb_noise is not None:
-      eps = jax.random.normal(self.make_rng("noise"), visual.shape, visual.dtype)
-      sigma = jnp.asarray(emb_noise, visual.dtype)
-      scale = jnp.asarray(self.emb_noise_scale, visual.dtype)
-      visual = sigma * scale * eps + jnp.sqrt(1.0 - sigma**2) * visual
-    if emb_offset is not None:
-      visual = visual + emb_offset.astype(visual.dtype)
-    self.sow("intermediates", "input_embedding", visual)
+    visual = perturb_input(self, x[:, : self.seq_len], emb_noise, self.emb_noise_scale,
+                           emb_offset)
     x = jnp.concatenate([visual, x[:, self.seq_len:]], axis=1)
     pos_emb = self.param("pos_emb", nn.initializers.truncated_normal(0.02),
                          (1, self.seq_len + 1, self.hidden_dim))
@@ -256,6 +249,23 @@ class MaskTransformer(nn.Module):
     table = embed.embedding[: self.codebook_size].astype(self.dtype)
     logits = jnp.einsum("bld,vd->blv", x[:, : self.seq_len], table)
     return logits.astype(jnp.float32) + bias[: self.seq_len, : self.codebook_size]
+
+
+def perturb_input(module: nn.Module, visual: jax.Array, emb_noise: Optional[jax.Array],
+                  scale: float, emb_offset: Optional[jax.Array]) -> jax.Array:
+  """The visual input embeddings as every kind's module perturbs them: Di[M]O's noise
+  sigma * s * eps + sqrt(1 - sigma^2) * e (eps from `module`'s `noise` rng collection) when
+  `emb_noise` (sigma) is given, then the TTEO offset; the result is sown as
+  `intermediates/input_embedding`."""
+  if emb_noise is not None:
+    eps = jax.random.normal(module.make_rng("noise"), visual.shape, visual.dtype)
+    sigma = jnp.asarray(emb_noise, visual.dtype)
+    visual = (sigma * jnp.asarray(scale, visual.dtype) * eps
+              + jnp.sqrt(1.0 - sigma**2) * visual)
+  if emb_offset is not None:
+    visual = visual + emb_offset.astype(visual.dtype)
+  module.sow("intermediates", "input_embedding", visual)
+  return visual
 
 
 class _Layers(nn.Module):
