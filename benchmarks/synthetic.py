@@ -52,7 +52,11 @@ def override(config, assignment: str) -> None:
     value = text
   if isinstance(node[name], float) and isinstance(value, int):
     value = float(value)
-  node[name] = value
+  try:
+    node[name] = value
+  except TypeError:  # ml_collections keeps a key's type: 'abc' for a float
+    raise SystemExit(f"error: --set {assignment}: {key} is a {type(node[name]).__name__}, "
+                     f"found {value!r}") from None
 
 
 def against_teacher(metrics, teacher: str):
@@ -84,20 +88,32 @@ def main():
   parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a key of configs/synthetic.py (repeatable)")
   args = parser.parse_args()
+  for flag in ("classes", "modes", "tokens", "codes"):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag} must be at least 1, found {getattr(args, flag)}")
+  if not 0 <= args.corruption < 1:
+    parser.error(f"--corruption must lie in [0, 1), found {args.corruption}")
+  if args.steps is not None and args.steps < 1:
+    parser.error(f"--steps must be at least 1, found {args.steps}")
 
   spec = synthetic_teacher.synthetic_spec()
   spec.update(num_classes=args.classes, modes_per_class=args.modes, seq_len=args.tokens,
               codebook_size=args.codes, corruption=args.corruption, seed=args.seed)
   root = os.path.join(args.workdir, spec_name(spec))
   teacher_dir = os.path.join(root, "teacher")
-  if not os.path.isdir(teacher_dir):
-    pretrain.pretrain(synthetic_teacher.get_config(spec), root)
+  # Every override and value is checked before the minutes of teacher pretraining.
   config = synthetic.get_config(spec)
   config.teacher_path = teacher_dir
   if args.steps is not None:
     config.max_train_steps = args.steps
   for assignment in args.set:
     override(config, assignment)
+  try:
+    config_check.check(config, "--set")
+  except config_check.ConfigError as e:
+    raise SystemExit(f"error: {e}") from None
+  if not os.path.isdir(teacher_dir):
+    pretrain.pretrain(synthetic_teacher.get_config(spec), root)
   # A run's folder names what it changed, so a rerun with other settings never resumes into
   # it (train refuses that anyway: the method keys would differ from its config.json).
   run = "dimo" + "".join("_" + a.replace("=", "-") for a in args.set)

@@ -49,6 +49,10 @@ def find_checkpoint(path: str, flag: str = "--generator") -> Tuple[str, int]:
   """(checkpoints directory, step) for a workdir, its checkpoints/ or a checkpoints/<step>;
   `flag` names the path in errors."""
   path = os.path.abspath(path)
+  if os.path.isfile(path):
+    raise GeneratorError(f"{flag}: {path} is a file; expected a Di[M]O workdir, its "
+                         "checkpoints/ or a checkpoints/<step> folder (a released .pth is "
+                         "converted with python -m dimo_jax.convert, then given as --teacher)")
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{flag}: {path} does not exist")
   candidates = [(os.path.join(path, "checkpoints"), None), (path, None)]

@@ -42,7 +42,7 @@ POSITIVE_INTS = ("max_train_steps", "fake_rounds", "log_every", "validation_step
                  "eval_samples", "eval_batch_size", "eval_seeds", "ema_freq",
                  "num_steps", "batch_size")  # the last two: teacher pretraining
 NON_NEGATIVE_INTS = ("lr_warmup_steps", "top_k", "max_consecutive_skips", "warmup_steps",
-                     "profile_steps")
+                     "profile_steps", "global_seed", "seed")
 # Rates, temperatures and eps: finite and > 0.
 POSITIVE_FLOATS = ("generator_lr", "fake_lr", "adam_epsilon", "gen_temp", "true_temp",
                    "fake_temp", "temperature_fake", "sm_temp", "lr")
@@ -174,6 +174,17 @@ def problems(config: ml_collections.ConfigDict) -> List[str]:
         and config.get("dataset", "digits") not in rewards.DATASETS):
       found.append(f"tteo.steps > 0 needs a reward, which dataset {config.get('dataset')!r} "
                    "has not (digits only; tteo.steps=0)")
+  if (has("num_steps") and has("warmup_steps") and _is_int(config.num_steps)
+      and _is_int(config.warmup_steps) and config.warmup_steps >= config.num_steps):
+    found.append(f"warmup_steps ({config.warmup_steps}) must be less than num_steps "
+                 f"({config.num_steps}): the learning rate would never leave its warm-up")
+  if has("teacher_path") and not (isinstance(config.teacher_path, str)
+                                  and config.teacher_path.strip()):
+    bad("teacher_path", "must name a teacher directory (python -m dimo_jax.convert or "
+        "pretrain writes one)")
+  if config.get("dataset") == "imagenet256" and not config.get("tokenizer_path"):
+    found.append("dataset 'imagenet256' needs tokenizer_path, the tokenizer directory of "
+                 "python -m dimo_jax.convert (its codes are decoded to score and draw them)")
   if has("writers"):
     from dimo_jax import writers
     value = config.writers

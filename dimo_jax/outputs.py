@@ -22,7 +22,16 @@ class OutputError(UserError):
 def check_replaceable(path: str, kind: str, flag: str, overwrite: bool = False) -> None:
   """Raises `OutputError` unless writing the `kind` output ("png", "npz") at `path` (given by
   `flag`) loses nothing: `path` does not exist, or is a file of that kind, or `overwrite` is set
-  and it is a file. A folder is never replaced."""
+  and it is a file. A folder is never replaced. The folder it goes into (or the nearest one
+  that exists) must be writable: this is checked before any work is done."""
+  folder = os.path.dirname(os.path.abspath(path))
+  while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+    if os.path.lexists(folder):
+      raise OutputError(f"{flag} {path}: {folder} is a file, not a folder")
+    folder = os.path.dirname(folder)
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise OutputError(f"{flag} {path}: cannot write into {folder} (read-only, or not this "
+                      "user's)")
   if not os.path.lexists(path):
     return
   if os.path.isdir(path):

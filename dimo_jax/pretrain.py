@@ -140,6 +140,11 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Trains a teacher on `config.dataset` ('digits' | 'synthetic' | 'digits_text'); returns its
   directory."""
   config_check.check(config)
+  dst = os.path.join(workdir, "teacher")
+  # Where the teacher will go is checked before the training, not after it.
+  from dimo_jax.convert import check_writable
+  modeldir.check_destination(dst)
+  check_writable(dst)
   dataset = data.get(config)
   teacher = build_teacher(config)
   model = teacher.model
@@ -162,7 +167,6 @@ def pretrain(config: ml_collections.ConfigDict, workdir: str) -> str:
     if (step + 1) % config.log_every == 0:
       losses.append(float(loss))
       logging.info("step %d loss %.4f", step + 1, losses[-1])
-  dst = os.path.join(workdir, "teacher")
   record = {"pretraining": {"config": json.loads(config.to_json()), "losses": losses,
                             "seconds": round(time.time() - start, 1)}}
   if teacher.text_conditioned:

@@ -25,6 +25,7 @@ shapes; a user's mistake (a missing directory, a label out of range, a damaged c
 one `error:` line and exit status 1 (2 for a malformed command line).
 """
 
+import math
 import os
 import sys
 import types
@@ -215,6 +216,9 @@ flags.DEFINE_string("out", None, "the PNG to write (an existing file is replaced
 flags.DEFINE_bool("overwrite", False, "let --out replace an existing file that is not a PNG",
                   flag_values=FLAGS)
 PROG = "python -m dimo_jax.sample"
+# More decoding steps than this is a typo: every released teacher decodes in at most 256
+# (MaskBit's longest), and each step is a full forward pass.
+MAX_STEPS = 1024
 
 
 def usage_error(message: str) -> None:
@@ -244,8 +248,14 @@ def parse_flags(argv: Sequence[str]) -> types.SimpleNamespace:
                   "sampling is one step")
   if args.samples_per_label < 1 or args.batch_size < 1:
     usage_error("--samples_per_label and --batch_size must be at least 1")
-  if args.steps is not None and args.steps < 1:
-    usage_error(f"--steps: expected at least 1 decoding step, found {args.steps}")
+  if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:
+    usage_error(f"--steps: expected 1 to {MAX_STEPS} decoding steps, found {args.steps}")
+  if args.seed < 0:
+    usage_error(f"--seed: expected an integer >= 0, found {args.seed}")
+  for name in ("cfg", "temperature"):
+    value = getattr(args, name)
+    if value is not None and not (math.isfinite(value) and value >= 0):
+      usage_error(f"--{name}: expected a finite number >= 0, found {value}")
   has_prompts = args.prompt is not None or args.prompt_file is not None
   if (args.labels is None) == (not has_prompts):
     usage_error("give either --labels (class-conditional teacher) or --prompt / --prompt_file "

@@ -40,11 +40,15 @@ def global_batch_size(config: ml_collections.ConfigDict, batch_devices: int) -> 
   """
   per_device = config.get("per_device_batch", -1)
   if per_device is None or per_device <= 0:
+    if config.train_batch_size % batch_devices:
+      raise config_check.ConfigError(
+          f"train_batch_size {config.train_batch_size} does not split over the {batch_devices} "
+          f"devices of the mesh; give a multiple of {batch_devices} (or per_device_batch)")
     return config.train_batch_size
   if config.train_batch_size not in (-1, per_device * batch_devices):
-    raise ValueError(f"per_device_batch {per_device} on {batch_devices} devices and "
-                     f"train_batch_size {config.train_batch_size} disagree; set one of them "
-                     "to -1")
+    raise config_check.ConfigError(
+        f"per_device_batch {per_device} on {batch_devices} devices and train_batch_size "
+        f"{config.train_batch_size} disagree; set one of them to -1")
   return per_device * batch_devices
 
 
@@ -171,11 +175,28 @@ def config_changes(saved: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]
   return changed
 
 
+def check_workdir(workdir: str) -> None:
+  """Refuses a workdir that is a file, or lies where this user cannot write (a read-only
+  mount), before anything is loaded or compiled."""
+  folder = os.path.abspath(workdir)
+  while not os.path.isdir(folder):
+    if os.path.lexists(folder):
+      raise RunError(f"--workdir {workdir}: {folder} is a file, not a folder")
+    folder = os.path.dirname(folder)
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise RunError(f"--workdir {workdir}: cannot write into {folder} (read-only, or not this "
+                   "user's)")
+
+
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> Optional[Dict[str, Any]]:
   """Refuses to resume the run in `workdir` with a config whose method keys differ from the one
   that wrote its checkpoints; returns the saved config (None for a new run)."""
   path = os.path.join(workdir, "checkpoints", "config.json")
   if not os.path.isfile(path):
+    return None
+  if not any(name.isdigit() for name in os.listdir(os.path.dirname(path))):
+    # A record without a checkpoint: the run that wrote it stopped before its first save (a
+    # config that failed at the start); nothing is resumed, so nothing binds the new run.
     return None
   saved = modeldir.read_json(path, "the config of the run that wrote these checkpoints (a JSON "
                              "object)", RunError)
@@ -349,6 +370,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   that wrote its checkpoints, and one run at a time holds `workdir` (`WorkdirLock`).
   """
   config_check.check(config)
+  check_workdir(workdir)
   os.makedirs(workdir, exist_ok=True)
   with WorkdirLock(workdir):
     return _train_and_evaluate(config, workdir)
@@ -356,10 +378,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-  mesh = parallel.make_mesh(config.num_devices, config.mesh.data, config.mesh.fsdp)
+  try:
+    mesh = parallel.make_mesh(config.num_devices, config.mesh.data, config.mesh.fsdp)
+  except ValueError as e:  # a mesh these devices cannot hold: the config's to fix
+    raise config_check.ConfigError(f"num_devices / mesh: {e}") from None
   config = config.copy_and_resolve_references()
   config.train_batch_size = global_batch_size(config, parallel.batch_devices(mesh))
   teacher = teachers.load(config.teacher_path, dtypes.compute_dtype(config))
+  if config.mask_value not in teacher.mask_values:
+    raise config_check.ConfigError(
+        f"mask_value {config.mask_value} is not the mask id of the teacher {config.teacher_path} "
+        f"({' or '.join(map(str, teacher.mask_values))})")
   teacher = teacher.with_model(teacher.model.clone(attention=config.attention_impl))
   if config.attention_impl in ("xla", "cudnn") and config.distill_dropout:
     logging.warning("attention_impl %r is a fused kernel: the attention weights are not dropped "

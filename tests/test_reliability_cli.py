@@ -194,16 +194,48 @@ def _blank_prompts(tmp_path):
     ("blank prompt file", ["--prompt_file", "{prompts}"], {}, 1,
      "error: --prompt_file: {prompts}: holds no prompt"),
     ("zero steps", ["--labels", "1", "--steps", "0"], {}, 2,
-     "error: --steps: expected at least 1 decoding step, found 0"),
+     "error: --steps: expected 1 to 1024 decoding steps, found 0"),
+    # Each of these sampled (or started to) before this check existed.
+    ("a million steps", ["--labels", "1", "--steps", "1000000"], {}, 2,
+     "error: --steps: expected 1 to 1024 decoding steps, found 1000000"),
+    ("cfg nan", ["--labels", "1", "--cfg", "nan"], {}, 2,
+     "error: --cfg: expected a finite number >= 0, found nan"),
+    ("cfg negative", ["--labels", "1", "--cfg", "-3"], {}, 2,
+     "error: --cfg: expected a finite number >= 0, found -3.0"),
+    ("temperature negative", ["--labels", "1", "--temperature", "-1"], {}, 2,
+     "error: --temperature: expected a finite number >= 0, found -1.0"),
+    ("temperature inf", ["--labels", "1", "--temperature", "inf"], {}, 2,
+     "error: --temperature: expected a finite number >= 0, found inf"),
+    ("seed negative", ["--labels", "1", "--seed", "-5"], {}, 2,
+     "error: --seed: expected an integer >= 0, found -5"),
 ])
 def test_every_user_error_of_sample_is_one_line(dirs, tmp_path, capsys, case, flags, paths,
                                                 status, expected):
+  import time
   names = {"tmp": str(tmp_path), "run": dirs["run"], "teacher": dirs["teacher"],
            "prompts": _blank_prompts(tmp_path)}
   flags = [flag.format(**names) for flag in flags]
   paths = {name: path.format(**names) for name, path in paths.items()}
+  start = time.perf_counter()
   line = run_sample(dirs, tmp_path, capsys, *flags, status=status, **paths)
   assert line.startswith(expected.format(**names)), line
+  assert time.perf_counter() - start < 10  # refused before any sampling
+
+
+def test_sample_out_under_a_file_is_refused_before_sampling(dirs, tmp_path, capsys):
+  (tmp_path / "notes.txt").write_text("mine")
+  with pytest.raises(SystemExit):
+    sample.main(["--teacher", dirs["teacher"], "--tokenizer", dirs["tokenizer"], "--labels",
+                 "1", "--out", str(tmp_path / "notes.txt" / "grid.png")])
+  assert "notes.txt is a file, not a folder" in error_line(capsys)
+  assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_evaluate_checkpoint_that_is_a_file_says_so(dirs, tmp_path):
+  released = tmp_path / "model.pth"
+  released.write_bytes(b"not a run")
+  with pytest.raises(checkpoints.GeneratorError, match="model.pth is a file; expected a Di"):
+    checkpoints.find_checkpoint(str(released), "--checkpoint")
 
 
 # --- 4, 5. every user error of evaluate is one line -------------------------------------------

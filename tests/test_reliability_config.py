@@ -48,6 +48,7 @@ BAD_VALUES = [
     ("eval_gen_temps", (0.5, 0.0)),
     ("max_consecutive_skips", -1),
     ("train_batch_size", 0),
+    ("global_seed", -5),  # trained and saved, then failed in validation (OverflowError)
 ]
 
 
@@ -83,10 +84,33 @@ def test_a_bad_pretraining_value_is_refused_before_anything_is_written(key, valu
   assert not (tmp_path / "teacher").exists()
 
 
+@pytest.mark.parametrize("change, match", [
+    (dict(dataset="imagenet256", tokenizer_path=""), "needs tokenizer_path"),
+    (dict(teacher_path=""), "teacher_path must name a teacher directory"),
+])
+def test_a_config_that_cannot_run_is_named_before_anything(change, match, tmp_path):
+  config = digits_config.get_config()
+  config.update(change)
+  with pytest.raises(config_check.ConfigError, match=match):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run").exists()
+
+
+def test_pretraining_shorter_than_its_warm_up_is_refused(tmp_path):
+  from configs import digits_teacher
+  from dimo_jax import pretrain
+  config = digits_teacher.get_config()
+  config.num_steps = 2  # the default warm-up is 100 steps: optax raised deep inside
+  with pytest.raises(config_check.ConfigError, match="warmup_steps .100. must be less than"):
+    pretrain.pretrain(config, str(tmp_path / "teacher"))
+
+
 def test_every_shipped_config_passes():
   import importlib
   for name in ("digits", "digits_text", "synthetic", "maskgit_imagenet256", "meissonic_1024",
-               "digits_teacher", "digits_text_teacher", "synthetic_teacher"):
+               "digits_teacher", "digits_text_teacher", "synthetic_teacher",
+               "soft_dimo_maskgit_imagenet256", "maskbit_imagenet256",
+               "soft_dimo_maskbit_imagenet256", "maskbit_digits", "maskbit_digits_teacher"):
     config = importlib.import_module(f"configs.{name}").get_config()
     assert config_check.problems(config) == [], name
 
@@ -170,3 +194,23 @@ def test_unknown_override_reads_the_config_file():
   assert cli.unknown_override(["prog", f"--config={path}", "--config.fake_rounds=3"]) is None
   message = cli.unknown_override(["prog", "--config", path, "--config.fake_roundz=3"])
   assert "fake_rounds" in message
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--modes", "0"], "--modes must be at least 1"),
+    (["--corruption", "1.5"], "--corruption must lie in [0, 1)"),
+    (["--tokens", "-3"], "--tokens must be at least 1"),
+    (["--set", "fake_round=4"], "did you mean fake_rounds"),
+    (["--set", "generator_lr=abc"], "generator_lr is a float, found 'abc'"),
+    (["--set", "generator_lr=-1"], "generator_lr must be a finite number > 0"),
+])
+def test_the_synthetic_benchmark_refuses_before_pretraining(flags, message, tmp_path):
+  """Each of these spent minutes pretraining a teacher before the typo was found."""
+  import time
+  start = time.perf_counter()
+  out = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "synthetic.py"),
+                        "--workdir", str(tmp_path), *flags], capture_output=True, text=True,
+                       timeout=120, cwd=REPO)
+  assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+  assert time.perf_counter() - start < 30
+  assert not any(tmp_path.rglob("model.json"))  # no teacher was pretrained

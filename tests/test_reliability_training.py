@@ -240,3 +240,79 @@ def test_a_checkpoint_of_before_the_rename_of_psi_resumes(teacher_path, tmp_path
   for name in ("fake_params", "gen_params", "fake_opt_state"):
     for key, leaf in _leaves(getattr(state, name)).items():
       np.testing.assert_array_equal(_leaves(getattr(restored, name))[key], leaf, err_msg=key)
+
+
+# ------------------------------------------------------------------ refused before any work
+
+def _refused_quickly(fn, error, match, seconds=15.0):
+  """`fn()` raises `error` matching `match` within `seconds` (no compile, no training)."""
+  import time
+  start = time.perf_counter()
+  with pytest.raises(error, match=match):
+    fn()
+  assert time.perf_counter() - start < seconds
+
+
+def test_a_batch_that_does_not_split_over_the_devices_is_a_config_error():
+  from dimo_jax import config_check
+  config = _config()
+  config.train_batch_size, config.per_device_batch = 12, -1
+  with pytest.raises(config_check.ConfigError, match="does not split over the 8 devices"):
+    train.global_batch_size(config, 8)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(num_devices=3), "num_devices / mesh: asked for 3 devices"),
+    (dict(mesh={"data": -1, "fsdp": 3}), "num_devices / mesh: a mesh of"),
+    (dict(mask_value=5), "mask_value 5 is not the mask id of the teacher"),
+])
+def test_mesh_and_mask_errors_are_one_line_before_any_compile(teacher_path, tmp_path, change,
+                                                              match):
+  from dimo_jax import config_check
+  config = tiny_config(teacher_path)
+  for key, value in change.items():
+    if isinstance(value, dict):
+      config[key].update(value)
+    else:
+      config[key] = value
+  _refused_quickly(lambda: train.train_and_evaluate(config, str(tmp_path / "w")),
+                   config_check.ConfigError, match)
+  # ... and the refused run left no record that would bind the corrected one
+  config = tiny_config(teacher_path, max_train_steps=2)
+  train.train_and_evaluate(config, str(tmp_path / "w"))
+
+
+def test_a_failed_first_attempt_does_not_bind_the_corrected_run(teacher_path, tmp_path):
+  """A run that stops before its first checkpoint has written checkpoints/config.json; the
+  rerun with a corrected value is not refused as a method change."""
+  workdir = str(tmp_path / "w")
+  os.makedirs(os.path.join(workdir, "checkpoints"))
+  with open(os.path.join(workdir, "checkpoints", "config.json"), "w") as f:
+    json.dump(json.loads(tiny_config(teacher_path, generator_lr=1.0).to_json()), f)
+  train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=2), workdir)
+  assert _config_json(workdir)["generator_lr"] != 1.0
+
+
+def test_a_workdir_that_is_a_file_is_named(teacher_path, tmp_path):
+  path = tmp_path / "notes.txt"
+  path.write_text("mine")
+  _refused_quickly(lambda: train.train_and_evaluate(tiny_config(teacher_path), str(path)),
+                   train.RunError, "is a file, not a folder")
+  assert path.read_text() == "mine"
+
+
+def test_pretrain_refuses_its_destination_before_training(tmp_path):
+  from configs import synthetic_teacher
+  from dimo_jax import modeldir, pretrain
+  workdir = tmp_path / "w"
+  (workdir / "teacher").mkdir(parents=True)
+  (workdir / "teacher" / "thesis.tex").write_text("mine")
+  config = synthetic_teacher.get_config()
+  config.num_steps = 100000  # would run for an hour if the check came after it
+  _refused_quickly(lambda: pretrain.pretrain(config, str(workdir)), modeldir.DestinationError,
+                   "holds files but no model.json")
+  assert (workdir / "teacher" / "thesis.tex").read_text() == "mine"
+  afile = tmp_path / "afile"
+  afile.write_text("mine")
+  _refused_quickly(lambda: pretrain.pretrain(config, str(afile)), modeldir.DestinationError,
+                   "not a folder")

@@ -155,8 +155,10 @@ def test_the_benchmark_takes_the_mixture_and_overrides_from_the_command_line():
   with pytest.raises(SystemExit, match="did you mean fake_rounds"):
     bench.override(config, "fake_round=2")
   metrics = {"teacher_8step": {"true_nll": 1.0, "mode_coverage": 1.0, "in_mode": 0.9},
-             "generator_1step": {"true_nll": 1.2, "mode_coverage": 0.96, "in_mode": 0.8},
-             "generator_1step_T2": {"true_nll": 1.3, "mode_coverage": 1.0, "in_mode": 0.9}}
+             "generator_1step": {"true_nll": 1.2, "mode_coverage": 0.97, "in_mode": 0.8},
+             "generator_1step_T2": {"true_nll": 1.3, "mode_coverage": 1.0, "in_mode": 0.9},
+             "generator_1step_T0.5": {"true_nll": 1.0, "mode_coverage": 0.96, "in_mode": 0.9}}
   ratios = bench.against_teacher(metrics, "teacher_8step")
   assert ratios["generator_1step"]["meets_targets"]
   assert not ratios["generator_1step_T2"]["meets_targets"]  # NLL 1.3x > 1.25x
+  assert not ratios["generator_1step_T0.5"]["meets_targets"]  # coverage 0.96x < 0.97x

@@ -89,8 +89,8 @@ def test_a_token_dataset_of_other_shapes_is_named_as_real_data(setup, tmp_path):
   out = str(tmp_path / "tokens")
   tokenize.tokenize(tokenizer_dir, out, images=str(root / "images"), image_size=16)
   dataset = data.ImageNet256(tokenizer_dir, real_tokens_path=out)
-  with pytest.raises(tokenize.TokenizeError, match="64 positions over 17 codes; the teacher "
-                                                   "has 256 over 1024"):
+  with pytest.raises(tokenize.TokenizeError, match="64 positions over 17 codes; the teacher's "
+                                                   "tokenizer has 256 over 1024"):
     data.real_tokens(dataset)
   small = data.ImageNet256(tokenizer_dir, num_classes=2, seq_len=64, codebook_size=17,
                            real_tokens_path=out)
