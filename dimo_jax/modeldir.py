@@ -331,6 +331,24 @@ def json_type(value: Any) -> str:
   return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
+
+def fingerprint(src: str) -> str:
+  """"sha256:<hex>" of a model directory's contents: every file below it (model.json, params/,
+  the parts), by relative path and bytes, in sorted order. Equal for the same teacher wherever
+  it lies or however its path is spelled; different as soon as one byte differs."""
+  digest = hashlib.sha256()
+  root = os.path.realpath(src)
+  for folder, dirs, files in sorted(os.walk(root)):
+    dirs.sort()
+    for name in sorted(files):
+      path = os.path.join(folder, name)
+      digest.update(os.path.relpath(path, root).encode() + b"\0")
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+          digest.update(block)
+      digest.update(b"\0")
+  return "sha256:" + digest.hexdigest()
+
 def read_json(path: str, expected: str = "a JSON object",
               error: Type[UserError] = ModelDirError) -> Dict[str, Any]:
   """The JSON object in the file `path`; `error` (a UserError) naming the file when it is not

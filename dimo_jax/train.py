@@ -142,7 +142,8 @@ RESUME_FREE_KEYS = frozenset({
 
 # Keys added after runs were written, each with the value that does what those runs did: a saved
 # config without one reads as having that value (the Soft-Di[M]O blocks' defaults: Di[M]O alone).
-ADDED_KEYS = {"attention_impl": "auto", "guidance_annealing": "none", "scale_pow": 3.0,
+ADDED_KEYS = {"attention_impl": "auto", "teacher_fingerprint": None,
+              "guidance_annealing": "none", "scale_pow": 3.0,
               "writers": ["tensorboard"], "profile_steps": 0,
               **{f"{block}.{key}": value for block in ("gan", "reward", "diversity")
                  for key, value in defaults.reference_config()[block].items()}}
@@ -162,8 +163,17 @@ def config_changes(saved: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]
   (a key only one of them has counts, with None on the other side)."""
   saved, new = {**ADDED_KEYS, **_flat(saved)}, {**ADDED_KEYS, **_flat(new)}
   changed = {}
+  # The teacher is compared by its contents (`teacher_fingerprint`), so that the same teacher
+  # given by another spelling of its path, or from another working directory, resumes, and
+  # another teacher at the same path does not. A record written before fingerprints compares
+  # the resolved paths.
+  identity = ("teacher_path",) if saved.get("teacher_fingerprint") else ("teacher_fingerprint",)
+  if not saved.get("teacher_fingerprint"):
+    resolve = lambda p: os.path.realpath(p) if isinstance(p, str) else p
+    saved["teacher_path"] = resolve(saved.get("teacher_path"))
+    new["teacher_path"] = resolve(new.get("teacher_path"))
   for key in sorted(set(saved) | set(new)):
-    if key.split(".")[0] in RESUME_FREE_KEYS:
+    if key.split(".")[0] in RESUME_FREE_KEYS or key in identity:
       continue
     a, b = saved.get(key), new.get(key)
     if isinstance(a, list):  # JSON writes tuples as lists
@@ -172,6 +182,8 @@ def config_changes(saved: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]
       b = tuple(b)
     if a != b:
       changed[key] = (saved.get(key), new.get(key))
+  if "teacher_fingerprint" in changed and saved.get("teacher_path") != new.get("teacher_path"):
+    changed["teacher_path"] = (saved.get("teacher_path"), new.get("teacher_path"))
   return changed
 
 
@@ -385,6 +397,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   config = config.copy_and_resolve_references()
   config.train_batch_size = global_batch_size(config, parallel.batch_devices(mesh))
   teacher = teachers.load(config.teacher_path, dtypes.compute_dtype(config))
+  # The run records its teacher by resolved path and by contents (`config_changes`).
+  with config.unlocked():
+    config.teacher_path = os.path.realpath(config.teacher_path)
+    config.teacher_fingerprint = modeldir.fingerprint(config.teacher_path)
   if config.mask_value not in teacher.mask_values:
     raise config_check.ConfigError(
         f"mask_value {config.mask_value} is not the mask id of the teacher {config.teacher_path} "

@@ -316,3 +316,38 @@ def test_pretrain_refuses_its_destination_before_training(tmp_path):
   afile.write_text("mine")
   _refused_quickly(lambda: pretrain.pretrain(config, str(afile)), modeldir.DestinationError,
                    "not a folder")
+
+
+# ------------------------------------------------------------------ the teacher, by contents
+
+def test_the_same_teacher_by_another_path_resumes(teacher_path, tmp_path, monkeypatch):
+  """The record holds the resolved path and a fingerprint of the teacher's files: a relative
+  path from another working directory, or a symlink, is the same teacher."""
+  workdir = str(tmp_path / "w")
+  monkeypatch.chdir(os.path.dirname(teacher_path))
+  train.train_and_evaluate(tiny_config(os.path.basename(teacher_path), max_train_steps=2), workdir)
+  record = _config_json(workdir)
+  assert record["teacher_path"] == os.path.realpath(teacher_path)
+  assert record["teacher_fingerprint"].startswith("sha256:")
+  link = tmp_path / "link"
+  link.symlink_to(teacher_path)
+  monkeypatch.chdir(tmp_path)
+  train.train_and_evaluate(tiny_config("link", max_train_steps=4), workdir)
+  assert "4" in os.listdir(os.path.join(workdir, "checkpoints"))
+
+
+def test_another_teacher_at_the_same_path_is_refused(teacher_path, tmp_path):
+  """The teacher at the run's path was replaced (here: its noise scale, one value of
+  model.json): the contents differ, so the resume is refused though the path is the same."""
+  import shutil
+  copy = str(tmp_path / "teacher")
+  shutil.copytree(teacher_path, copy)
+  workdir = str(tmp_path / "w")
+  train.train_and_evaluate(tiny_config(copy, max_train_steps=2), workdir)
+  with open(os.path.join(copy, "model.json")) as f:
+    description = json.load(f)
+  description["config"]["emb_noise_scale"] = 0.5
+  with open(os.path.join(copy, "model.json"), "w") as f:
+    json.dump(description, f)
+  with pytest.raises(train.RunError, match="teacher_fingerprint"):
+    train.train_and_evaluate(tiny_config(copy, max_train_steps=4), workdir)
