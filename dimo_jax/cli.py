@@ -76,9 +76,34 @@ def unknown_override(argv: Sequence[str], name: str = "config") -> Optional[str]
   return None
 
 
+def installed_config(argv: List[str], name: str = "config") -> List[str]:
+  """`argv` with a `--config configs/<file>.py[:arg]` that does not exist from the working
+  directory replaced by the installed `configs` package's file of that name, so that the
+  README's commands work from any directory once the package is installed."""
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith(f"--{name}="):
+      prefix, spec = f"--{name}=", arg.split("=", 1)[1]
+    elif arg == f"--{name}" and i + 1 < len(out):
+      prefix, spec, i = "", out[i + 1], i + 1
+    else:
+      continue
+    path, sep, rest = spec.partition(":")
+    if os.path.exists(path) or not path.startswith("configs/"):
+      continue
+    import configs
+    candidate = os.path.join(os.path.dirname(os.path.abspath(configs.__file__)),
+                             path[len("configs/"):])
+    if os.path.isfile(candidate):
+      out[i] = prefix + candidate + sep + rest
+  return out
+
+
 def parse_flags(argv: List[str], config_flag: Optional[str] = "config") -> List[str]:
   """absl flag parsing whose failures are one line (a mistyped config key gets its closest
   real keys)."""
+  if config_flag:
+    argv = installed_config(argv, config_flag)
   try:
     return flags.FLAGS(argv)
   except Exception as e:  # config_flags raises KeyError / AttributeError chains for a bad key

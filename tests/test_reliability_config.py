@@ -214,3 +214,14 @@ def test_the_synthetic_benchmark_refuses_before_pretraining(flags, message, tmp_
   assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
   assert time.perf_counter() - start < 30
   assert not any(tmp_path.rglob("model.json"))  # no teacher was pretrained
+
+
+def test_a_shipped_config_is_found_from_any_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  argv = cli.installed_config(["prog", "--config", "configs/digits.py", "--workdir", "w"])
+  assert argv[2] == os.path.join(REPO, "configs", "digits.py")
+  argv = cli.installed_config(["prog", "--config=configs/synthetic.py:x"])
+  assert argv[1] == "--config=" + os.path.join(REPO, "configs", "synthetic.py") + ":x"
+  (tmp_path / "configs").mkdir()
+  (tmp_path / "configs" / "digits.py").write_text("# the user's own")
+  assert cli.installed_config(["prog", "--config", "configs/digits.py"])[2] == "configs/digits.py"
