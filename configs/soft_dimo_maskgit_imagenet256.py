@@ -10,8 +10,8 @@ The paper (arXiv 2509.22925) gives the form of the GAN term, r_max 0.95, and for
 MaskBit run w_GAN 200 with lr 5e-7 and AdamW (weight decay 0.01); it does not give its MaskGIT
 run's weight or learning rates. Every value marked "ours" below is our choice and has not been
 measured at this size (no machine here runs it): on the toys the GAN sharpened the samples and
-lost modes as the discriminator grew stronger (docs/experiments.md, "Soft-Di[M]O"), so start with a small
-weight and watch recall. The reward term (Inception logits) is not built yet.
+lost modes as the discriminator grew stronger (docs/experiments.md, "Soft-Di[M]O"), so start
+with a small weight and watch recall. The reward term (Inception logits) is not built yet.
 """
 
 from configs import maskgit_imagenet256

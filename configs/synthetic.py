@@ -2,8 +2,8 @@
 
   python benchmarks/synthetic.py [--modes 6 --corruption 0.05 --seed 1]   # pretrain, distill
 
-Starts from configs/digits.py and changes what the study of docs/experiments.md ("Synthetic prototype
-mixture") found: the teacher's dropout off (on a 0.2M-parameter teacher it blurs the target:
+Starts from configs/digits.py and changes what the study of docs/experiments.md ("Synthetic
+prototype mixture") found: the teacher's dropout off (on a 0.2M-parameter teacher it blurs the target:
 8-step samples 71% in a mode with it, 95% without), an auxiliary model 30x the digits rate
 with four updates per generator update (it keeps up with the generator, so fewer modes are
 lost), x_init 90% masked (fewer random tokens: more modes kept; all masked, the noise alone

@@ -20,8 +20,8 @@ the positions two samples of one mode share, so lowering it adds noise inside a 
 teacher's features abstract the corruption away, so moving apart there was meant to mean
 another mode.
 
-Measured on the six-mode mixture (docs/experiments.md, "Soft-Di[M]O"), neither recovers modes: 'tokens'
-spreads samples within their modes, 'features' loses modes. Both are off by default.
+Measured on the six-mode mixture (docs/experiments.md, "Soft-Di[M]O"), neither recovers modes:
+'tokens' spreads samples within their modes, 'features' loses modes. Both are off by default.
 """
 
 import jax

@@ -204,9 +204,19 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str) -> Optional[Di
   """Refuses to resume the run in `workdir` with a config whose method keys differ from the one
   that wrote its checkpoints; returns the saved config (None for a new run)."""
   path = os.path.join(workdir, "checkpoints", "config.json")
+  folder = os.path.dirname(path)
+  steps = (sorted(int(n) for n in os.listdir(folder) if n.isdigit())
+           if os.path.isdir(folder) else [])
   if not os.path.isfile(path):
+    if steps and not config.allow_config_change:
+      # Without the record nothing says which method wrote these steps: refuse rather than
+      # resume them under another one.
+      raise RunError(f"{folder}: holds steps {', '.join(map(str, steps))} but not config.json, "
+                     "the record of the config that wrote them; put it back, start a new "
+                     "--workdir, or pass --config.allow_config_change=True to resume them under "
+                     "this config")
     return None
-  if not any(name.isdigit() for name in os.listdir(os.path.dirname(path))):
+  if not steps:
     # A record without a checkpoint: the run that wrote it stopped before its first save (a
     # config that failed at the start); nothing is resumed, so nothing binds the new run.
     return None

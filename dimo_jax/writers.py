@@ -71,8 +71,8 @@ class Writer:
                             dataformats="NHWC")
       if self._wandb is not None:
         import wandb
-        self._wandb.log({key: [wandb.Image(v) for v in np.reshape(value, (-1,) + value.shape[-3:])]},
-                        step=step)
+        frames = np.reshape(value, (-1,) + value.shape[-3:])
+        self._wandb.log({key: [wandb.Image(v) for v in frames]}, step=step)
 
   def write_hparams(self, hparams: Dict[str, Any], metrics: Dict[str, float],
                     step: int = 0) -> None:

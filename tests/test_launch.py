@@ -24,7 +24,8 @@ TPU = dict(TPU_NAME="pod", ZONE="us-central2-b", CONFIG="configs/x.py", WORKDIR=
 
 
 def test_tpu_pod_runs_main_on_every_worker():
-  out = dry_run("tpu_pod.sh", dict(TPU, PROJECT="proj", SETUP="pip install -e .[tpu] -c constraints.txt"),
+  setup = "pip install -e .[tpu] -c constraints.txt"
+  out = dry_run("tpu_pod.sh", dict(TPU, PROJECT="proj", SETUP=setup),
                 "--config.lr=1e-5")
   assert out.returncode == 0, out.stderr
   argv = shlex.split(out.stdout)

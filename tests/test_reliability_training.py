@@ -351,3 +351,15 @@ def test_another_teacher_at_the_same_path_is_refused(teacher_path, tmp_path):
     json.dump(description, f)
   with pytest.raises(train.RunError, match="teacher_fingerprint"):
     train.train_and_evaluate(tiny_config(copy, max_train_steps=4), workdir)
+
+
+def test_steps_without_their_record_are_not_resumed_silently(teacher_path, tmp_path):
+  workdir = str(tmp_path / "w")
+  train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=2), workdir)
+  os.remove(os.path.join(workdir, "checkpoints", "config.json"))
+  with pytest.raises(train.RunError, match="holds steps 2 but not config.json"):
+    train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=4, generator_lr=0.5),
+                             workdir)
+  train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=4, generator_lr=0.5,
+                                       allow_config_change=True), workdir)
+  assert _config_json(workdir)["generator_lr"] == 0.5

@@ -123,7 +123,8 @@ def generator_from_state(path: str, config_path: str, state: Dict[str, np.ndarra
                             "class count and positions are read from it)")
   return maskbit.LFQBert(
       codebook_bits=bits, codebook_splits=ints["codebook_splits"],
-      num_positions=state["pos_emb"].shape[1] - 1, num_classes=state["class_emb.weight"].shape[0] - 1,
+      num_positions=state["pos_emb"].shape[1] - 1,
+      num_classes=state["class_emb.weight"].shape[0] - 1,
       hidden_dim=ints["hidden_dim"], depth=ints["depth"], num_heads=ints["heads"],
       mlp_dim=ints["mlp_dim"], dropout=float(dropout), use_prenorm=prenorm)
 

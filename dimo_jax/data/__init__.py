@@ -11,7 +11,8 @@ Each gives what pretraining, the sample grids and the final evaluation need:
   real_tokens:  () -> (tokens int32[N, L], labels int32[N]), what Soft-Di[M]O's discriminator
                 sees as real (digits, synthetic, and imagenet256 with `gan.real_tokens`)
   scorer:       the `metrics.scorer` of its codes: "digits" (fd and accuracy in a trained
-                classifier's features; "digits_bits" the same of the merged sub-tokens), "synthetic" (true_nll, mode_coverage and in_mode), or
+                classifier's features; "digits_bits" the same of the merged sub-tokens),
+                "synthetic" (true_nll, mode_coverage and in_mode), or
                 None (imagenet256, prompts: images are scored by dimo_jax/evaluate.py).
 Text-to-image datasets ('prompts', 'digits_text') add the prompts the step is fed:
   conditions:        data.prompts.PromptConditions (the prompts' encodings)

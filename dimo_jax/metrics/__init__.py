@@ -21,8 +21,9 @@ SCORERS = ("digits", "digits_bits", "synthetic", None)  # what a dataset's `scor
 
 def scorer(dataset) -> Scorer:
   """(tokens int[N, L], labels int[N]) -> {metric: float} for `dataset`: "digits" -> fd and
-  accuracy (`metrics.digits`; "digits_bits" of MaskBit sub-tokens merged to grey levels), "synthetic" -> true_nll, mode_coverage and in_mode (the mixture's
-  exact likelihood, `data.synthetic`), None -> nothing (images are scored by `evaluate`)."""
+  accuracy (`metrics.digits`; "digits_bits" of MaskBit sub-tokens merged to grey levels),
+  "synthetic" -> true_nll, mode_coverage and in_mode (the mixture's exact likelihood,
+  `data.synthetic`), None -> nothing (images are scored by `evaluate`)."""
   if dataset.scorer in ("digits", "digits_bits"):
     from dimo_jax.metrics import digits
     score = digits.scorer()

@@ -17,8 +17,8 @@
 The fused kernels take no dropout (jax's public API has none; the cuDNN kernel's own needs a
 compile-time seed, which would repeat one mask every step), so `xla` and `cudnn` chosen while
 attention dropout is on train WITHOUT dropout on the attention weights; every other dropout of
-the model stays. That is a change of the method (docs/performance.md, "Attention kernels"), which `auto`
-never makes.
+the model stays. That is a change of the method (docs/performance.md, "Attention kernels"), which
+`auto` never makes.
 """
 
 import jax
