@@ -103,16 +103,22 @@ def evaluate(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh,
     runs[f"generator_1step_tteo{config.tteo.steps}"] = samplers.generator(
         teacher, gen_params, config, step, tteo=tteo)
   results, panels = {}, {}
+  seeds = config.get("eval_seeds", 1)
+  progress = tqdm(total=len(runs) * seeds, desc="final evaluation", unit="sampler-seed",
+                  mininterval=2.0, disable=jax.process_index() > 0)
   for name, sampler in runs.items():
     run = samplers.MeshSampler(sampler, mesh, config.eval_batch_size, dataset.condition)
     per_seed = []
-    for offset in range(config.get("eval_seeds", 1)):
+    for offset in range(seeds):
+      progress.set_postfix(sampler=name, seed=seed + offset)
       codes, seconds = samplers.timed(lambda: run(labels, seed + offset))
+      progress.update(1)
       per_seed.append({**score(codes, labels), "sec_per_image": seconds / len(labels)})
       if offset == 0 and not name.startswith("generator_1step_T"):  # one panel is enough
         panels[name.replace("_", " ")] = class_rows(dataset, codes, labels, 10, classes)
     results[name] = metrics.over_seeds(per_seed)
     logging.info("%s: %s", name, results[name])
+  progress.close()
   if jax.process_index() == 0:
     visualize.side_by_side(panels, os.path.join(workdir, "samples", "comparison.png"))
   return results
