@@ -60,7 +60,9 @@ def test_global_batch_is_64_per_device(config):
                                        "100 disagree"):
     train.global_batch_size(config, 8)
   config.per_device_batch = -1
-  assert train.global_batch_size(config, 8) == 100
+  assert train.global_batch_size(config, 4) == 100
+  with pytest.raises(ValueError, match="train_batch_size 100 does not split over the 8 devices"):
+    train.global_batch_size(config, 8)
 
 
 def test_the_dataset_has_imagenet_sizes_and_no_metrics_yet(config):
