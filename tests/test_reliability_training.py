@@ -265,7 +265,7 @@ def test_a_batch_that_does_not_split_over_the_devices_is_a_config_error():
     (dict(num_devices=3), "num_devices / mesh: asked for 3 devices"),
     (dict(mesh={"data": -1, "fsdp": 3}), "num_devices / mesh: a mesh of"),
     (dict(mask_value=5), "mask_value 5 is not the mask id of the teacher"),
-])
+], ids=["num_devices", "fsdp", "mask_value"])
 def test_mesh_and_mask_errors_are_one_line_before_any_compile(teacher_path, tmp_path, change,
                                                               match):
   from dimo_jax import config_check
