@@ -12,7 +12,7 @@ runs it). The token dataset holds the tokenizer's full 14-bit indices; they are 
 teacher's sub-tokens as they are read.
 """
 
-from configs import maskbit_imagenet256
+from configs import maskbit_imagenet256, soft_dimo_maskgit_imagenet256
 
 
 def get_config():
@@ -20,11 +20,9 @@ def get_config():
   c.generator_lr = 5e-7  # the paper's
   c.optimizer_type = "adamw"  # the paper's
   c.adam_weight_decay = 0.01  # the paper's
-  c.gan.real_tokens = "data/imagenet256_maskbit_tokens"
+  # The GAN block of the MaskGIT recipe (r_max 0.95 the paper's; loss, layers, lr and rounds
+  # ours, see that file), with the paper's MaskBit weight and this tokenizer's token set.
+  c.gan = soft_dimo_maskgit_imagenet256.get_config().gan
   c.gan.weight = 200.0  # the paper's
-  c.gan.r_max = 0.95  # the paper's
-  c.gan.loss = "ns"  # ours: the paper does not state the discriminator's loss
-  c.gan.layers = (0.25, 0.5, 0.75, 1.0)  # ours: heads on layers 6, 12, 18 and 24 of 24
-  c.gan.lr = 1e-4  # ours
-  c.gan.disc_rounds = 1  # ours
+  c.gan.real_tokens = "data/imagenet256_maskbit_tokens"
   return c

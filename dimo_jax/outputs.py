@@ -19,19 +19,26 @@ class OutputError(UserError):
   """An output path that would replace something the command did not write."""
 
 
+def check_writable_folder(folder: str, what: str, error=None) -> None:
+  """Raises `error` (OutputError by default) naming `what` unless `folder` can be created or
+  written: the nearest existing folder of its path must be a folder (not a file) this user
+  may write into (not on a read-only mount)."""
+  error = error or OutputError
+  folder = os.path.abspath(folder)
+  while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
+    if os.path.lexists(folder):
+      raise error(f"{what}: {folder} is a file, not a folder")
+    folder = os.path.dirname(folder)
+  if not os.access(folder, os.W_OK | os.X_OK):
+    raise error(f"{what}: cannot write into {folder} (read-only, or not this user's)")
+
+
 def check_replaceable(path: str, kind: str, flag: str, overwrite: bool = False) -> None:
   """Raises `OutputError` unless writing the `kind` output ("png", "npz") at `path` (given by
   `flag`) loses nothing: `path` does not exist, or is a file of that kind, or `overwrite` is set
   and it is a file. A folder is never replaced. The folder it goes into (or the nearest one
   that exists) must be writable: this is checked before any work is done."""
-  folder = os.path.dirname(os.path.abspath(path))
-  while not os.path.isdir(folder) and os.path.dirname(folder) != folder:
-    if os.path.lexists(folder):
-      raise OutputError(f"{flag} {path}: {folder} is a file, not a folder")
-    folder = os.path.dirname(folder)
-  if not os.access(folder, os.W_OK | os.X_OK):
-    raise OutputError(f"{flag} {path}: cannot write into {folder} (read-only, or not this "
-                      "user's)")
+  check_writable_folder(os.path.dirname(os.path.abspath(path)), f"{flag} {path}", OutputError)
   if not os.path.lexists(path):
     return
   if os.path.isdir(path):

@@ -24,8 +24,8 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from dimo_jax import (checkpoints, config_check, data, defaults, distill, distributed, dtypes,
-                      metrics, modeldir, parallel, rewards, samplers, teachers, visualize,
-                      writers)
+                      metrics, modeldir, outputs, parallel, rewards, samplers, teachers,
+                      visualize, writers)
 from dimo_jax.errors import UserError
 
 
@@ -196,14 +196,7 @@ def config_changes(saved: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, Any]
 def check_workdir(workdir: str) -> None:
   """Refuses a workdir that is a file, or lies where this user cannot write (a read-only
   mount), before anything is loaded or compiled."""
-  folder = os.path.abspath(workdir)
-  while not os.path.isdir(folder):
-    if os.path.lexists(folder):
-      raise RunError(f"--workdir {workdir}: {folder} is a file, not a folder")
-    folder = os.path.dirname(folder)
-  if not os.access(folder, os.W_OK | os.X_OK):
-    raise RunError(f"--workdir {workdir}: cannot write into {folder} (read-only, or not this "
-                   "user's)")
+  outputs.check_writable_folder(workdir, f"--workdir {workdir}", RunError)
 
 
 def check_resume(config: ml_collections.ConfigDict, workdir: str) -> Optional[Dict[str, Any]]:
