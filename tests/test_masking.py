@@ -1,4 +1,4 @@
-"""masking.py against the DESIGN.md equations, recomputed here with numpy / scipy."""
+"""masking.py against the method's equations (docs/method.md), recomputed with numpy / scipy.
 
 import math
 
