@@ -1,4 +1,4 @@
-"""masking.py against the method's equations (docs/method.md), recomputed with numpy / scipy.
+"""masking.py against the method's equations (docs/method.md), recomputed with NumPy."""
 
 import math
 
