@@ -21,7 +21,7 @@ def _kl(p, q):
 
 
 def _numpy_gradient(teacher, aux, beta, t_temp=1.0, a_temp=1.0):
-  """The token gradient in float64: (1 - b)(p_psi - p_phi) + b p_psi (log p_psi - log p_phi - KL)."""
+  """The token gradient in float64: (1-b)(p_psi - p_phi) + b p_psi (log p_psi - log p_phi - KL)."""
   p_phi = _softmax(teacher.astype(np.float64) / t_temp)
   p_psi = _softmax(aux.astype(np.float64) / a_temp)
   fkl = p_psi - p_phi
