@@ -89,3 +89,23 @@ def test_orbax_info_is_dropped_and_its_warnings_kept():
 def test_the_hyper_parameters_flatten_to_scalars_and_strings():
   flat = writers.flat_hparams({"a": 1, "b": {"c": 0.5, "d": (1, 2)}, "e": None})
   assert flat == {"a": 1, "b.c": 0.5, "b.d": "(1, 2)", "e": "None"}
+
+
+def test_a_run_writes_window_means_a_profile_and_its_final_metrics(tmp_path):
+  """A short run: TensorBoard holds the window means with steps/s and images/s, a jax.profiler
+  trace is written for `profile_steps`, and no step-1 checkpoint is made."""
+  from dimo_jax import train
+  from tests.test_train import tiny_config, tiny_teacher
+  teacher = tiny_teacher(str(tmp_path / "teacher"))
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(teacher, max_train_steps=4, log_every=2,
+                                       checkpointing_steps=4, checkpoints_total_limit=5,
+                                       profile_steps=1,
+                                       validation_metrics=False), str(workdir))
+  found = scalars(read_events(workdir))
+  assert {("loss_generator", 2), ("loss_generator", 4), ("steps_per_s", 4),
+          ("images_per_s", 4)} <= set(found)
+  assert found[("images_per_s", 4)] == found[("steps_per_s", 4)] * 8
+  assert list((workdir / "profile").rglob("*.xplane.pb"))
+  # orbax's initial-save policy used to add step 1
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "config.json"]
