@@ -93,9 +93,9 @@ def _check_bit_buffer(path: str, state: Dict[str, np.ndarray], key: str, bits: i
                           f"expected the powers 2^0 .. 2^{bits - 1}")
 
 
-def generator_from_state(path: str, config_path: str, state: Dict[str, np.ndarray]
-                         ) -> maskbit.LFQBert:
-  config = read_yaml(config_path)
+def generator_from_state(path: str, config_path: str, config: Dict[str, Any],
+                         state: Dict[str, np.ndarray]) -> maskbit.LFQBert:
+  """The LFQBert of the YAML `config` (read from `config_path`) with the weights' sizes."""
   mlm = "model.mlm_model."
   model_cls = _get(config_path, config, mlm + "model_cls")
   if model_cls != "lfq_bert":
@@ -163,7 +163,8 @@ def convert(src: str, dst: str, config: str = None) -> None:
     raise ConversionError("maskbit: --config is required (the release's "
                           "configs/generator/maskbit_generator_*.yaml)")
   state = _rename_input_proj(src, common.load_torch_state(src, what="a MaskBit generator .bin"))
-  model = generator_from_state(src, config, state)
+  yaml_config = read_yaml(config)
+  model = generator_from_state(src, config, yaml_config, state)
   _check_bit_buffer(src, state, "bits_to_indices", model.bits_per_split)
   state.pop("bits_to_indices", None)
   abstract = jax.eval_shape(model.init, jax.random.PRNGKey(0),
@@ -171,7 +172,6 @@ def convert(src: str, dst: str, config: str = None) -> None:
   params = common.params_from_torch(src, state, common.flatten(abstract["params"]),
                                     generator_torch_name, common.torch_shape, common.torch_to_flax)
   model = model.clone(emb_noise_scale=maskbit.embedding_rms({"params": params}))
-  yaml_config = read_yaml(config)
   sampler = {key: _get(config, yaml_config, "model.mlm_model." + key, None)
              for key in SAMPLER_KEYS}
   teachers.save(dst, model, {"params": params},
@@ -224,8 +224,7 @@ def convert_tokenizer(src: str, dst: str, config: str = None) -> None:
   state = common.load_torch_state(src, what="a MaskBit tokenizer .bin")
   _check_bit_buffer(src, state, "quantize.bits_to_indices", model.token_size)
   if "quantize.codebook" in state:
-    codes = np.arange(model.codebook_size)
-    expected = ((codes[:, None] >> np.arange(model.token_size)) & 1) * 2.0 - 1.0
+    expected = maskbit.bit_table(model.token_size)[:-1]  # the +-1 bits of every code
     if np.asarray(state["quantize.codebook"]).shape != expected.shape or not np.array_equal(
         state["quantize.codebook"], expected):
       raise ConversionError(f"{src}: key 'quantize.codebook' is not the +-1 bit table of "

@@ -76,14 +76,19 @@ class DigitBits:
   condition = train_condition = staticmethod(class_condition)
   scorer = "digits_bits"
 
+  @property
+  def bits_per_split(self) -> int:
+    return self.codebook_size.bit_length() - 1  # V = 2^(bits/m)
+
   def split(self, tokens) -> np.ndarray:
     from dimo_jax.models import maskbit
-    return maskbit.split_codes(np.asarray(tokens), self.splits, 3)
+    return maskbit.split_codes(np.asarray(tokens), self.splits, self.bits_per_split)
 
   def full_codes(self, tokens) -> np.ndarray:
     """Sub-tokens int[N, 128] -> grey levels int32[N, 64] (clipped to 16)."""
     from dimo_jax.models import maskbit
-    return np.minimum(maskbit.merge_splits(np.asarray(tokens), self.splits, 3), 16)
+    merged = maskbit.merge_splits(np.asarray(tokens), self.splits, self.bits_per_split)
+    return np.minimum(merged, 16)
 
   def train_batch(self, rng: np.random.Generator, batch: int):
     tokens, labels = Digits().train_batch(rng, batch)
@@ -217,8 +222,7 @@ class ImageNet256:
     manifest = shards.manifest
     positions, codes = self.seq_len, self.codebook_size
     if self.teacher is not None:
-      positions = self.teacher.image_codes(np.zeros((1, self.teacher.seq_len), np.int32)).shape[1]
-      codes = self.teacher.image_codebook_size
+      positions, codes = self.teacher.image_seq_len, self.teacher.image_codebook_size
     if (manifest.get("seq_len"), manifest.get("codebook_size")) != (positions, codes):
       raise tokenize.TokenizeError(
           f"{self.real_tokens_path}: tokens of {manifest.get('seq_len')} positions over "

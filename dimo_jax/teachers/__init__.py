@@ -157,6 +157,14 @@ class Teacher:
       return 2 ** self.model.codebook_bits
     return self.codebook_size
 
+  @property
+  def image_seq_len(self) -> int:
+    """The positions of the tokenizer's code grid: L, or for MaskBit L / m (one full index per
+    position)."""
+    if self.kind.decode == "maskbit":
+      return self.model.num_positions
+    return self.seq_len
+
   def image_codes(self, tokens):
     """Tokens int[B, L] as the tokenizer's codes int32[B, n]: unchanged, or for MaskBit the m
     sub-tokens of each position merged into its full index (`models.maskbit.merge_splits`)."""
