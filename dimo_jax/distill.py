@@ -212,7 +212,7 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
 
     generator(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed)
     fake(fake_params, gen_params, rng, sigma, fed)
-    disc(disc_params, gen_params, teacher_params, rng, sigma, real)   (None without the GAN)
+    disc(disc_params, gen_params, teacher_params, rng, sigma, fed, real)   (None without the GAN)
 
   Args:
     config: the run's config (see configs/digits.py for every field).
@@ -223,7 +223,10 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
     reward: R(probs, labels) -> float32[B] of the reward term (`rewards.make_reward`).
 
   `real` of the discriminator's loss: Soft-Di[M]O's real data, (tokens int[N, L], labels
-  int32[N]) (`data.real_tokens`), from which each update draws its batch with the step's key.
+  int32[N], table) (`data.real_tokens`, `data.real_conditions`), from which each update draws
+  its batch with the step's key; `table` is None for class labels, and for a text teacher the
+  cond dict of every prompt (leaves [P, ...]) that the labels, prompt indices, pick from. Its
+  fake side is conditioned like the generator's term: `fed` prompts, or labels of the key.
   """
   # Ours is V (the codebook size); a release with its own mask id may also be named by that.
   if config.mask_value not in teacher.mask_values:
@@ -355,16 +358,20 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
       loss = config.alpha_fake * soft_loss + (1.0 - config.alpha_fake) * hard
     return loss, {"loss_fake_hard": hard}
 
-  def disc_loss(disc_params, gen_params, teacher_params, rng, sigma, real):
+  def disc_loss(disc_params, gen_params, teacher_params, rng, sigma, fed, real):
     """The discriminator's loss: real data tokens against the generator's soft tokens of a
     fresh step; neither input carries a gradient to theta or phi."""
     label_rng, gen_rng, real_rng, fake_mask_rng, real_mask_rng = jax.random.split(rng, 5)
-    labels = draw_labels(label_rng, None)
+    labels = draw_labels(label_rng, fed)
     _, gen_logits = generate(gen_params, gen_rng, labels, sigma)
     fake = gan.soft_tokens(jax.lax.stop_gradient(gen_logits), config.gan.tau)
-    index = jax.random.randint(real_rng, (batch,), 0, real[0].shape[0])
-    real_labels = batch_constraint(real[1][index])
-    real_tokens = soft.one_hot(batch_constraint(real[0][index].astype(jnp.int32)), codebook)
+    tokens, real_labels, table = real
+    index = jax.random.randint(real_rng, (batch,), 0, tokens.shape[0])
+    real_labels = real_labels[index]
+    if table is not None:  # a text teacher: the real samples' prompts, looked up
+      real_labels = jax.tree_util.tree_map(lambda t: t[real_labels], table)
+    real_labels = jax.tree_util.tree_map(batch_constraint, real_labels)
+    real_tokens = soft.one_hot(batch_constraint(tokens[index].astype(jnp.int32)), codebook)
 
     def score(probs, cond, mask_rng):
       probs, ratio = gan.remask(mask_rng, probs, config.gan.r_max)
@@ -435,7 +442,7 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
         params, opt_state = carry
         (loss_d, metrics), grads = jax.value_and_grad(losses.disc, has_aux=True)(
             params, gen_params, teacher_params, jax.random.fold_in(disc_rng, round_index),
-            sigma, real)
+            sigma, gen_fed, real)
         params, opt_state, _, _ = _apply_if_finite(disc_tx, grads, opt_state, params, loss_d)
         return (params, opt_state), {"loss_disc": loss_d, **metrics}
 

@@ -25,8 +25,10 @@ import ml_collections
 import optax
 
 KINDS = ("classifier",)
-DATASETS = ("digits",)  # the datasets a reward exists for (the reward term, TTEO)
-Reward = Callable[[jax.Array, jax.Array], jax.Array]  # (probs [B, L, V], cond) -> float32[B]
+DATASETS = ("digits", "digits_text")  # the datasets a reward exists for (the reward term, TTEO)
+# (probs [B, L, V], cond) -> float32[B]; cond: class labels int[B], or a text dataset's cond
+# dict, whose `prompt` entry (prompt indices) the reward looks its target up by.
+Reward = Callable[[jax.Array, Any], jax.Array]
 
 
 class DigitCNN(nn.Module):
@@ -84,13 +86,16 @@ def soft_digit_images(probs: jax.Array) -> jax.Array:
 
 
 def make_reward(config: ml_collections.ConfigDict, dataset) -> Reward:
-  """R(probs, labels) -> float32[B] of `config.reward` for `dataset` (config_check allows the
-  classifier reward on 'digits' only): log p(label | soft image)."""
-  del dataset  # the one reward there is reads the digits' grey levels
+  """R(probs, cond) -> float32[B] of `config.reward` for `dataset` (config_check allows the
+  classifier reward on DATASETS only): log p(digit | soft image), the digit being the class
+  label ('digits') or the one the prompt names ('digits_text', by `cond["prompt"]`)."""
   model, params = digit_classifier(config.reward.classifier_seed)
   params = jax.tree_util.tree_map(jnp.asarray, flax.core.unfreeze(params))
+  prompt_digits = (jnp.asarray(dataset.prompt_labels, jnp.int32)
+                   if hasattr(dataset, "prompt_labels") else None)
 
-  def reward(probs, labels):
+  def reward(probs, cond):
+    labels = cond if prompt_digits is None else prompt_digits[cond["prompt"]]
     logits = model.apply(params, soft_digit_images(probs))
     return jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1)[:, 0]
   return reward

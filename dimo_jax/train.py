@@ -436,7 +436,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   if distill.gan_enabled(config):
     tokens, labels = data.real_tokens(dataset)
     dtype = np.int16 if teacher.codebook_size <= np.iinfo(np.int16).max else np.int32
-    real = parallel.replicate((np.asarray(tokens, dtype), np.asarray(labels, np.int32)), mesh)
+    real = parallel.replicate((np.asarray(tokens, dtype), np.asarray(labels, np.int32),
+                               data.real_conditions(dataset)), mesh)
 
   def fed(step: int):
     """What step `step` is fed besides the state and the teacher: the conditions of a

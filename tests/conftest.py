@@ -69,6 +69,10 @@ SLOW = {
         "test_the_discriminator_loss_reaches_neither_theta_nor_the_teacher",
         "test_the_gan_term_reaches_theta_through_the_frozen_backbone",
     ),
+    "test_text_soft_dimo.py": (
+        "test_a_text_run_with_the_gan_and_the_reward_trains_and_evaluates",
+        "test_the_text_reward_reads_the_digit_the_prompt_names",
+    ),
     "test_gpu_suite.py": (
         "test_the_table_and_log_come_back_under_out",
         "test_every_section_reports_at_toy_size_without_tensorflow_or_clu",

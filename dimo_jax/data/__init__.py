@@ -294,13 +294,22 @@ class TextPrompts:
 
 
 # Those with `real_tokens`, which the GAN term needs (imagenet256 with `gan.real_tokens`).
-REAL_DATASETS = ("digits", "digits_bits", "synthetic", "imagenet256")
+REAL_DATASETS = ("digits", "digits_bits", "synthetic", "imagenet256", "digits_text")
 
 
 def real_tokens(dataset) -> Tuple[np.ndarray, np.ndarray]:
   """What Soft-Di[M]O's discriminator sees as real: tokens int32[N, L], labels int32[N] of the
-  run's dataset (one of REAL_DATASETS; config_check refuses the GAN for the others)."""
+  run's dataset (one of REAL_DATASETS; config_check refuses the GAN for the others). A text
+  dataset's labels are prompt indices into its `conditions` (`real_conditions`)."""
   return dataset.real_tokens()
+
+
+def real_conditions(dataset) -> Optional[Dict[str, np.ndarray]]:
+  """The condition table the real labels index: None for a class-conditional dataset (a label
+  is its class), a text dataset's cond dict of every prompt (leaves [P, ...]) otherwise."""
+  if dataset.conditioning != TEXT:
+    return None
+  return dataset.conditions.condition(np.arange(dataset.conditions.num_prompts))
 
 
 def get(config: ml_collections.ConfigDict, teacher: Optional[Teacher] = None):

@@ -248,6 +248,14 @@ class DigitPrompts:
     choice = rng.integers(0, per_digit, batch)
     return tokens[index], (labels[index] * per_digit + choice).astype(np.int32)
 
+  def real_tokens(self) -> Tuple[np.ndarray, np.ndarray]:
+    """Soft-Di[M]O's real data: every digit, tokens int32[1797, 64], each with one of its own
+    TEMPLATES prompts (a fixed draw), as prompt indices int32[1797] into `conditions`."""
+    tokens, labels = digits.load_digit_tokens()
+    choice = np.random.default_rng(7919).integers(0, len(TEMPLATES), len(labels))
+    return (np.asarray(tokens, np.int32),
+            (np.asarray(labels) * len(TEMPLATES) + choice).astype(np.int32))
+
   def train_condition(self, indices) -> Dict[str, np.ndarray]:
     """The cond dict of `train_batch`'s prompt indices."""
     return self.conditions.condition(indices)

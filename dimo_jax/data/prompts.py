@@ -366,7 +366,9 @@ class PromptConditions:
     return len(self.embeddings.prompts) - 1
 
   def condition(self, indices) -> Dict[str, np.ndarray]:
-    """The `TextConditioned` cond dict of the prompts `indices` int[...]: arrays [..., ...]."""
+    """The `TextConditioned` cond dict of the prompts `indices` int[...]: arrays [..., ...].
+    Its `prompt` entry (the indices themselves, which the model does not read) lets a reward
+    or the GAN's real data look a prompt up (rewards.py, `real_conditions`)."""
     indices = np.asarray(indices)
     if indices.size and (indices.min() < 0 or indices.max() >= self.num_prompts):
       raise ValueError(f"prompt indices must be in [0, {self.num_prompts}), got "
@@ -375,7 +377,8 @@ class PromptConditions:
     like = lambda row: np.broadcast_to(row, indices.shape + row.shape)
     neg_hidden, neg_pooled = ((e.neg_hidden, e.neg_pooled) if self.distil_neg_prompt
                               else (e.hidden[-1], e.pooled[-1]))
-    return {"hidden": e.hidden[indices], "pooled": e.pooled[indices],
+    return {"prompt": indices.astype(np.int32),
+            "hidden": e.hidden[indices], "pooled": e.pooled[indices],
             "uncond_hidden": like(e.hidden[-1]), "uncond_pooled": like(e.pooled[-1]),
             "neg_hidden": like(neg_hidden), "neg_pooled": like(neg_pooled),
             "micro_conds": like(np.asarray(self.micro_conds, np.float32))}
