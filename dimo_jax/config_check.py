@@ -8,6 +8,7 @@ typo fails in a second instead of at the trace of the step or after the whole tr
 
 import difflib
 import math
+import os
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import ml_collections
@@ -169,11 +170,6 @@ def problems(config: ml_collections.ConfigDict) -> List[str]:
       found.append(f"tteo.steps must be an integer >= 0, found {t.get('steps')!r}")
     if not (_is_number(t.get("lr")) and math.isfinite(t.lr) and t.lr > 0):
       found.append(f"tteo.lr must be a finite number > 0, found {t.get('lr')!r}")
-    from dimo_jax import rewards
-    if (_is_int(t.get("steps")) and t.steps > 0
-        and config.get("dataset", "digits") not in rewards.DATASETS):
-      found.append(f"tteo.steps > 0 needs a reward, which dataset {config.get('dataset')!r} "
-                   "has not (digits only; tteo.steps=0)")
   if (has("num_steps") and has("warmup_steps") and _is_int(config.num_steps)
       and _is_int(config.warmup_steps) and config.warmup_steps >= config.num_steps):
     found.append(f"warmup_steps ({config.warmup_steps}) must be less than num_steps "
@@ -257,10 +253,20 @@ def reward_problems(config: ml_collections.ConfigDict) -> List[str]:
                  f"{r.get('kind')!r}")
   if not _is_int(r.get("classifier_seed")):
     found.append(f"reward.classifier_seed must be an integer, found {r.get('classifier_seed')!r}")
-  if (_is_number(weight) and weight > 0
-      and config.get("dataset", "digits") not in rewards.DATASETS):
-    found.append(f"reward.weight > 0: the classifier reward reads digits; dataset "
-                 f"{config.get('dataset')!r} has no reward yet (reward.weight=0)")
+  tteo = config.get("tteo") or {}
+  tteo_on = _is_int(tteo.get("steps")) and tteo.get("steps") > 0
+  if ((_is_number(weight) and weight > 0) or tteo_on) and r.get("kind") in rewards.KINDS:
+    dataset = config.get("dataset", "digits")
+    if dataset not in rewards.KIND_DATASETS[r.kind]:
+      found.append(f"reward.kind {r.kind!r} reads the datasets "
+                   f"{', '.join(map(repr, rewards.KIND_DATASETS[r.kind]))}, not {dataset!r} "
+                   f"(reward.weight=0 and tteo.steps=0 turn the reward off)")
+    for key in {"inception": ("inception_path", "class_map"),
+                "clip": ("clip_path",)}.get(r.kind, ()):
+      if not r.get(key):
+        found.append(f"reward.kind {r.kind!r} needs reward.{key}")
+      elif not os.path.exists(r[key]):
+        found.append(f"reward.{key}: {r[key]} does not exist")
   return found
 
 

@@ -137,12 +137,18 @@ def gan_config() -> ml_collections.ConfigDict:
 
 
 def reward_config() -> ml_collections.ConfigDict:
-  """Soft-Di[M]O's reward term (dimo_jax/rewards.py); `weight` 0 turns it off. The paper's
-  rewards for text-to-image (CLIP, ImageReward, HPS, aesthetics) are not built here; the one
-  kind is a classifier's log-probability of the class on the digits (ours)."""
+  """Soft-Di[M]O's reward term (dimo_jax/rewards.py); `weight` 0 turns it off. Of the paper's
+  text-to-image rewards (CLIP, ImageReward, HPS, aesthetics) CLIP score is built; the
+  class-conditional kinds are a classifier's log-probability of the class (ours)."""
   return ml_collections.ConfigDict(dict(
       weight=0.0,  # lambda: L = ... + lambda * -E[R]
-      kind="classifier",  # 'classifier': log p(c | soft image), a CNN trained apart from the scorer
+      # 'classifier' (digits, digits_text): log p(c | soft image), a CNN trained apart from the
+      # scorer; 'inception' (imagenet256): log p(c | decoded soft image) of the FID Inception;
+      # 'clip' (prompts): 100 * cos(CLIP image, CLIP prompt)
+      kind="classifier",
       tau=1.0,  # the reward sees softmax(z_theta / tau)
       classifier_seed=1,  # the reward classifier's seed (the scorer's MLP uses seed 0)
+      inception_path="",  # 'inception': `python -m dimo_jax.convert fid-inception` output
+      class_map="",  # 'inception': 1000 integers, the Inception output of each ImageNet class
+      clip_path="",  # 'clip': `python -m dimo_jax.convert clip` output
   ))

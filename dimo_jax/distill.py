@@ -210,7 +210,8 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
                 reward: Optional[rewards.Reward] = None) -> Losses:
   """The losses of the step (`make_train_step`, whose arguments these are):
 
-    generator(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed)
+    generator(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed,
+              reward_vars)
     fake(fake_params, gen_params, rng, sigma, fed)
     disc(disc_params, gen_params, teacher_params, rng, sigma, fed, real)   (None without the GAN)
 
@@ -220,7 +221,8 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
       auxiliary model (its variables are not read: the step is given them).
     batch_constraint: applied to every batch-shaped array; on a mesh, a sharding constraint
       that splits the batch over the data axis.
-    reward: R(probs, labels) -> float32[B] of the reward term (`rewards.make_reward`).
+    reward: the reward term's `rewards.Reward` (`rewards.make_reward`); the generator's loss
+      is given its variables (`reward_vars`, None: those it was built with).
 
   `real` of the discriminator's loss: Soft-Di[M]O's real data, (tokens int[N, L], labels
   int32[N], table) (`data.real_tokens`, `data.real_conditions`), from which each update draws
@@ -309,7 +311,8 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
     loss = gan.generator_loss(d_fake, config.gan.loss)
     return loss, {"loss_gan": loss, "d_fake": jnp.mean(d_fake)}
 
-  def generator_loss(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed):
+  def generator_loss(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed,
+                     reward_vars=None):
     label_rng, gen_rng, *dm_rngs = jax.random.split(rng, 5)
     labels = draw_labels(label_rng, fed)
     codes, gen_logits = generate(gen_params, gen_rng, labels, sigma)
@@ -335,7 +338,7 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
       metrics = {**metrics, "loss_diversity": loss_div}
     if reward_enabled(config):
       loss_reward, mean_reward = rewards.reward_loss(reward, gen_logits, labels,
-                                                     config.reward.tau)
+                                                     config.reward.tau, reward_vars)
       total = total + config.reward.weight * loss_reward
       metrics = {**metrics, "loss_reward": loss_reward, "reward": mean_reward}
     return total, metrics
@@ -389,15 +392,17 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
 def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
                     batch_constraint: Callable[[jax.Array], jax.Array] = lambda x: x,
                     reward: Optional[rewards.Reward] = None):
-  """Builds `train_step(state, teacher_params[, conditions[, real]]) -> (state, metrics)` (pure;
-  jit it). With the GAN on, `real` is its real data (`make_losses`), an input of the step (not a
-  constant of it: an ImageNet token set is large). The arguments are `make_losses`'.
+  """Builds `train_step(state, teacher_params[, conditions[, real[, reward_vars]]]) -> (state,
+  metrics)` (pure; jit it). With the GAN on, `real` is its real data (`make_losses`), and with
+  the reward term `reward_vars` its networks' variables: inputs of the step, not constants of
+  it (an ImageNet token set and a reward network are large). The arguments are `make_losses`'.
   """
   losses = make_losses(config, teacher, batch_constraint, reward)
   gen_tx, fake_tx = optimizers(config, teacher.frozen_with_emb)
   disc_tx = disc_optimizer(config) if losses.disc is not None else None
 
-  def train_step(state: DistillState, teacher_params: Params, conditions=None, real=None):
+  def train_step(state: DistillState, teacher_params: Params, conditions=None, real=None,
+                 reward_vars=None):
     """One generator update, `fake_rounds` auxiliary updates (and `gan.disc_rounds`
     discriminator updates).
 
@@ -413,7 +418,7 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
 
     (loss_g, gen_metrics), grads = jax.value_and_grad(losses.generator, has_aux=True)(
         state.gen_params, state.fake_params, state.disc_params, teacher_params, gen_rng, sigma,
-        gen_fed)
+        gen_fed, reward_vars)
     gen_params, gen_opt_state, gen_norm, gen_ok = _apply_if_finite(
         gen_tx, grads, state.gen_opt_state, state.gen_params, loss_g)
 

@@ -398,11 +398,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
     else:
       tteo = None
       if tteo_steps:
-        if config.get("dataset") not in rewards.DATASETS:
-          raise EvaluateError(f"--tteo_steps: test-time embedding optimization needs a reward, "
-                              f"which exists for dataset 'digits' only, not "
-                              f"{config.get('dataset')!r}")
-        tteo = (tteo_steps, tteo_lr or config.tteo.lr, rewards.make_reward(config, dataset))
+        probe = config.copy_and_resolve_references()
+        probe.tteo.steps = tteo_steps
+        problems = config_check.reward_problems(probe)
+        if problems:
+          raise EvaluateError(f"--tteo_steps: test-time embedding optimization uses the run's "
+                              f"reward: {problems[0]}")
+        tteo = (tteo_steps, tteo_lr or config.tteo.lr,
+                rewards.make_reward(config, dataset, teacher=teacher))
       sampler = generator_sampler(checkpoint or workdir, teacher, params, gen_temp, flag,
                                   config.teacher_path, tteo)
     labels = class_balanced_labels(num_samples or 50000, teacher.num_classes)

@@ -73,7 +73,7 @@ def generator(teacher: Teacher, params: Any, run: ml_collections.ConfigDict, ste
   model = teacher.model
 
   def fn(inputs, rng, cond):
-    variables, sigma = inputs
+    variables, sigma, reward_variables = inputs
 
     def logits_at(tokens, cond_, noise_rng, offset=None, sow=False):
       return model.apply(variables, tokens, cond_, emb_noise=sigma, emb_offset=offset,
@@ -83,7 +83,8 @@ def generator(teacher: Teacher, params: Any, run: ml_collections.ConfigDict, ste
     logits_fn = logits_at
     if tteo is not None and tteo[0] > 0:
       from dimo_jax import rewards
-      logits_fn = rewards.tteo_logits_fn(logits_at, tteo[2], tteo[0], tteo[1], temp)
+      logits_fn = rewards.tteo_logits_fn(logits_at, tteo[2], tteo[0], tteo[1], temp,
+                                         reward_variables)
     return sampling.generator_sample(logits_fn, rng, cond, teacher.seq_len,
                                      teacher.codebook_size, teacher.mask_id, run.fixed_ratio,
                                      temp, run.top_k, run.top_p)[0]
@@ -94,8 +95,9 @@ def generator(teacher: Teacher, params: Any, run: ml_collections.ConfigDict, ste
     tag, description = f"{tag}_T{temp:g}", f"{description}, gen_temp {temp:g}"
   if tteo is not None and tteo[0] > 0:
     tag, description = f"{tag}_tteo{tteo[0]}", f"{description}, TTEO {tteo[0]} x lr {tteo[1]:g}"
-  return Sampler(fn, (params, np.float32(generator_noise(run, step))), tag, description, 1,
-                 step)
+  use_tteo = tteo is not None and tteo[0] > 0
+  return Sampler(fn, (params, np.float32(generator_noise(run, step)),
+                      tteo[2].variables if use_tteo else None), tag, description, 1, step)
 
 
 def padded_batches(count: int, batch_size: int) -> Iterator[Tuple[int, int]]:

@@ -99,7 +99,8 @@ def evaluate(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh,
   for temp in config.eval_gen_temps:
     runs[gen_temp_name(temp)] = samplers.generator(teacher, gen_params, config, step, temp)
   if config.tteo.steps > 0:
-    tteo = (config.tteo.steps, config.tteo.lr, rewards.make_reward(config, dataset))
+    tteo = (config.tteo.steps, config.tteo.lr,
+            rewards.make_reward(config, dataset, teacher=teacher))
     runs[f"generator_1step_tteo{config.tteo.steps}"] = samplers.generator(
         teacher, gen_params, config, step, tteo=tteo)
   results, panels = {}, {}
@@ -345,25 +346,30 @@ def initial_state(config: ml_collections.ConfigDict, teacher: teachers.Teacher, 
                    f"{hint}, or choose another --workdir") from None
 
 
-def step_inputs(conditions=None, real=None) -> tuple:
-  """What the step is called with after (state, teacher_params): (), (conditions,) or
-  (conditions, real), conditions None in a class-conditional run with real data."""
-  return (conditions, real)[:2 if real is not None else 1 if conditions is not None else 0]
+def step_inputs(conditions=None, real=None, reward_vars=None) -> tuple:
+  """What the step is called with after (state, teacher_params): (conditions, real,
+  reward_vars) without its trailing Nones (conditions None in a class-conditional run)."""
+  inputs = (conditions, real, reward_vars)
+  count = len(inputs)
+  while count and inputs[count - 1] is None:
+    count -= 1
+  return inputs[:count]
 
 
 def jit_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh, state,
-                   teacher_params, conditions=None, real=None, reward=None) -> Callable:
+                   teacher_params, conditions=None, real=None, reward=None,
+                   reward_vars=None) -> Callable:
   """`distill.make_train_step` jitted to keep `state`, `teacher_params` (and the fed
   `conditions` of a text-to-image run, see `place_conditions`) where they are; `real`: the
   GAN's real data tokens (`data.real_tokens`), replicated on the mesh; `reward`: the reward
-  term's R (`rewards.make_reward`). The step is called `(state, teacher_params[, conditions[,
-  real]])`, conditions None in a class-conditional run with real data.
+  term's `rewards.Reward` and `reward_vars` its variables, replicated. The step is called with
+  `(state, teacher_params, *step_inputs(conditions, real, reward_vars))`.
 
   The state's buffers are donated: the step updates them in place.
   """
   where = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)
   in_shardings = (where(state), where(teacher_params)) + tuple(
-      None if x is None else where(x) for x in step_inputs(conditions, real))
+      None if x is None else where(x) for x in step_inputs(conditions, real, reward_vars))
   return jax.jit(
       distill.make_train_step(config, teacher,
                               parallel.batch_constraint(mesh, config.train_batch_size), reward),
@@ -439,13 +445,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
     real = parallel.replicate((np.asarray(tokens, dtype), np.asarray(labels, np.int32),
                                data.real_conditions(dataset)), mesh)
 
+  # The reward term's networks, replicated once and given to the step as an input.
+  reward = reward_vars = None
+  if distill.reward_enabled(config):
+    reward = rewards.make_reward(config, dataset, teacher=teacher)
+    reward_vars = parallel.replicate(reward.variables, mesh)
+
   def fed(step: int):
     """What step `step` is fed besides the state and the teacher: the conditions of a
-    text-to-image run (placed on the mesh), and the GAN's real data tokens."""
+    text-to-image run (placed on the mesh), the GAN's real data tokens, the reward's
+    networks."""
     if not teacher.text_conditioned:
-      return step_inputs(None, real)
+      return step_inputs(None, real, reward_vars)
     indices = dataset.train_conditions(step, config.train_batch_size, config.fake_rounds)
-    return step_inputs(place_conditions(dataset.conditions, indices, mesh), real)
+    return step_inputs(place_conditions(dataset.conditions, indices, mesh), real, reward_vars)
 
   saved = check_resume(config, workdir)
   manager = checkpoints.manager(workdir, config)
@@ -464,7 +477,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   if int(state.step):
     logging.info("resumed from step %d", int(state.step))
   example = fed(int(state.step))
-  reward = rewards.make_reward(config, dataset) if distill.reward_enabled(config) else None
   step_fn = distributed.compile_together(
       jit_train_step(config, step_teacher, mesh, state, teacher_params, *example,
                      reward=reward),
@@ -555,14 +567,14 @@ def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, 
                            img_s=f"{scalars['images_per_s']:.3g}")
     if done % config.validation_steps == 0:
       sigma = np.float32(samplers.generator_noise(config, done))
-      codes = validation(grid_labels, 0, (state.ema_params, sigma))
+      codes = validation(grid_labels, 0, (state.ema_params, sigma, None))
       grid = class_rows(dataset, codes, grid_labels, 8, classes)
       if jax.process_index() == 0:
         visualize.save_png(grid, os.path.join(workdir, "samples", f"ema_step{done:06d}.png"))
       writer.write_images(done, {"ema_one_step": grid[None]})
       if config.validation_metrics:
         for name, params in (("ema", state.ema_params), ("generator", state.gen_params)):
-          codes = validation(labels, 1, (params, sigma))
+          codes = validation(labels, 1, (params, sigma, None))
           writer.write_scalars(done, {f"val_{name}/{k}": v
                                       for k, v in score(codes, labels).items()})
     if done % config.checkpointing_steps == 0:  # no step-1 save (orbax's initial-save policy)

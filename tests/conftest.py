@@ -50,6 +50,7 @@ SLOW = {
         "test_toy_cli_writes_results_samples_and_the_table",
     ),
     "test_evaluate_text.py": (
+        "test_the_clip_reward_is_the_unclamped_clip_score_of_the_decoded_soft_codes",
         "test_generator_samples_are_the_one_step_sampler_of_the_ema",
         "test_a_text_run_reads_its_teacher_and_vqvae_once",
         "test_cli_on_eight_devices_gives_the_samples_of_one",
@@ -68,6 +69,9 @@ SLOW = {
         "test_resume_is_bit_identical_with_the_gan",
         "test_the_discriminator_loss_reaches_neither_theta_nor_the_teacher",
         "test_the_gan_term_reaches_theta_through_the_frozen_backbone",
+    ),
+    "test_image_rewards.py": (
+        "test_the_inception_reward_is_the_log_probability_of_the_mapped_class",
     ),
     "test_text_soft_dimo.py": (
         "test_a_text_run_with_the_gan_and_the_reward_trains_and_evaluates",

@@ -166,6 +166,32 @@ def test_clip_score_is_that_of_the_saved_images_and_prompts(dirs, generator_eval
                       f"{result['metrics']['clip_score']:.4g} |")
 
 
+def test_the_clip_reward_is_the_unclamped_clip_score_of_the_decoded_soft_codes(dirs):
+  """rewards' 'clip' kind: 100 cos(CLIP image of the soft picture, CLIP text of the prompt that
+  cond['prompt'] names); on one-hot codes the picture is the decoded one."""
+  from dimo_jax import data, rewards
+  from dimo_jax.models import soft
+  config = dirs["config"].copy_and_resolve_references()
+  config.reward.update(kind="clip", weight=1.0, clip_path=dirs["clip"])
+  teacher = dirs["text_teacher"]
+  tokenizer = tokenizers.load(dirs["teacher"])
+  reward = rewards.make_reward(config, teacher=teacher, tokenizer=tokenizer, prompts=PROMPTS)
+  codes = np.random.default_rng(0).integers(0, teacher.codebook_size, (3, teacher.seq_len))
+  prompt = np.asarray([2, 0, 3])
+  value = reward(soft.one_hot(jnp.asarray(codes), teacher.codebook_size),
+                 {"prompt": jnp.asarray(prompt)})
+  clip = convert_clip.load_clip(dirs["clip"])
+  image = np.asarray(clip.image_embeds(jnp.asarray(data.decode_images(tokenizer, codes))))
+  text = np.asarray(clip.text_embeds([PROMPTS[i] for i in prompt]))
+  cos = np.sum(image * text, -1) / np.linalg.norm(image, axis=-1) / np.linalg.norm(text, axis=-1)
+  np.testing.assert_allclose(np.asarray(value), 100 * cos, atol=1e-3)
+  logits = jax.random.normal(jax.random.PRNGKey(0), (3, teacher.seq_len,
+                                                     teacher.codebook_size + 1))
+  grad = jax.grad(lambda z: rewards.reward_loss(reward, z, {"prompt": jnp.asarray(prompt)},
+                                                1.0)[0])(logits)
+  assert float(jnp.max(jnp.abs(grad))) > 0
+
+
 def test_generator_samples_are_the_one_step_sampler_of_the_ema(dirs, generator_eval):
   """The saved samples against the one-step sampler (sample.py's generator path) called on the
   checkpoint's EMA, fed the prompts as the teacher encodes them: batch 0's key, the padded

@@ -17,7 +17,7 @@ import yaml
 
 from dimo_jax import sampling, teachers, tokenizers
 from dimo_jax.convert.__main__ import main
-from dimo_jax.models import maskbit
+from dimo_jax.models import maskbit, soft
 from tests.reference.maskbit_torch import (ReferenceLFQBert, ReferenceVQGANPlus,
                                            reference_sample)
 
@@ -206,6 +206,18 @@ def test_tokenizer_decodes_soft_codes_as_expected_bits(tokenizer):
                              atol=1e-5)
   halfway = model.apply(tok.variables, 0.5 * bits, method=model.decode_bits)
   assert np.abs(np.asarray(halfway - hard)).max() > 1e-3
+
+
+def test_the_rewards_soft_pictures_read_sub_token_distributions_as_bits(generator, tokenizer):
+  """rewards.soft_pictures of one-hot sub-tokens is the picture of their merged indices."""
+  from dimo_jax import data, rewards
+  _, teacher_dir, _ = generator
+  _, tokenizer_dir = tokenizer
+  teacher, tok = teachers.load(teacher_dir), tokenizers.load(tokenizer_dir)
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, V, (2, POSITIONS * SPLITS)))
+  pictures = rewards.soft_pictures(teacher, tok)(tok.variables, soft.one_hot(tokens, V))
+  expected = data.decode_images(tok, np.asarray(teacher.image_codes(tokens)))
+  np.testing.assert_allclose(np.asarray(pictures), expected, atol=1e-5)
 
 
 def test_a_tokenizer_with_a_wrong_codebook_buffer_is_refused(tokenizer, tmp_path, capsys):

@@ -82,7 +82,9 @@ def test_every_reward_and_tteo_value_is_checked(block, key, value, message):
 def test_the_reward_needs_the_digits():
   config = digits_config.get_config()
   config.dataset, config.reward.weight = "synthetic", 1.0
-  with pytest.raises(config_check.ConfigError, match="has no reward yet"):
+  with pytest.raises(config_check.ConfigError,
+                     match="reward.kind 'classifier' reads the datasets 'digits', 'digits_text', "
+                           "not 'synthetic'"):
     config_check.check(config)
 
 
