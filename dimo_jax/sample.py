@@ -106,10 +106,12 @@ def prompt_grid(args: types.SimpleNamespace, prompts: List[str]) -> np.ndarray:
   else:
     params, config, step = checkpoints.load_generator(args.generator, teacher, args.params,
                                                       teacher_dir=args.teacher)
-    sampler = samplers.generator(teacher, params, config, step)
+    sampler = samplers.generator(teacher, params, config, step,
+                                 tteo=tteo_of(args, config, teacher, tokenizer, prompts))
 
-  # Every distinct prompt is encoded once; sample i is conditioned on row i of the table.
-  table = {}
+  # Every distinct prompt is encoded once; sample i is conditioned on row i of the table (its
+  # `prompt` entry is what a reward looks the prompt up by).
+  table = {"prompt": [np.arange(len(prompts), dtype=np.int32)]}
   for start in range(0, len(prompts), batch):
     cond = meissonic.prompt_condition(teacher, prompts[start:start + batch], negative)
     for name, value in cond.items():
@@ -121,6 +123,38 @@ def prompt_grid(args: types.SimpleNamespace, prompts: List[str]) -> np.ndarray:
       np.arange(len(all_prompts)), args.seed)
   images = data.decode_images(tokenizer, codes, batch)
   return visualize.image_grid(images, rows=len(prompts), scale=1)
+
+
+def tteo_of(args: types.SimpleNamespace, run, teacher, tokenizer,
+            prompts: Optional[List[str]] = None):
+  """(steps, lr, reward) of --tteo_steps (None when 0): the run's reward, or the one the
+  --reward_inception / --class_map or --reward_clip flags name, checked before any sampling."""
+  if not args.tteo_steps:
+    return None
+  from dimo_jax import rewards
+  config = run.copy_and_resolve_references()
+  with config.unlocked():
+    config.reward = defaults.reward_config()
+    config.reward.update({k: v for k, v in run.get("reward", {}).items()
+                          if k in config.reward})
+    config.tteo = defaults.reference_config().tteo
+    config.tteo.update({k: v for k, v in (run.get("tteo") or {}).items() if k in config.tteo})
+    config.tteo.steps = args.tteo_steps
+    if args.reward_inception is not None or args.class_map is not None:
+      config.reward.update(kind="inception", inception_path=args.reward_inception or "",
+                           class_map=args.class_map or "")
+    if args.reward_clip is not None:
+      config.reward.update(kind="clip", clip_path=args.reward_clip)
+    if prompts is not None:
+      config.dataset = "prompts"  # what the run drew its prompts from is no matter here
+  problems = config_check.reward_problems(config)
+  if problems:
+    raise SampleError(f"--tteo_steps: {problems[0]}")
+  lr = config.tteo.lr if args.tteo_lr is None else args.tteo_lr
+  dataset = data.get(config, teacher) if config.reward.kind == "classifier" else None
+  reward = rewards.make_reward(config, dataset, teacher=teacher, tokenizer=tokenizer,
+                               prompts=prompts)
+  return args.tteo_steps, lr, reward
 
 
 def sample_grid(args: types.SimpleNamespace) -> np.ndarray:
@@ -171,7 +205,8 @@ def sample_grid(args: types.SimpleNamespace) -> np.ndarray:
   else:
     params, config, step = checkpoints.load_generator(args.generator, teacher, args.params,
                                                       teacher_dir=args.teacher)
-    sampler = samplers.generator(teacher, params, config, step)
+    sampler = samplers.generator(teacher, params, config, step,
+                                 tteo=tteo_of(args, config, teacher, tokenizer))
   codes = samplers.MeshSampler(sampler, parallel.make_mesh(), batch)(all_labels, args.seed)
   images = data.decode_images(tokenizer, teacher.image_codes(codes), batch)
   return visualize.image_grid(images, rows=len(labels), scale=1)
@@ -208,6 +243,17 @@ flags.DEFINE_float("temperature", None, "teacher confidence-noise temperature r_
 flags.DEFINE_string("sched", None, f"teacher unmasking schedule (default "
                     f"{_TEACHER_DEFAULTS['sched']}; text-to-image: cosine or linear, the "
                     "scheduler config's)", flag_values=FLAGS)
+flags.DEFINE_integer("tteo_steps", 0, "with --generator: test-time embedding optimization, "
+                     "SGD steps on the input embeddings raising the reward (Soft-Di[M]O); the "
+                     "run's reward unless --reward_inception or --reward_clip", flag_values=FLAGS)
+flags.DEFINE_float("tteo_lr", None, "its step size (default: the run's tteo.lr, 0.2)",
+                   flag_values=FLAGS)
+flags.DEFINE_string("reward_inception", None, "TTEO reward: the FID Inception directory "
+                    "(class-conditional; with --class_map)", flag_values=FLAGS)
+flags.DEFINE_string("class_map", None, "TTEO reward: the Inception output of each of the 1000 "
+                    "classes (rewards.read_class_map)", flag_values=FLAGS)
+flags.DEFINE_string("reward_clip", None, "TTEO reward: a CLIP model directory "
+                    "(text-to-image; CLIP score against the prompt)", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 32, "images sampled at once", flag_values=FLAGS)
 flags.DEFINE_enum("dtype", "fp32", sorted(dtypes.DTYPES), "compute dtype of the transformer",
                   flag_values=FLAGS)
@@ -246,6 +292,17 @@ def parse_flags(argv: Sequence[str]) -> types.SimpleNamespace:
     if given:
       usage_error(f"{', '.join(given)} set the teacher's decoding; with --generator "
                   "sampling is one step")
+  tteo_flags = [f"--{name}" for name in ("tteo_lr", "reward_inception", "class_map",
+                                           "reward_clip") if getattr(args, name) is not None]
+  if args.tteo_steps < 0:
+    usage_error(f"--tteo_steps: expected an integer >= 0, found {args.tteo_steps}")
+  if (args.tteo_steps or tteo_flags) and args.generator is None:
+    usage_error("--tteo_steps optimizes a generator's input embeddings: give --generator")
+  if tteo_flags and not args.tteo_steps:
+    usage_error(f"{', '.join(tteo_flags)} set test-time embedding optimization: give "
+                "--tteo_steps")
+  if args.tteo_lr is not None and not (math.isfinite(args.tteo_lr) and args.tteo_lr > 0):
+    usage_error(f"--tteo_lr: expected a finite number > 0, found {args.tteo_lr}")
   if args.samples_per_label < 1 or args.batch_size < 1:
     usage_error("--samples_per_label and --batch_size must be at least 1")
   if args.steps is not None and not 1 <= args.steps <= MAX_STEPS:

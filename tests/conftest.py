@@ -84,6 +84,8 @@ SLOW = {
         "test_the_shell_wrapper_runs_the_suite_into_out",
     ),
     "test_maskbit.py": (
+        "test_the_rewards_soft_pictures_read_sub_token_distributions_as_bits[postnorm-token_emb]",
+        "test_the_rewards_soft_pictures_read_sub_token_distributions_as_bits[prenorm-input_proj]",
         "test_real_imagenet_tokens_are_the_teachers_sub_tokens",
         "test_sample_draws_a_maskbit_teacher_through_its_tokenizer[prenorm-input_proj]",
         "test_a_maskbit_teacher_pretrains_and_distills_end_to_end",
@@ -152,6 +154,7 @@ SLOW = {
         "test_tteo_raises_the_reward_of_the_generator",
     ),
     "test_sample_cli.py": (
+        "test_tteo_changes_the_generator_grid_with_the_runs_reward",
         "test_teacher_grid_has_a_row_per_label",
     ),
     "test_sampling.py": (

@@ -102,3 +102,32 @@ def test_teacher_flags_are_refused_with_a_generator(dirs, tmp_path, capsys):
     run_cli(dirs, tmp_path, "--generator", dirs["workdir"], "--labels", "1", "--steps", "8")
   assert exit_info.value.code == 2
   assert "--steps set the teacher's decoding" in capsys.readouterr().err
+
+
+def test_tteo_changes_the_generator_grid_with_the_runs_reward(dirs, tmp_path):
+  args = ("--generator", dirs["workdir"], "--labels", "0,9", "--samples_per_label", "2")
+  plain = np.asarray(Image.open(run_cli(dirs, tmp_path / "plain", *args)))
+  tuned = np.asarray(Image.open(run_cli(dirs, tmp_path / "tteo", *args, "--tteo_steps", "3",
+                                        "--tteo_lr", "5")))
+  assert plain.shape == tuned.shape and not np.array_equal(plain, tuned)
+
+
+@pytest.mark.parametrize("flags, status, message", [
+    (("--tteo_steps", "2"), 2, "--tteo_steps optimizes a generator's input embeddings"),
+    (("--generator", "G", "--class_map", "m.json"), 2,
+     "--class_map set test-time embedding optimization: give --tteo_steps"),
+    (("--generator", "G", "--tteo_steps", "-1"), 2, "--tteo_steps: expected an integer >= 0"),
+    (("--generator", "G", "--tteo_steps", "2", "--tteo_lr", "nan"), 2,
+     "--tteo_lr: expected a finite number > 0"),
+    (("--generator", "G", "--tteo_steps", "2", "--reward_clip", "C"), 1,
+     "--tteo_steps: reward.kind 'clip' reads the datasets 'prompts', not 'digits'"),
+    (("--generator", "G", "--tteo_steps", "2", "--reward_inception", "I"), 1,
+     "--tteo_steps: reward.kind 'inception' reads the datasets 'imagenet256', not 'digits'"),
+])
+def test_tteo_flags_are_checked_before_sampling(dirs, tmp_path, capsys, flags, status, message):
+  flags = tuple(dirs["workdir"] if f == "G" else f for f in flags)
+  with pytest.raises(SystemExit) as exit_info:
+    run_cli(dirs, tmp_path, "--labels", "1", *flags)
+  assert exit_info.value.code == status
+  assert message in capsys.readouterr().err
+  assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
