@@ -357,8 +357,8 @@ def step_inputs(conditions=None, real=None, reward_vars=None) -> tuple:
 
 
 def jit_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh, state,
-                   teacher_params, conditions=None, real=None, reward=None,
-                   reward_vars=None) -> Callable:
+                   teacher_params, conditions=None, real=None, reward_vars=None,
+                   reward=None) -> Callable:
   """`distill.make_train_step` jitted to keep `state`, `teacher_params` (and the fed
   `conditions` of a text-to-image run, see `place_conditions`) where they are; `real`: the
   GAN's real data tokens (`data.real_tokens`), replicated on the mesh; `reward`: the reward

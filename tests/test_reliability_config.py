@@ -110,7 +110,8 @@ def test_every_shipped_config_passes():
   for name in ("digits", "digits_text", "synthetic", "maskgit_imagenet256", "meissonic_1024",
                "digits_teacher", "digits_text_teacher", "synthetic_teacher",
                "soft_dimo_maskgit_imagenet256", "maskbit_imagenet256",
-               "soft_dimo_maskbit_imagenet256", "maskbit_digits", "maskbit_digits_teacher"):
+               "soft_dimo_maskbit_imagenet256", "maskbit_digits", "maskbit_digits_teacher",
+               "soft_dimo_meissonic_1024"):
     config = importlib.import_module(f"configs.{name}").get_config()
     assert config_check.problems(config) == [], name
 

@@ -37,6 +37,21 @@ def test_the_config_is_the_reference_recipe():
   assert config.micro_conds[:2] == (1024.0, 1024.0)
 
 
+def test_the_soft_dimo_recipe_is_the_dimo_recipe_plus_the_clip_reward():
+  from configs import soft_dimo_meissonic_1024
+  from dimo_jax import config_check
+  soft = soft_dimo_meissonic_1024.get_config()
+  config_check.check(soft)
+  own = ("optimizer_type", "adam_weight_decay")
+  assert {key: soft[key] for key in RECIPE if key not in own} == {
+      key: value for key, value in RECIPE.items() if key not in own}
+  assert (soft.reward.kind, soft.reward.weight > 0, soft.gan.weight) == ("clip", True, 0.0)
+  assert (soft.optimizer_type, soft.adam_weight_decay) == ("adamw", 0.01)
+  soft.reward.clip_path = ""
+  with pytest.raises(config_check.ConfigError, match="needs reward.clip_path"):
+    config_check.check(soft)
+
+
 @pytest.fixture(scope="module")
 def teacher_path(tmp_path_factory):
   root = tmp_path_factory.mktemp("meissonic")
