@@ -725,3 +725,40 @@ def test_two_conversions_at_once_one_writes_the_other_is_refused(tmp_path):
   loser_err = next(err for code, _, err in results if code != 0)
   assert "another process is writing it" in loser_err
   assert _tag(dst) == winner
+
+
+class _RunsACommand:
+  """What a hostile checkpoint pickles: os.system on unpickling."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_blocked_global_is_refused_by_its_name(tmp_path):
+  state = taming_case._release_state(taming_case._reference())
+  src = tmp_path / "release"
+  src.mkdir()
+  (src / "model.yaml").write_text(yaml.safe_dump(taming_case.CONFIG))
+  marker = tmp_path / "pwned"
+  torch.save({"state_dict": state, "extra": _RunsACommand(marker)}, src / "last.ckpt")
+  with pytest.raises(ConversionError) as e:
+    taming_vqgan.convert(str(src), str(tmp_path / "tok"))
+  message = str(e.value)
+  assert "it names the global posix.system" in message or "nt.system" in message, message
+  assert "weights_only" not in message and "will likely succeed" not in message
+  assert not marker.exists() and not (tmp_path / "tok").exists()
+
+
+def test_ignored_entries_holding_pickled_objects_are_named(tmp_path, monkeypatch, capsys):
+  state = taming_case._release_state(taming_case._reference())
+  markers = [str(tmp_path / f"marker{i}") for i in range(4)]
+  src, dst = str(tmp_path / "release"), str(tmp_path / "tok")
+  _lightning_release(src, state, markers, monkeypatch)
+  taming_vqgan.convert(src, dst)
+  err = capsys.readouterr().err
+  assert "note: " in err and "ignored the entries 'callbacks', 'hyper_parameters', 'loops'" in err
+  assert "argparse.Namespace" in err and "omegaconf.dictconfig.DictConfig" in err
+  assert not any(os.path.exists(m) for m in markers)

@@ -4,6 +4,7 @@ name file, key and what was found (shape, dtype, value)."""
 import os
 import pickle
 import re
+import sys
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Tuple
 
 import jax
@@ -131,7 +132,9 @@ def _torch_load(path: str) -> Any:
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
-    if "Unsupported global" not in str(e):
+    # A global torch blocks outright (os, subprocess, builtins.eval, ...) is refused as it is;
+    # one merely outside the allowlist (a Lightning callback) gets the inert reader.
+    if not _forbidden_global(e) or "is blocked" in str(e):
       raise
   from dimo_jax.convert import tensor_pickle
   # weights_only=False is what torch requires with a pickle_module; tensor_pickle is the
@@ -139,14 +142,56 @@ def _torch_load(path: str) -> Any:
   return torch.load(path, map_location="cpu", weights_only=False, pickle_module=tensor_pickle)
 
 
+_GLOBAL = re.compile(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL)\s+([\w.]+)")
+
+
+def _forbidden_global(error: Exception) -> Optional[str]:
+  """"module.name" of the global a torch weights-only error names, or None."""
+  found = _GLOBAL.search(str(error))
+  return found.group(1) if found else None
+
+
 def _reason(error: Exception) -> str:
   """The line of a torch error that says what is wrong (torch's weights-only errors are a page
-  of advice around one line)."""
+  of advice around one line, whose advice to load with weights_only=False must never be
+  followed for a file that names a forbidden global: that is how a pickle runs code)."""
   text = str(error)
+  name = _forbidden_global(error)
+  if name is not None:
+    return (f"it names the global {name}, which a checkpoint of tensors has no need of and "
+            "which loading would run; it was not loaded")
   if "WeightsUnpickler error: " in text:
     text = text.split("WeightsUnpickler error: ", 1)[1]
   return next((line.strip() for line in text.splitlines() if line.strip()),
               type(error).__name__)
+
+
+def _inert_objects(value: Any, depth: int = 0):
+  """Every `tensor_pickle.Inert` stand-in inside `value` (dicts, lists, tuples; what the file
+  gave a stand-in is searched too), to a nesting depth of 20."""
+  from dimo_jax.convert import tensor_pickle
+  if depth > 20:
+    return
+  if isinstance(value, tensor_pickle.Inert):
+    yield value
+    value = (value.args, value.kwargs, value.state, value.items)
+  if isinstance(value, Mapping):
+    for k, v in value.items():
+      yield from _inert_objects(k, depth + 1)
+      yield from _inert_objects(v, depth + 1)
+  elif isinstance(value, (list, tuple)):
+    for v in value:
+      yield from _inert_objects(v, depth + 1)
+
+
+def _holds_inert(value: Any) -> bool:
+  return next(_inert_objects(value), None) is not None
+
+
+def _inert_origins(checkpoint: Mapping, key: str) -> set:
+  """The globals ("module.name") of the stand-ins outside `checkpoint[key]`."""
+  return {obj.origin for name, value in checkpoint.items() if name != key
+          for obj in _inert_objects(value)}
 
 
 def _torch_to_numpy(tensor: Any) -> np.ndarray:
@@ -190,6 +235,11 @@ def load_torch_state(path: str, key: Optional[str] = None,
                else type(checkpoint).__name__)
       raise ConversionError(f"{path}: expected a dict with key {key!r}, found {found}")
     state = checkpoint[key]
+    ignored = [name for name in checkpoint if name != key and _holds_inert(checkpoint[name])]
+    if ignored:  # pickled objects outside torch's allowlist, kept inert and left unused
+      print(f"note: {path}: ignored the entries {', '.join(map(repr, ignored))} beside {key!r} "
+            "(pickled objects that were not loaded: "
+            f"{', '.join(sorted(_inert_origins(checkpoint, key)))})", file=sys.stderr)
     if not isinstance(state, Mapping):
       raise ConversionError(f"{path}: {key!r} is a {type(state).__name__}, expected a dict of "
                             "tensors")
