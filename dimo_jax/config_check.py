@@ -186,6 +186,10 @@ def problems(config: ml_collections.ConfigDict) -> List[str]:
     if (isinstance(value, str) or not isinstance(value, (tuple, list))
         or any(w not in writers.WRITERS for w in value)):
       bad("writers", f"must be a list of {', '.join(map(repr, writers.WRITERS))}")
+  if has("gradient_accumulation_steps"):
+    k = config.gradient_accumulation_steps
+    if not (_is_int(k) and k >= 1):
+      bad("gradient_accumulation_steps", "must be an integer >= 1")
   if has("train_batch_size"):
     per_device = config.get("per_device_batch", -1) or -1
     batch = config.train_batch_size

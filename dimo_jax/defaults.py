@@ -12,6 +12,10 @@ def reference_config() -> ml_collections.ConfigDict:
   c.global_seed = 3407
   # Global batch (the reference's per-device batch times the number of devices).
   c.train_batch_size = 4
+  # Micro-batches of train_batch_size whose mean gradient makes one generator update and one
+  # auxiliary update (the reference's gradient_accumulation_steps): k times the batch at the
+  # memory of one.
+  c.gradient_accumulation_steps = 1
   # Device mesh (dimo_jax/parallel.py): every device carries a slice of the batch; parameters,
   # EMA and optimizer states (and the teacher) are split over `fsdp`. -1: the rest of the
   # devices (those `num_devices` picks, all by default).

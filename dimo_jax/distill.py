@@ -178,6 +178,34 @@ def disc_optimizer(config) -> optax.GradientTransformation:
   return optax.adam(g.lr, g.adam_beta1, g.adam_beta2, eps=config.adam_epsilon)
 
 
+def accumulated_grad(loss_fn: Callable, micro: int, rng_arg: int, fed_arg: int) -> Callable:
+  """`jax.value_and_grad(loss_fn, has_aux=True)` over `micro` micro-batches: the loss, its
+  metrics and the gradient are the means over micro-batch i = 0..micro-1, each called with
+  the key fold_in(rng, i) in place of argument `rng_arg` and, when argument `fed_arg` (fed
+  conditions) is not None, with its row i. The reference's `gradient_accumulation_steps`:
+  each of its micro-batch losses is divided by their count before backward. `micro` 1 is
+  plain value_and_grad, the key and the conditions as given."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if micro == 1:
+    return grad_fn
+
+  def fn(*args):
+    def micro_batch(i):
+      call = list(args)
+      call[rng_arg] = jax.random.fold_in(args[rng_arg], i)
+      if args[fed_arg] is not None:
+        call[fed_arg] = jax.tree_util.tree_map(lambda x: x[i], args[fed_arg])
+      return call
+
+    def body(total, i):
+      out = grad_fn(*micro_batch(i))
+      return jax.tree_util.tree_map(lambda t, o: t + o / micro, total, out), None
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, jax.eval_shape(grad_fn, *micro_batch(0)))
+    total, _ = jax.lax.scan(body, zeros, jnp.arange(micro))
+    return total
+  return fn
+
+
 def ema_rate(decay: float, step: jax.Array) -> jax.Array:
   """min(decay, (1 + s) / (10 + s)): a short memory early on, `decay` later."""
   step = jnp.asarray(step, jnp.float32)
@@ -398,6 +426,9 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
   it (an ImageNet token set and a reward network are large). The arguments are `make_losses`'.
   """
   losses = make_losses(config, teacher, batch_constraint, reward)
+  micro = config.get("gradient_accumulation_steps", 1)
+  generator_grad = accumulated_grad(losses.generator, micro, rng_arg=4, fed_arg=6)
+  fake_grad = accumulated_grad(losses.fake, micro, rng_arg=2, fed_arg=4)
   gen_tx, fake_tx = optimizers(config, teacher.frozen_with_emb)
   disc_tx = disc_optimizer(config) if losses.disc is not None else None
 
@@ -408,7 +439,13 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
 
     `conditions`: None (class labels drawn from the state's key), or the fed conditions
     {"generator": cond with leading axis B, "auxiliary": the same with leading axes
-    [fake_rounds, B]}, every leaf batch-leading as `model.apply` takes it.
+    [fake_rounds, B]}, every leaf batch-leading as `model.apply` takes it; with
+    `gradient_accumulation_steps` k > 1 a micro-batch axis k comes before B in both.
+
+    With k > 1 the generator and each auxiliary round take the mean gradient of k
+    micro-batches of `train_batch_size` (`accumulated_grad`), as the reference's
+    `gradient_accumulation_steps` does: the update sees k times the batch at the memory of
+    one. The discriminator updates on one micro-batch (the reference has no discriminator).
     """
     rng, gen_rng, fake_rng = jax.random.split(state.rng, 3)
     iteration = state.step * config.fake_rounds
@@ -416,7 +453,7 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
     gen_fed, fake_fed = ((None, None) if conditions is None
                          else (conditions["generator"], conditions["auxiliary"]))
 
-    (loss_g, gen_metrics), grads = jax.value_and_grad(losses.generator, has_aux=True)(
+    (loss_g, gen_metrics), grads = generator_grad(
         state.gen_params, state.fake_params, state.disc_params, teacher_params, gen_rng, sigma,
         gen_fed, reward_vars)
     gen_params, gen_opt_state, gen_norm, gen_ok = _apply_if_finite(
@@ -426,7 +463,7 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
       round_index, fed = inputs
       fake_params, fake_opt_state, skipped = carry
       round_sigma = masking.noise_level(config.noise_emb_perturb, iteration + round_index)
-      (loss_f, _), grads = jax.value_and_grad(losses.fake, has_aux=True)(
+      (loss_f, _), grads = fake_grad(
           fake_params, gen_params, jax.random.fold_in(fake_rng, round_index), round_sigma, fed)
       fake_params, fake_opt_state, norm, ok = _apply_if_finite(
           fake_tx, grads, fake_opt_state, fake_params, loss_f)
@@ -442,12 +479,14 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
         raise ValueError("the GAN term (gan.weight > 0) needs real data tokens: a dataset with "
                          "`real_tokens` (digits, synthetic, a tokenized imagenet256)")
       disc_rng = jax.random.fold_in(fake_rng, config.fake_rounds)
+      disc_fed = (gen_fed if gen_fed is None or micro == 1
+                  else jax.tree_util.tree_map(lambda x: x[0], gen_fed))
 
       def disc_round(carry, round_index):
         params, opt_state = carry
         (loss_d, metrics), grads = jax.value_and_grad(losses.disc, has_aux=True)(
             params, gen_params, teacher_params, jax.random.fold_in(disc_rng, round_index),
-            sigma, gen_fed, real)
+            sigma, disc_fed, real)
         params, opt_state, _, _ = _apply_if_finite(disc_tx, grads, opt_state, params, loss_d)
         return (params, opt_state), {"loss_disc": loss_d, **metrics}
 

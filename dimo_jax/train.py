@@ -151,8 +151,8 @@ RESUME_FREE_KEYS = frozenset({
 # config without one reads as having that value (the Soft-Di[M]O blocks' defaults: Di[M]O alone).
 ADDED_KEYS = {"attention_impl": "auto", "teacher_fingerprint": None,
               "guidance_annealing": "none", "scale_pow": 3.0,
-              "writers": ["tensorboard"], "profile_steps": 0,
-              **{f"{block}.{key}": value for block in ("gan", "reward", "diversity")
+              "writers": ["tensorboard"], "profile_steps": 0, "gradient_accumulation_steps": 1,
+              **{f"{block}.{key}": value for block in ("gan", "reward", "diversity", "tteo")
                  for key, value in defaults.reference_config()[block].items()}}
 
 
@@ -457,7 +457,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
     networks."""
     if not teacher.text_conditioned:
       return step_inputs(None, real, reward_vars)
-    indices = dataset.train_conditions(step, config.train_batch_size, config.fake_rounds)
+    indices = dataset.train_conditions(step, config.train_batch_size, config.fake_rounds,
+                                       config.get("gradient_accumulation_steps", 1))
     return step_inputs(place_conditions(dataset.conditions, indices, mesh), real, reward_vars)
 
   saved = check_resume(config, workdir)
@@ -560,7 +561,8 @@ def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, 
     window.add(metrics)
     if done % config.log_every == 0 or done == config.max_train_steps:
       scalars = window.result()  # the window's means and its steps/s
-      scalars["images_per_s"] = scalars["steps_per_s"] * config.train_batch_size
+      scalars["images_per_s"] = (scalars["steps_per_s"] * config.train_batch_size
+                                 * config.get("gradient_accumulation_steps", 1))
       writer.write_scalars(done, scalars)
       progress.set_postfix(loss_g=f"{scalars['loss_generator']:.3g}",
                            loss_fake=f"{scalars['loss_fake']:.3g}",

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from dimo_jax import defaults, distill, divergence, teachers
+from dimo_jax import defaults, distill, divergence, masking, teachers
 from dimo_jax.models.maskgit import MaskTransformer
 
 FROZEN = ("tok_emb", "pos_emb", "bias")
@@ -301,3 +301,45 @@ def test_the_auxiliary_gradients_are_not_clipped_unless_asked(teacher):
                                            fake_max_grad_norm=1.0))[1]
   np.testing.assert_allclose(second_update(clipped_aux), adam_second_update(small, small),
                              rtol=1e-5)
+
+
+def test_gradient_accumulation_is_the_mean_of_the_micro_batch_gradients(model, teacher):
+  """k = 2 micro-batches: the generator and each auxiliary round update once, with the mean
+  of the gradients of two batches drawn with fold_in(key, 0) and fold_in(key, 1), which is the
+  gradient of the mean loss over their union (the reference divides each micro-batch loss by
+  k before backward)."""
+  config = _config(gradient_accumulation_steps=2, fake_rounds=1, max_grad_norm=0.0,
+                   distill_dropout=False, teacher_dropout=False)
+  t = teachers.of_module(model)
+  state = distill.create_state(config, teacher, jax.random.PRNGKey(1), distill.FROZEN_WITH_EMB)
+  new, metrics = jax.jit(distill.make_train_step(config, t))(state, teacher)
+
+  losses = distill.make_losses(config, t)
+  _, gen_rng, fake_rng = jax.random.split(state.rng, 3)
+  sigma = masking.noise_level(config.noise_emb_perturb, 0)
+  grad = jax.value_and_grad(losses.generator, has_aux=True)
+  parts = [grad(state.gen_params, state.fake_params, None, teacher,
+                jax.random.fold_in(gen_rng, i), sigma, None) for i in range(2)]
+  mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, parts[0][1], parts[1][1])
+  gen_tx, fake_tx = distill.optimizers(config)
+  updates, _ = gen_tx.update(mean, state.gen_opt_state, state.gen_params)
+  expected = optax.apply_updates(state.gen_params, updates)
+  for name, value in _leaves(new.gen_params).items():
+    np.testing.assert_allclose(value, _leaves(expected)[name], atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(metrics["loss_generator"],
+                             (parts[0][0][0] + parts[1][0][0]) / 2, rtol=1e-5)
+  # One micro-batch alone is another update: the second batch counted.
+  updates, _ = gen_tx.update(parts[0][1], state.gen_opt_state, state.gen_params)
+  alone = optax.apply_updates(state.gen_params, updates)
+  assert max(np.abs(a - b).max() for a, b in zip(
+      jax.tree_util.tree_leaves(alone), jax.tree_util.tree_leaves(new.gen_params))) > 1e-6
+
+  fake = jax.value_and_grad(losses.fake, has_aux=True)
+  round_rng = jax.random.fold_in(fake_rng, 0)
+  parts = [fake(state.fake_params, new.gen_params, jax.random.fold_in(round_rng, i), sigma,
+                None)[1] for i in range(2)]
+  mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, *parts)
+  updates, _ = fake_tx.update(mean, state.fake_opt_state, state.fake_params)
+  expected = optax.apply_updates(state.fake_params, updates)
+  for name, value in _leaves(new.fake_params).items():
+    np.testing.assert_allclose(value, _leaves(expected)[name], atol=1e-6, err_msg=name)

@@ -125,3 +125,27 @@ def test_the_release_mask_id_is_accepted_as_mask_value(teacher):
   distill.make_train_step(tiny_config(mask_value=model.transformer.mask_id), teacher)
   with pytest.raises(ValueError, match="mask_value 3 does not match"):
     distill.make_train_step(tiny_config(mask_value=3), teacher)
+
+
+def test_accumulated_micro_batches_each_read_their_own_prompts(teacher):
+  """gradient_accumulation_steps 2: the fed conditions carry a micro-batch axis before B, and
+  micro-batch i is conditioned on its row i: a second row of other prompts gives another
+  update than the first row repeated."""
+  model, variables = teacher
+  config = tiny_config(gradient_accumulation_steps=2)
+  step = jax.jit(distill.make_train_step(config, teachers.of_module(model)))
+  state = distill.create_state(config, variables, jax.random.PRNGKey(3),
+                               teachers.of_module(model).frozen_with_emb)
+  rows = conditions(10, (2, BATCH))
+  repeated = jax.tree_util.tree_map(lambda x: np.stack([x[0], x[0]]), rows)
+  auxiliary = conditions(11, (ROUNDS, 2, BATCH))
+  new_rows, metrics = step(state, variables, {"generator": rows, "auxiliary": auxiliary})
+  new_repeated, _ = step(state, variables, {"generator": repeated, "auxiliary": auxiliary})
+  assert all(np.isfinite(float(v)) for v in metrics.values())
+  assert max_diff(new_rows.gen_params, new_repeated.gen_params) > 0.0
+  assert max_diff(new_rows.fake_params, state.fake_params) > 0.0
+  # The host draws prompts in that layout.
+  from dimo_jax.data.digit_prompts import DigitPrompts
+  drawn = DigitPrompts.toy().train_conditions(4, BATCH, ROUNDS, 2)
+  assert drawn["generator"].shape == (2, BATCH)
+  assert drawn["auxiliary"].shape == (ROUNDS, 2, BATCH)

@@ -16,7 +16,7 @@ Each gives what pretraining, the sample grids and the final evaluation need:
                 None (imagenet256, prompts: images are scored by dimo_jax/evaluate.py).
 Text-to-image datasets ('prompts', 'digits_text') add the prompts the step is fed:
   conditions:        data.prompts.PromptConditions (the prompts' encodings)
-  train_conditions:  (step, batch, rounds) -> the prompt indices the step is fed
+  train_conditions:  (step, batch, rounds, micro) -> the prompt indices the step is fed
 """
 
 import dataclasses
@@ -285,8 +285,9 @@ class TextPrompts:
   def condition(self, indices) -> Dict[str, np.ndarray]:
     return self.conditions.condition(indices)
 
-  def train_conditions(self, step: int, batch: int, rounds: int) -> Dict[str, np.ndarray]:
-    return self.conditions.draw(step, batch, rounds)
+  def train_conditions(self, step: int, batch: int, rounds: int,
+                       micro: int = 1) -> Dict[str, np.ndarray]:
+    return self.conditions.draw(step, batch, rounds, micro)
 
   def images(self, tokens) -> np.ndarray:
     return decode_images(self.tokenizer, tokens)

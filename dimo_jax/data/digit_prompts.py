@@ -269,9 +269,10 @@ class DigitPrompts:
     """The same for HELD_OUT_TEMPLATE's prompts, which no training step sees."""
     return self.held_out_conditions.condition(labels)
 
-  def train_conditions(self, step: int, batch: int, rounds: int) -> Dict[str, np.ndarray]:
+  def train_conditions(self, step: int, batch: int, rounds: int,
+                       micro: int = 1) -> Dict[str, np.ndarray]:
     """Training prompt indices of Di[M]O step `step` (`PromptConditions.draw`)."""
-    return self.conditions.draw(step, batch, rounds)
+    return self.conditions.draw(step, batch, rounds, micro)
 
   def images(self, tokens) -> np.ndarray:
     return digits.tokens_to_images(tokens)

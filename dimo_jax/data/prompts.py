@@ -383,8 +383,10 @@ class PromptConditions:
             "neg_hidden": like(neg_hidden), "neg_pooled": like(neg_pooled),
             "micro_conds": like(np.asarray(self.micro_conds, np.float32))}
 
-  def draw(self, step: int, batch: int, rounds: int) -> Dict[str, np.ndarray]:
-    """Prompt indices of step `step`: {"generator": int[B], "auxiliary": int[rounds, B]}."""
+  def draw(self, step: int, batch: int, rounds: int, micro: int = 1) -> Dict[str, np.ndarray]:
+    """Prompt indices of step `step`: {"generator": int[B], "auxiliary": int[rounds, B]}; with
+    `micro` > 1 micro-batches (gradient accumulation) int[micro, B] and int[rounds, micro, B]."""
     rng = np.random.default_rng((self.seed, step))
-    return {"generator": rng.integers(0, self.num_prompts, batch),
-            "auxiliary": rng.integers(0, self.num_prompts, (rounds, batch))}
+    shape = (batch,) if micro == 1 else (micro, batch)
+    return {"generator": rng.integers(0, self.num_prompts, shape),
+            "auxiliary": rng.integers(0, self.num_prompts, (rounds,) + shape)}
