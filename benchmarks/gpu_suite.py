@@ -278,8 +278,9 @@ def section_step(size, rows, args):
   step_teacher = teacher.with_model(model.clone(attention=fused))
   state = distill.create_state(config, variables, jax.random.PRNGKey(1),
                                teacher.frozen_with_emb, teacher=step_teacher)
-  real = (jax.random.randint(jax.random.PRNGKey(4), (4 * size["batch"], size["tokens"]), 0,
-                             size["codes"]), jnp.arange(4 * size["batch"]) % size["classes"], None)
+  real = {"tokens": jax.random.randint(jax.random.PRNGKey(4), (1, size["batch"], size["tokens"]),
+                                       0, size["codes"]),
+          "cond": (jnp.arange(size["batch"]) % size["classes"])[None]}
   step = jax.jit(distill.make_train_step(config, step_teacher), donate_argnums=0)
   exe, compile_s = compiled(step, state, variables, None, real)
   times, pipelined = time_steps(exe, state, (variables, None, real), size["step_runs"], warmup=2)
@@ -313,9 +314,10 @@ def section_maskbit(size, rows, args):
                                  teacher.frozen_with_emb, teacher=teacher)
     real = None
     if gan:
-      real = (jax.random.randint(jax.random.PRNGKey(4), (4 * size["batch"], model.seq_len), 0,
-                                 model.codebook_size),
-              jnp.arange(4 * size["batch"]) % model.num_classes, None)
+      real = {"tokens": jax.random.randint(jax.random.PRNGKey(4),
+                                           (1, size["batch"], model.seq_len), 0,
+                                           model.codebook_size),
+              "cond": (jnp.arange(size["batch"]) % model.num_classes)[None]}
     step = jax.jit(distill.make_train_step(config, teacher), donate_argnums=0)
     exe, compile_s = compiled(step, state, variables, None, real)
     times, pipelined = time_steps(exe, state, (variables, None, real), size["step_runs"],

@@ -58,8 +58,10 @@ def time_jax(args, model, variables, fake_rounds: int, gan_weight: float = 0.0):
                                teacher.frozen_with_emb, teacher=teacher)
   real = None
   if gan_weight > 0:
-    real = (jax.random.randint(jax.random.PRNGKey(2), (256, args.tokens), 0, args.codes),
-            jnp.arange(256) % _NUM_CLASSES, None)
+    batch = config.train_batch_size
+    real = {"tokens": jax.random.randint(jax.random.PRNGKey(2), (1, batch, args.tokens), 0,
+                                         args.codes),
+            "cond": (jnp.arange(batch) % _NUM_CLASSES)[None]}
   step_fn = jax.jit(distill.make_train_step(config, teacher), donate_argnums=0)
   inputs = (variables,) if real is None else (variables, None, real)
   start = time.perf_counter()

@@ -252,11 +252,10 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
     reward: the reward term's `rewards.Reward` (`rewards.make_reward`); the generator's loss
       is given its variables (`reward_vars`, None: those it was built with).
 
-  `real` of the discriminator's loss: Soft-Di[M]O's real data, (tokens int[N, L], labels
-  int32[N], table) (`data.real_tokens`, `data.real_conditions`), from which each update draws
-  its batch with the step's key; `table` is None for class labels, and for a text teacher the
-  cond dict of every prompt (leaves [P, ...]) that the labels, prompt indices, pick from. Its
-  fake side is conditioned like the generator's term: `fed` prompts, or labels of the key.
+  `real` of the discriminator's loss: one update's batch of Soft-Di[M]O's real data,
+  {"tokens": int[B, L], "cond": labels int[B] or a text cond dict} (`train.RealFeed` feeds
+  the step one for each of its `gan.disc_rounds`). Its fake side is conditioned like the
+  generator's term: `fed` prompts, or labels drawn from the key.
   """
   # Ours is V (the codebook size); a release with its own mask id may also be named by that.
   if config.mask_value not in teacher.mask_values:
@@ -392,17 +391,12 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
   def disc_loss(disc_params, gen_params, teacher_params, rng, sigma, fed, real):
     """The discriminator's loss: real data tokens against the generator's soft tokens of a
     fresh step; neither input carries a gradient to theta or phi."""
-    label_rng, gen_rng, real_rng, fake_mask_rng, real_mask_rng = jax.random.split(rng, 5)
+    label_rng, gen_rng, fake_mask_rng, real_mask_rng = jax.random.split(rng, 4)
     labels = draw_labels(label_rng, fed)
     _, gen_logits = generate(gen_params, gen_rng, labels, sigma)
     fake = gan.soft_tokens(jax.lax.stop_gradient(gen_logits), config.gan.tau)
-    tokens, real_labels, table = real
-    index = jax.random.randint(real_rng, (batch,), 0, tokens.shape[0])
-    real_labels = real_labels[index]
-    if table is not None:  # a text teacher: the real samples' prompts, looked up
-      real_labels = jax.tree_util.tree_map(lambda t: t[real_labels], table)
-    real_labels = jax.tree_util.tree_map(batch_constraint, real_labels)
-    real_tokens = soft.one_hot(batch_constraint(tokens[index].astype(jnp.int32)), codebook)
+    real_labels = jax.tree_util.tree_map(batch_constraint, real["cond"])
+    real_tokens = soft.one_hot(batch_constraint(real["tokens"].astype(jnp.int32)), codebook)
 
     def score(probs, cond, mask_rng):
       probs, ratio = gan.remask(mask_rng, probs, config.gan.r_max)
@@ -421,9 +415,10 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
                     batch_constraint: Callable[[jax.Array], jax.Array] = lambda x: x,
                     reward: Optional[rewards.Reward] = None):
   """Builds `train_step(state, teacher_params[, conditions[, real[, reward_vars]]]) -> (state,
-  metrics)` (pure; jit it). With the GAN on, `real` is its real data (`make_losses`), and with
-  the reward term `reward_vars` its networks' variables: inputs of the step, not constants of
-  it (an ImageNet token set and a reward network are large). The arguments are `make_losses`'.
+  metrics)` (pure; jit it). With the GAN on, `real` holds the real batches of its
+  `gan.disc_rounds` updates, {"tokens": int[rounds, B, L], "cond": [rounds, B, ...]}
+  (`train.RealFeed`), and with the reward term `reward_vars` its networks' variables: inputs
+  of the step, not constants of it. The arguments are `make_losses`'.
   """
   losses = make_losses(config, teacher, batch_constraint, reward)
   micro = config.get("gradient_accumulation_steps", 1)
@@ -477,21 +472,24 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
     if losses.disc is not None:
       if real is None:
         raise ValueError("the GAN term (gan.weight > 0) needs real data tokens: a dataset with "
-                         "`real_tokens` (digits, synthetic, a tokenized imagenet256)")
+                         "`real_tokens` (digits, digits_text, synthetic, a tokenized "
+                         "imagenet256)")
       disc_rng = jax.random.fold_in(fake_rng, config.fake_rounds)
       disc_fed = (gen_fed if gen_fed is None or micro == 1
                   else jax.tree_util.tree_map(lambda x: x[0], gen_fed))
 
-      def disc_round(carry, round_index):
+      def disc_round(carry, inputs):
+        round_index, batch_real = inputs
         params, opt_state = carry
         (loss_d, metrics), grads = jax.value_and_grad(losses.disc, has_aux=True)(
             params, gen_params, teacher_params, jax.random.fold_in(disc_rng, round_index),
-            sigma, disc_fed, real)
+            sigma, disc_fed, batch_real)
         params, opt_state, _, _ = _apply_if_finite(disc_tx, grads, opt_state, params, loss_d)
         return (params, opt_state), {"loss_disc": loss_d, **metrics}
 
       (disc_params, disc_opt_state), disc_metrics = jax.lax.scan(
-          disc_round, (disc_params, disc_opt_state), jnp.arange(config.gan.disc_rounds))
+          disc_round, (disc_params, disc_opt_state),
+          (jnp.arange(config.gan.disc_rounds), real))
       disc_metrics = jax.tree_util.tree_map(jnp.mean, disc_metrics)
 
     rate = ema_rate(config.ema_decay, state.step)

@@ -361,7 +361,7 @@ def jit_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
                    reward=None) -> Callable:
   """`distill.make_train_step` jitted to keep `state`, `teacher_params` (and the fed
   `conditions` of a text-to-image run, see `place_conditions`) where they are; `real`: the
-  GAN's real data tokens (`data.real_tokens`), replicated on the mesh; `reward`: the reward
+  GAN's real batches of the step (`RealFeed`), placed like the conditions; `reward`: the reward
   term's `rewards.Reward` and `reward_vars` its variables, replicated. The step is called with
   `(state, teacher_params, *step_inputs(conditions, real, reward_vars))`.
 
@@ -376,6 +376,44 @@ def jit_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
       in_shardings=in_shardings,
       out_shardings=(where(state), parallel.replicated(mesh)),
       donate_argnums=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RealFeed:
+  """Soft-Di[M]O's real data as the step is fed it: `feed(step, mesh)` -> {"tokens":
+  int[rounds, B, L], "cond": labels int32[rounds, B] or a text cond dict [rounds, B, ...]},
+  a global batch of B rows for each of `rounds` discriminator updates, split over the mesh's
+  batch axis.
+
+  Each process builds only its devices' rows, from the part of the data it holds
+  (`data.real_tokens`): row j of round r is its row u[r, j] mod n, with u drawn from (seed,
+  step) alone, the same in every process, so that a resumed run is fed what an uninterrupted
+  one was and no process ever reads another's shards.
+
+  Attributes:
+    tokens, labels: this process's rows (n of them).
+    condition: a text dataset's prompt indices -> cond dict; None for class labels.
+  """
+  tokens: np.ndarray
+  labels: np.ndarray
+  condition: Optional[Callable[[np.ndarray], Dict[str, np.ndarray]]]
+  seed: int
+  rounds: int
+  batch: int
+
+  def draws(self, step: int) -> np.ndarray:
+    """uint[rounds, B]: what picks the rows of step `step`."""
+    return np.random.default_rng((self.seed, 7919, step)).integers(
+        0, 2 ** 62, (self.rounds, self.batch))
+
+  def rows(self, draws: np.ndarray) -> Dict[str, Any]:
+    index = np.asarray(draws) % len(self.tokens)
+    labels = self.labels[index]
+    return {"tokens": self.tokens[index],
+            "cond": labels if self.condition is None else self.condition(labels)}
+
+  def __call__(self, step: int, mesh) -> Dict[str, Any]:
+    return parallel.place_rows(self.rows, self.draws(step), mesh, axis=1)
 
 
 def place_conditions(conditions, indices: Dict[str, np.ndarray], mesh) -> Dict[str, Any]:
@@ -436,14 +474,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   # The step calls the teacher's module rematerialized when asked; the samplers do not.
   step_teacher = teacher.with_model(teacher.model.clone(remat=config.gradient_checkpointing))
 
-  # Soft-Di[M]O's real data tokens, replicated on the mesh once (int16 where the codes fit:
-  # half the memory of an ImageNet token set).
-  real = None
+  # Soft-Di[M]O's real data: each process holds its part (int16 where the codes fit: half the
+  # memory of an ImageNet token set) and feeds its devices' rows of every step's batches.
+  real_feed = None
   if distill.gan_enabled(config):
-    tokens, labels = data.real_tokens(dataset)
+    tokens, labels = data.real_tokens(dataset, jax.process_index(), jax.process_count())
     dtype = np.int16 if teacher.codebook_size <= np.iinfo(np.int16).max else np.int32
-    real = parallel.replicate((np.asarray(tokens, dtype), np.asarray(labels, np.int32),
-                               data.real_conditions(dataset)), mesh)
+    real_feed = RealFeed(np.asarray(tokens, dtype), np.asarray(labels, np.int32),
+                         dataset.conditions.condition if teacher.text_conditioned else None,
+                         config.global_seed, config.gan.disc_rounds, config.train_batch_size)
 
   # The reward term's networks, replicated once and given to the step as an input.
   reward = reward_vars = None
@@ -455,6 +494,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
     """What step `step` is fed besides the state and the teacher: the conditions of a
     text-to-image run (placed on the mesh), the GAN's real data tokens, the reward's
     networks."""
+    real = None if real_feed is None else real_feed(step, mesh)
     if not teacher.text_conditioned:
       return step_inputs(None, real, reward_vars)
     indices = dataset.train_conditions(step, config.train_batch_size, config.fake_rounds,

@@ -32,7 +32,10 @@ def setup():
   variables = model.init({"params": jax.random.PRNGKey(0)}, jnp.zeros((1, L), jnp.int32),
                          jnp.zeros((1,), jnp.int32))
   teacher = teachers.of_module(model, variables)
-  real = (jax.random.randint(jax.random.PRNGKey(5), (32, L), 0, V), jnp.arange(32) % 3, None)
+  # One discriminator round's real batch, as train.RealFeed feeds the step: [rounds, B, ...].
+  batch = step_config().train_batch_size
+  real = {"tokens": jax.random.randint(jax.random.PRNGKey(5), (1, batch, L), 0, V),
+          "cond": (jnp.arange(batch) % 3)[None]}
   return teacher, real
 
 
@@ -82,7 +85,7 @@ def test_the_discriminator_loss_reaches_neither_theta_nor_the_teacher(setup):
   state = _state(config, teacher)
   losses = distill.make_losses(config, teacher)
   args = (state.disc_params, state.gen_params, teacher.variables, jax.random.PRNGKey(2),
-          jnp.float32(0.1), None, real)
+          jnp.float32(0.1), None, jax.tree_util.tree_map(lambda x: x[0], real))
   to_disc, to_gen, to_teacher = jax.grad(lambda *a: losses.disc(*a)[0], argnums=(0, 1, 2))(*args)
   assert _norm(to_disc) > 1e-4
   assert _norm(to_gen) == 0.0 and _norm(to_teacher) == 0.0

@@ -32,14 +32,16 @@ def test_real_digits_come_with_a_prompt_naming_them():
   np.testing.assert_array_equal(tokens, real_tokens)
   np.testing.assert_array_equal(dataset.prompt_labels[prompt], real_digits)
   assert len(np.unique(prompt % len(digit_prompts.TEMPLATES))) == len(digit_prompts.TEMPLATES)
-  table = data.real_conditions(dataset)
-  # Row p of the table is prompt p's condition, as the step's fed conditions are.
-  picked = jax.tree_util.tree_map(lambda t: t[prompt[:7]], table)
-  fed = dataset.conditions.condition(prompt[:7])
-  assert sorted(picked) == sorted(fed)
+  # The discriminator's real rows are conditioned on their prompts' encodings, as the step's
+  # fed conditions are.
+  feed = train.RealFeed(tokens, prompt, dataset.conditions.condition, seed=0, rounds=2, batch=6)
+  rows = feed.rows(feed.draws(3))
+  index = feed.draws(3) % len(tokens)
+  np.testing.assert_array_equal(rows["tokens"], tokens[index])
+  fed = dataset.conditions.condition(prompt[index])
+  assert sorted(rows["cond"]) == sorted(fed) and rows["cond"]["hidden"].shape[:2] == (2, 6)
   for key in fed:
-    np.testing.assert_array_equal(picked[key], fed[key])
-  assert data.real_conditions(data.Digits()) is None
+    np.testing.assert_array_equal(rows["cond"][key], fed[key])
 
 
 def test_the_text_reward_reads_the_digit_the_prompt_names():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dimo_jax import data, tokenize, tokenizers
+from dimo_jax import data, parallel, tokenize, tokenizers
 from dimo_jax.metrics import reference
 from tests.test_sample_cli import tiny_tokenizer
 
@@ -109,3 +109,37 @@ def test_the_command_line_writes_the_shards_and_names_a_missing_flag(setup, tmp_
   assert exit_info.value.code == 1
   assert capsys.readouterr().err.strip().splitlines()[-1] == (
       "error: --tokenizer and --out are required")
+
+
+def test_each_process_reads_only_its_shards_and_feeds_its_devices_rows(setup, tmp_path):
+  """Shard i belongs to process i mod P: the parts are disjoint and make the whole set; a
+  process with no shard is refused by name. The discriminator's batch is drawn from (seed,
+  step) alone, each process filling its rows from its own part."""
+  from dimo_jax import train
+  root, tokenizer_dir = setup
+  out = str(tmp_path / "tokens")
+  tokenize.tokenize(tokenizer_dir, out, images=str(root / "images"), image_size=16,
+                    shard_size=3, batch_size=2)  # 3 shards: 3, 3 and 1 images
+  dataset = data.ImageNet256(tokenizer_dir, num_classes=2, seq_len=64, codebook_size=17,
+                             real_tokens_path=out)
+  whole, whole_labels = data.real_tokens(dataset)
+  first, first_labels = data.real_tokens(dataset, 0, 2)  # shards 0 and 2
+  second, second_labels = data.real_tokens(dataset, 1, 2)  # shard 1
+  assert (len(first), len(second)) == (4, 3)
+  np.testing.assert_array_equal(np.concatenate([first[:3], second, first[3:]]), whole)
+  np.testing.assert_array_equal(np.concatenate([first_labels[:3], second_labels,
+                                                first_labels[3:]]), whole_labels)
+  with pytest.raises(tokenize.TokenizeError, match="3 shards for 4 processes"):
+    data.real_tokens(dataset, 3, 4)
+
+  feeds = [train.RealFeed(part, labels, None, seed=5, rounds=2, batch=4)
+           for part, labels in ((first, first_labels), (second, second_labels))]
+  np.testing.assert_array_equal(feeds[0].draws(9), feeds[1].draws(9))  # the same in both
+  assert not np.array_equal(feeds[0].draws(9), feeds[0].draws(10))
+  rows = feeds[1].rows(feeds[1].draws(9))
+  assert rows["tokens"].shape == (2, 4, 64)
+  assert all(any(np.array_equal(r, s) for s in second) for r in rows["tokens"].reshape(-1, 64))
+  mesh = parallel.make_mesh(1)
+  placed = feeds[0](9, mesh)
+  np.testing.assert_array_equal(np.asarray(placed["tokens"]),
+                                feeds[0].rows(feeds[0].draws(9))["tokens"])

@@ -214,9 +214,11 @@ class ImageNet256:
     codes = tokens if self.teacher is None else self.teacher.image_codes(np.asarray(tokens))
     return decode_images(self.tokenizer, codes)
 
-  def real_tokens(self) -> Tuple[np.ndarray, np.ndarray]:
-    """The token dataset of `gan.real_tokens` (every shard, in every process: the
-    discriminator draws its batches from the whole set with the step's key)."""
+  def real_tokens(self, process_index: int = 0,
+                  process_count: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+    """The token dataset of `gan.real_tokens`, only the shards of process `process_index` of
+    `process_count` (shard i goes to process i mod count; `RealFeed` draws each process's
+    part of the discriminator's batch from its own)."""
     from dimo_jax import tokenize
     shards = tokenize.TokenShards(self.real_tokens_path)
     manifest = shards.manifest
@@ -228,7 +230,12 @@ class ImageNet256:
           f"{self.real_tokens_path}: tokens of {manifest.get('seq_len')} positions over "
           f"{manifest.get('codebook_size')} codes; the teacher's tokenizer has {positions} over "
           f"{codes}")
-    tokens, labels = shards.load(list(range(manifest["shards"])))
+    mine = shards.process_shards(process_index, process_count)
+    if not mine:
+      raise tokenize.TokenizeError(
+          f"{self.real_tokens_path}: {manifest['shards']} shards for {process_count} processes; "
+          "every process needs one (tokenize with a smaller --shard_size)")
+    tokens, labels = shards.load(mine)
     if self.teacher is not None:
       tokens = self.teacher.tokens_of_image_codes(tokens)
     return tokens, labels
@@ -298,19 +305,17 @@ class TextPrompts:
 REAL_DATASETS = ("digits", "digits_bits", "synthetic", "imagenet256", "digits_text")
 
 
-def real_tokens(dataset) -> Tuple[np.ndarray, np.ndarray]:
-  """What Soft-Di[M]O's discriminator sees as real: tokens int32[N, L], labels int32[N] of the
-  run's dataset (one of REAL_DATASETS; config_check refuses the GAN for the others). A text
-  dataset's labels are prompt indices into its `conditions` (`real_conditions`)."""
-  return dataset.real_tokens()
-
-
-def real_conditions(dataset) -> Optional[Dict[str, np.ndarray]]:
-  """The condition table the real labels index: None for a class-conditional dataset (a label
-  is its class), a text dataset's cond dict of every prompt (leaves [P, ...]) otherwise."""
-  if dataset.conditioning != TEXT:
-    return None
-  return dataset.conditions.condition(np.arange(dataset.conditions.num_prompts))
+def real_tokens(dataset, process_index: int = 0,
+                process_count: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+  """What Soft-Di[M]O's discriminator sees as real, the part process `process_index` of
+  `process_count` holds: tokens int32[N, L], labels int32[N] of the run's dataset (one of
+  REAL_DATASETS; config_check refuses the GAN for the others). A token dataset on disk is read
+  by shard (`ImageNet256.real_tokens`), an in-memory one split by row. A text dataset's labels
+  are prompt indices into its `conditions`."""
+  if isinstance(dataset, ImageNet256):
+    return dataset.real_tokens(process_index, process_count)
+  tokens, labels = dataset.real_tokens()
+  return tokens[process_index::process_count], labels[process_index::process_count]
 
 
 def get(config: ml_collections.ConfigDict, teacher: Optional[Teacher] = None):
