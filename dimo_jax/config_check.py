@@ -236,9 +236,10 @@ def gan_problems(config: ml_collections.ConfigDict) -> List[str]:
       found.append(f"gan.weight > 0 needs real data tokens, which dataset {dataset!r} does not "
                    f"hold (one of {', '.join(data.REAL_DATASETS)}; gan.weight=0 is Di[M]O "
                    "alone)")
-    elif dataset == "imagenet256" and not g.get("real_tokens"):
-      found.append("gan.weight > 0 on imagenet256 needs gan.real_tokens, a token dataset made "
-                   "by python -m dimo_jax.tokenize")
+    elif dataset in ("imagenet256", "prompts") and not g.get("real_tokens"):
+      found.append(f"gan.weight > 0 on {dataset} needs gan.real_tokens, a token dataset made "
+                   "by python -m dimo_jax.tokenize"
+                   + (" with --captions or --caption_field" if dataset == "prompts" else ""))
   return found
 
 

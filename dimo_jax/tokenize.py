@@ -3,19 +3,28 @@
   python -m dimo_jax.tokenize --tokenizer checkpoints/vqgan --images /data/imagenet/train \
       --out data/imagenet256_tokens [--image_size 256 --shard_size 10000 --batch_size 64]
   python -m dimo_jax.tokenize --tokenizer checkpoints/vqgan --tfds imagenet2012:train --out ...
+  python -m dimo_jax.tokenize --tokenizer checkpoints/meissonic --images /data/laion_subset \
+      --captions --image_size 1024 --out data/meissonic_tokens      # image-caption pairs
+  python -m dimo_jax.tokenize --tokenizer checkpoints/meissonic --tfds coco_captions:train \
+      --caption_field captions/text --image_size 1024 --out data/coco_tokens
 
 Each image is centre-cropped as ADM does (`metrics.reference.center_crop`), scaled to the
 tokenizer's value range and encoded; its label is the index of its class folder among the
 sorted first-level folders of --images (ImageNet's `train/n01440764/...` layout), or the tfds
 `label`. OUT holds
 
-  shard-00000.npz ...  tokens int16[n, h*w] (row-major codes), labels int32[n]
+  shard-00000.npz ...  tokens int16[n, h*w] (row-major codes), labels int32[n], and with
+                       captions (a text-to-image teacher's real data) captions str[n]
   tokens.json          the settings, the class names, and once every shard is written
                        "complete": true with the count
 
 Every shard is written whole (temporary file, then rename), so an interrupted run resumes where
 it stopped: rerun the same command. A different tokenizer, size or source in OUT is refused.
 `TokenShards(OUT)` reads them, each process its own shards (`process_shards`).
+
+Captions: with --images and --captions each image's caption is the text file beside it with the
+same stem (`photo.jpg` -> `photo.txt`, the img2dataset layout); with --tfds, --caption_field
+names the feature (its first text when it holds several, as COCO's five).
 """
 
 import json
@@ -85,20 +94,41 @@ def _write_json(path: str, value: Dict) -> None:
   os.replace(tmp, path)
 
 
-def _write_shard(path: str, tokens: np.ndarray, labels: np.ndarray) -> None:
+def _write_shard(path: str, tokens: np.ndarray, labels: np.ndarray,
+                 captions: Optional[List[str]] = None) -> None:
   tmp = f"{path}.{os.getpid()}.tmp.npz"
-  np.savez(tmp, tokens=tokens.astype(np.int16), labels=labels.astype(np.int32))
+  extra = {} if captions is None else {"captions": np.asarray(captions, dtype=np.str_)}
+  np.savez(tmp, tokens=tokens.astype(np.int16), labels=labels.astype(np.int32), **extra)
   os.replace(tmp, path)
+
+
+def read_caption(image_path: str) -> str:
+  """The caption of an image in an img2dataset-style folder: the .txt beside it, same stem."""
+  path = os.path.splitext(image_path)[0] + ".txt"
+  try:
+    with open(path, encoding="utf-8") as f:
+      return " ".join(f.read().split())
+  except FileNotFoundError:
+    raise TokenizeError(f"--captions: {image_path} has no caption file {path}") from None
+  except UnicodeDecodeError:
+    raise TokenizeError(f"--captions: {path} is not UTF-8 text") from None
 
 
 def tokenize(tokenizer_dir: str, out: str, images: Optional[str] = None,
              tfds_spec: Optional[str] = None, image_size: int = 256, shard_size: int = 10000,
-             batch_size: int = 64) -> Dict:
-  """Writes the shards of OUT (module docstring) that are not there yet; returns the manifest."""
+             batch_size: int = 64, captions: bool = False,
+             caption_field: Optional[str] = None) -> Dict:
+  """Writes the shards of OUT (module docstring) that are not there yet; returns the manifest.
+  `captions` (an image folder) or `caption_field` (tfds) store each image's caption too."""
   from dimo_jax import data, tokenizers
   from dimo_jax.metrics import reference
   if (images is None) == (tfds_spec is None):
     raise TokenizeError("give one of --images, --tfds")
+  if captions and images is None:
+    raise TokenizeError("--captions reads the .txt beside each image of --images; with --tfds "
+                        "give --caption_field")
+  if caption_field and tfds_spec is None:
+    raise TokenizeError("--caption_field names a tfds feature; with --images give --captions")
   if image_size < 1 or shard_size < 1 or batch_size < 1:
     raise TokenizeError("--image_size, --shard_size and --batch_size must be at least 1")
   tokenizer = tokenizers.load(tokenizer_dir)
@@ -113,24 +143,34 @@ def tokenize(tokenizer_dir: str, out: str, images: Optional[str] = None,
   settings = {"tokenizer": os.path.abspath(tokenizer_dir), "image_size": image_size,
               "shard_size": shard_size, "codebook_size": tokenizer.codebook_size,
               "source": os.path.abspath(images) if images else f"tfds:{tfds_spec}",
-              "classes": classes}
+              "classes": classes,
+              "captions": "txt" if captions else (caption_field or None)}
   manifest = _manifest(out, settings)
   if manifest.get("complete"):
     print(f"{out}: complete ({manifest['count']} images)", file=sys.stderr)
     return manifest
 
-  def examples(start: int) -> Iterator[Tuple[np.ndarray, int]]:
+  def examples(start: int) -> Iterator[Tuple[np.ndarray, int, Optional[str]]]:
     if items is not None:
       for path, label in items[start:]:
-        yield reference.load_images([path], image_size)[0], label
+        yield (reference.load_images([path], image_size)[0], label,
+               read_caption(path) if captions else None)
       return
     import tensorflow_datasets as tfds  # only a tfds source needs it
     from PIL import Image
+    from dimo_jax.data import prompts
     name, _, split = tfds_spec.partition(":")
     dataset = tfds.load(name, split=split or "train", shuffle_files=False).skip(start)
     for example in tfds.as_numpy(dataset):
-      yield reference.center_crop(Image.fromarray(example["image"]), image_size), int(
-          example["label"])
+      caption = None
+      if caption_field:
+        texts = [t for t in prompts.example_texts(example, caption_field) if t]
+        if not texts:
+          raise TokenizeError(f"--caption_field {caption_field}: an example of {tfds_spec} "
+                              "holds no text there")
+        caption = texts[0]
+      yield (reference.center_crop(Image.fromarray(example["image"]), image_size),
+             int(example.get("label", 0)), caption)
 
   done = 0
   while os.path.isfile(shard_path(out, done // shard_size)) and (count is None or done < count):
@@ -139,6 +179,8 @@ def tokenize(tokenizer_dir: str, out: str, images: Optional[str] = None,
     done = min(done, count)
   progress = tqdm(total=count, initial=done, unit="img", desc="tokenize", mininterval=2.0)
   shard, pending_images, pending_labels, codes, labels = done // shard_size, [], [], [], []
+  texts = []
+  with_captions = settings["captions"] is not None
 
   def flush_batch():
     if pending_images:
@@ -149,18 +191,23 @@ def tokenize(tokenizer_dir: str, out: str, images: Optional[str] = None,
       pending_images.clear()
       pending_labels.clear()
 
-  for image, label in examples(done):
+  def write():
+    _write_shard(shard_path(out, shard), np.concatenate(codes), np.asarray(labels),
+                 texts if with_captions else None)
+
+  for image, label, caption in examples(done):
     pending_images.append(image)
     pending_labels.append(label)
+    texts.append(caption)
     if len(pending_images) == batch_size:
       flush_batch()
     if sum(map(len, codes)) + len(pending_images) == shard_size:
       flush_batch()
-      _write_shard(shard_path(out, shard), np.concatenate(codes), np.asarray(labels))
-      shard, codes, labels = shard + 1, [], []
+      write()
+      shard, codes, labels, texts = shard + 1, [], [], []
   flush_batch()
   if codes:
-    _write_shard(shard_path(out, shard), np.concatenate(codes), np.asarray(labels))
+    write()
     shard += 1
   progress.close()
   total = sum(int(np.load(shard_path(out, i))["labels"].shape[0]) for i in range(shard))
@@ -193,6 +240,13 @@ class TokenShards:
     return (np.concatenate([p["tokens"] for p in parts]).astype(np.int32),
             np.concatenate([p["labels"] for p in parts]).astype(np.int32))
 
+  def captions(self, shards: List[int]) -> List[str]:
+    """The captions of `shards`' images, in `load`'s order (a dataset made with captions)."""
+    if not self.manifest.get("captions"):
+      raise TokenizeError(f"{self.folder}: these tokens have no captions; a text-to-image "
+                          "teacher's real data is made with --captions or --caption_field")
+    return [str(c) for i in shards for c in np.load(shard_path(self.folder, i))["captions"]]
+
 
 # The command's own flags, apart from absl's global FlagValues (evaluate defines --images, --out
 # and --batch_size there with other meanings, and both modules may be imported in one process).
@@ -207,6 +261,10 @@ flags.DEFINE_string("out", None, "The token dataset folder (shards + tokens.json
 flags.DEFINE_integer("image_size", 256, "Side of the centre crop.", flag_values=FLAGS)
 flags.DEFINE_integer("shard_size", 10000, "Images a shard.", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 64, "Images encoded at once.", flag_values=FLAGS)
+flags.DEFINE_bool("captions", False, "With --images: store each image's caption, the .txt "
+                  "file beside it (a text-to-image teacher's real data).", flag_values=FLAGS)
+flags.DEFINE_string("caption_field", None, "With --tfds: the caption feature, e.g. "
+                    "captions/text (its first text).", flag_values=FLAGS)
 PROG = "python -m dimo_jax.tokenize"
 
 
@@ -226,7 +284,7 @@ def main(argv=None) -> None:
     if FLAGS.tokenizer is None or FLAGS.out is None:
       raise TokenizeError("--tokenizer and --out are required")
     tokenize(FLAGS.tokenizer, FLAGS.out, FLAGS.images, FLAGS.tfds, FLAGS.image_size,
-             FLAGS.shard_size, FLAGS.batch_size)
+             FLAGS.shard_size, FLAGS.batch_size, FLAGS.captions, FLAGS.caption_field)
   except UserError as e:
     cli.fail(e)
   except cli.USER_OS_ERRORS as e:

@@ -181,6 +181,7 @@ SLOW = {
         "test_sample_cli_generator_grid",
     ),
     "test_text_train.py": (
+        "test_image_caption_pairs_are_a_text_runs_real_data",
         "test_a_text_run_trains_samples_and_checkpoints",
     ),
     "test_train.py": (

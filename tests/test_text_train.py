@@ -127,3 +127,66 @@ def test_fed_conditions_are_split_over_the_batch_axis(teacher_path, tmp_path):
   assert not np.allclose(cond["uncond_hidden"], cond["neg_hidden"])
   assert jax.tree_util.tree_all(jax.tree_util.tree_map(
       lambda x: x.shape[0] == 1, cond))
+
+
+def _caption_folder(root, count=5):
+  """An img2dataset-style folder: photo.png beside photo.txt, RESOLUTION pixels."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  os.makedirs(root)
+  captions = [f"a picture number {i}" for i in range(count)]
+  for i, caption in enumerate(captions):
+    Image.fromarray(rng.integers(0, 256, (RESOLUTION, RESOLUTION, 3), dtype=np.uint8)).save(
+        os.path.join(root, f"{i:03d}.png"))
+    with open(os.path.join(root, f"{i:03d}.txt"), "w") as f:
+      f.write(caption + "\n")
+  return captions
+
+
+def test_image_caption_pairs_are_a_text_runs_real_data(teacher_path, tmp_path):
+  """tokenize --captions stores each image's caption; the GAN's real rows of a Meissonic run
+  are those tokens conditioned on their captions' encodings, and a run with the GAN trains."""
+  from dimo_jax import data, teachers, tokenize
+  from dimo_jax.data import prompts
+  captions = _caption_folder(str(tmp_path / "images"))
+  out = str(tmp_path / "tokens")
+  tokenize.tokenize(teacher_path, out, images=str(tmp_path / "images"), image_size=RESOLUTION,
+                    captions=True, shard_size=2)
+  shards = tokenize.TokenShards(out)
+  assert shards.captions([0, 1, 2]) == captions
+
+  workdir = str(tmp_path / "run")
+  os.makedirs(workdir)
+  config = tiny_config(teacher_path, workdir, max_train_steps=2, final_eval=False)
+  config.gan.update(weight=1.0, real_tokens=out)
+  dataset = data.get(config)
+  tokens, index, condition = dataset.real_data(1, 2)  # shard 1: images 2 and 3
+  np.testing.assert_array_equal(tokens, shards.load([1])[0])
+  cond = condition(np.array([[1, 0]]))
+  teacher = teachers.load(teacher_path)
+  own = prompts.encode_prompts((teacher.text.encoder, teacher.text.variables),
+                               teacher.text.tokenizer, [captions[3], captions[2]])
+  np.testing.assert_allclose(cond["hidden"][0], own.hidden, atol=1e-5)
+  assert cond["hidden"].shape[:2] == (1, 2)
+  np.testing.assert_allclose(cond["uncond_hidden"][0, 0],
+                             dataset.condition(np.array([0]))["uncond_hidden"][0], atol=1e-5)
+
+  train.train_and_evaluate(config, workdir)
+  _, state = restore(workdir, config)
+  assert state["disc_params"] is not None
+
+  config.gan.real_tokens = ""
+  from dimo_jax import config_check
+  with pytest.raises(config_check.ConfigError, match="on prompts needs gan.real_tokens"):
+    config_check.check(config)
+
+
+def test_a_missing_caption_is_named(teacher_path, tmp_path, capsys):
+  from dimo_jax import tokenize
+  _caption_folder(str(tmp_path / "images"), count=2)
+  os.remove(tmp_path / "images" / "001.txt")
+  with pytest.raises(SystemExit):
+    tokenize.main(["--tokenizer", teacher_path, "--images", str(tmp_path / "images"),
+                   "--captions", "--image_size", str(RESOLUTION), "--out", str(tmp_path / "t")])
+  err = capsys.readouterr().err
+  assert f"001.png has no caption file {tmp_path / 'images' / '001.txt'}" in err

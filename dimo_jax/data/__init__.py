@@ -299,10 +299,46 @@ class TextPrompts:
   def images(self, tokens) -> np.ndarray:
     return decode_images(self.tokenizer, tokens)
 
+  def real_data(self, process_index: int = 0, process_count: int = 1):
+    """Soft-Di[M]O's real data (`gan.real_tokens`, a `python -m dimo_jax.tokenize` set made
+    with captions by this teacher's VQ-VAE), this process's shards: (tokens int32[n, L],
+    caption indices int32[n], condition) where `condition(indices)` encodes those captions
+    with the teacher's text encoder into the step's cond dict (guided against the run's
+    negative prompt, dropped to "" as the run's own prompts are)."""
+    from dimo_jax import tokenize
+    from dimo_jax.data import prompts
+    path = self.config.gan.real_tokens
+    shards = tokenize.TokenShards(path)
+    manifest = shards.manifest
+    if (manifest.get("seq_len"), manifest.get("codebook_size")) != (self.seq_len,
+                                                                     self.codebook_size):
+      raise tokenize.TokenizeError(
+          f"{path}: tokens of {manifest.get('seq_len')} positions over "
+          f"{manifest.get('codebook_size')} codes; the teacher has {self.seq_len} over "
+          f"{self.codebook_size}")
+    mine = shards.process_shards(process_index, process_count)
+    if not mine:
+      raise tokenize.TokenizeError(f"{path}: {manifest['shards']} shards for {process_count} "
+                                   "processes; every process needs one")
+    tokens, _ = shards.load(mine)
+    captions = shards.captions(mine)
+    c, text = self.config, self.teacher.text
+    negative = c.negative_prompt if c.distil_neg_prompt else ""
+
+    def condition(indices):
+      indices = np.asarray(indices)
+      texts = [captions[i] for i in indices.reshape(-1)]
+      embeddings = prompts.encode_prompts((text.encoder, text.variables), text.tokenizer,
+                                          texts + [""], negative)
+      rows = prompts.PromptConditions(embeddings, tuple(c.micro_conds), c.distil_neg_prompt)
+      cond = rows.condition(np.arange(len(texts)))
+      return {k: v.reshape(indices.shape + v.shape[1:]) for k, v in cond.items()}
+    return tokens, np.arange(len(tokens), dtype=np.int32), condition
 
 
-# Those with `real_tokens`, which the GAN term needs (imagenet256 with `gan.real_tokens`).
-REAL_DATASETS = ("digits", "digits_bits", "synthetic", "imagenet256", "digits_text")
+# Those with real data, which the GAN term needs (imagenet256 and prompts with
+# `gan.real_tokens`).
+REAL_DATASETS = ("digits", "digits_bits", "synthetic", "imagenet256", "digits_text", "prompts")
 
 
 def real_tokens(dataset, process_index: int = 0,
@@ -314,6 +350,8 @@ def real_tokens(dataset, process_index: int = 0,
   are prompt indices into its `conditions`."""
   if isinstance(dataset, ImageNet256):
     return dataset.real_tokens(process_index, process_count)
+  if isinstance(dataset, TextPrompts):
+    return dataset.real_data(process_index, process_count)[:2]
   tokens, labels = dataset.real_tokens()
   return tokens[process_index::process_count], labels[process_index::process_count]
 

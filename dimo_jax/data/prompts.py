@@ -102,6 +102,18 @@ def _texts(value: Any) -> Iterator[Union[str, bytes, None]]:
     yield None
 
 
+def example_texts(example: Any, field: str) -> List[str]:
+  """The texts at the '/'-separated `field` of one tfds example (UTF-8 decoded, stripped,
+  blanks dropped); KeyError when the example has no such field."""
+  texts = []
+  for text in _texts(_lookup(example, field.split("/"))):
+    if isinstance(text, bytes):
+      text = text.decode("utf-8", errors="replace")
+    if text is not None and text.strip():
+      texts.append(text.strip())
+  return texts
+
+
 def tfds_captions(name: str, split: str, field: str, limit: Optional[int] = None,
                   data_dir: Optional[str] = None) -> List[str]:
   """The captions of a tensorflow-datasets dataset, in dataset order (files not shuffled).
