@@ -45,7 +45,8 @@ def test_the_soft_dimo_recipe_is_the_dimo_recipe_plus_the_clip_reward():
   own = ("optimizer_type", "adam_weight_decay")
   assert {key: soft[key] for key in RECIPE if key not in own} == {
       key: value for key, value in RECIPE.items() if key not in own}
-  assert (soft.reward.kind, soft.reward.weight > 0, soft.gan.weight) == ("clip", True, 0.0)
+  assert (soft.reward.kind, soft.reward.weight > 0, soft.gan.weight > 0) == ("clip", True, True)
+  assert soft.gan.real_tokens and soft.gan.r_max == 0.95
   assert (soft.optimizer_type, soft.adam_weight_decay) == ("adamw", 0.01)
   soft.reward.clip_path = ""
   with pytest.raises(config_check.ConfigError, match="needs reward.clip_path"):
