@@ -1,9 +1,12 @@
 """A run's checkpoints: the orbax manager of WORKDIR/checkpoints, finding a step, reading one
-generator's parameters out of it, and the JSON records written beside them."""
+generator's parameters out of it, the JSON records written beside them, and the checksums of
+every saved step (a step whose files no longer match them is refused by name, as a truncated
+one is)."""
 
+import hashlib
 import json
 import os
-from typing import Any, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import ml_collections
@@ -43,6 +46,84 @@ def write_json(path: str, obj: Any) -> None:
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True)
   os.replace(tmp, path)
+
+
+CHECKSUMS = "dimo_jax_checksums.json"  # in each step folder: {relative path: blake2b hex}
+
+
+def file_digests(step_dir: str) -> Dict[str, str]:
+  """{path relative to `step_dir`: blake2b hex digest} of every file below it (the checksum
+  record itself excepted)."""
+  out = {}
+  for root, _, names in os.walk(step_dir):
+    for name in names:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, step_dir)
+      if rel == CHECKSUMS:
+        continue
+      digest = hashlib.blake2b(digest_size=16)
+      with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+          digest.update(chunk)
+      out[rel] = digest.hexdigest()
+  return out
+
+
+def record_checksums(step_dir: str) -> None:
+  """Writes the checksums of a finished step's files beside them (process 0; the step is
+  complete on the shared disk once the manager has finished saving it)."""
+  if os.path.isdir(step_dir):
+    write_json(os.path.join(step_dir, CHECKSUMS), file_digests(step_dir))
+
+
+def damaged_files(step_dir: str) -> Optional[List[str]]:
+  """The files of `step_dir` that differ from, or are missing against, its checksum record;
+  None when the step has no record (a run killed between saving and recording, or one of
+  before the records)."""
+  path = os.path.join(step_dir, CHECKSUMS)
+  if not os.path.isfile(path):
+    return None
+  try:
+    recorded = modeldir.read_json(path, "a checkpoint's checksum record", GeneratorError)
+  except GeneratorError:  # the record itself was damaged with the step
+    return [CHECKSUMS]
+  found = file_digests(step_dir)
+  return sorted(rel for rel, digest in recorded.items() if found.get(rel) != digest)
+
+
+def checksum_error(step_dir: str) -> Optional[str]:
+  """Why `step_dir` is damaged, in a few words naming its first changed file; None if not."""
+  damaged = damaged_files(step_dir)
+  if not damaged:
+    return None
+  more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+  return (f"{damaged[0]}{more} no longer match the checksums recorded when the step was "
+          "saved")
+
+
+class ChecksumRecorder:
+  """Records the checksums of each step a training loop saves, once its save has finished:
+  before the next save starts (orbax would wait for the previous one there anyway) and at the
+  end (`finish`), so saving stays asynchronous."""
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self.manager, self.pending = manager, []
+
+  def save(self, step: int, *args, **kwargs) -> None:
+    self.flush()
+    self.manager.save(step, *args, **kwargs)
+    self.pending.append(step)
+
+  def flush(self) -> None:
+    if self.pending:
+      self.manager.wait_until_finished()
+      for step in self.pending:
+        record_checksums(os.path.join(str(self.manager.directory), str(step)))
+      self.pending = []
+
+  def finish(self) -> None:
+    self.manager.wait_until_finished()
+    self.flush()
 
 
 def find_checkpoint(path: str, flag: str = "--generator") -> Tuple[str, int]:
@@ -107,6 +188,9 @@ def load_generator(path: str, teacher: Teacher, which: str, flag: str = "--gener
   field = STATE_FIELDS[which]
   manager = ocp.CheckpointManager(root, item_handlers=ocp.PyTreeCheckpointHandler())
   step_dir = os.path.join(root, str(step))
+  damage = checksum_error(step_dir)  # first: damaged metadata would give a vaguer reason
+  if damage:
+    raise _unreadable(root, step, manager.all_steps(), flag, damage)
   try:
     stored = manager.item_metadata(step)
   except modeldir.READ_ERRORS as e:

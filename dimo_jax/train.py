@@ -326,6 +326,11 @@ def initial_state(config: ml_collections.ConfigDict, teacher: teachers.Teacher, 
     return jax.jit(init, out_shardings=sharding)(teacher_params, rng)
   abstract = jax.tree_util.tree_map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, sharding)
+  where = os.path.join(str(manager.directory), str(step))
+  damage = checkpoints.checksum_error(where)
+  if damage:  # flipped bytes would load silently: the record of the save says otherwise
+    raise RunError(f"{where}: cannot restore this checkpoint ({damage}); "
+                   f"{_resume_hint(manager, step)}, or choose another --workdir")
   try:
     with modeldir.quiet_failed_reads():
       try:
@@ -338,12 +343,14 @@ def initial_state(config: ml_collections.ConfigDict, teacher: teachers.Teacher, 
         return distill.DistillState(**{f.name: old[_LEGACY_FIELDS.get(f.name, f.name)]
                                        for f in dataclasses.fields(abstract)})
   except Exception as e:  # orbax raises many types for a damaged or mismatched checkpoint
-    where = os.path.join(str(manager.directory), str(step))
-    earlier = [s for s in manager.all_steps() if s < step]
-    hint = (f"delete that folder to resume from step {max(earlier)}" if earlier
-            else "delete that folder to start over")
     raise RunError(f"{where}: cannot restore this checkpoint ({modeldir.first_line(e)}); "
-                   f"{hint}, or choose another --workdir") from None
+                   f"{_resume_hint(manager, step)}, or choose another --workdir") from None
+
+
+def _resume_hint(manager: ocp.CheckpointManager, step: int) -> str:
+  earlier = [s for s in manager.all_steps() if s < step]
+  return (f"delete that folder to resume from step {max(earlier)}" if earlier
+          else "delete that folder to start over")
 
 
 def step_inputs(conditions=None, real=None, reward_vars=None) -> tuple:
@@ -542,11 +549,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   progress = tqdm(range(start_step, config.max_train_steps), initial=start_step,
                   total=config.max_train_steps, desc="Di[M]O", mininterval=2.0,
                   disable=jax.process_index() > 0)
+  saver = checkpoints.ChecksumRecorder(manager)
   try:
     state = _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer,
-                  validation, dataset, score, manager, workdir)
-  finally:  # a stopped run still finishes the checkpoint it was writing
-    manager.wait_until_finished()
+                  validation, dataset, score, saver, workdir)
+  finally:  # a stopped run still finishes the checkpoint it was writing, and records it
+    saver.finish()
   writer.flush()
 
   if not config.final_eval:
@@ -589,7 +597,8 @@ class ProfileWindow:
 
 def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, validation,
           dataset, score, manager, workdir):
-  """The training loop: steps, logs, validation grids and checkpoints; returns the last state."""
+  """The training loop: steps, logs, validation grids and checkpoints (`manager`: a
+  `checkpoints.ChecksumRecorder`); returns the last state."""
   classes = grid_classes(config, dataset.num_classes)
   grid_labels = np.repeat(classes, 8)
   labels = eval_labels(config, dataset.num_classes)
@@ -625,6 +634,6 @@ def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, 
     if done % config.checkpointing_steps == 0:  # no step-1 save (orbax's initial-save policy)
       manager.save(done, args=ocp.args.StandardSave(state))
   watch.check()
-  if int(state.step) not in manager.all_steps():
+  if int(state.step) not in manager.manager.all_steps():
     manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
   return state

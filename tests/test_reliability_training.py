@@ -363,3 +363,41 @@ def test_steps_without_their_record_are_not_resumed_silently(teacher_path, tmp_p
   train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=4, generator_lr=0.5,
                                        allow_config_change=True), workdir)
   assert _config_json(workdir)["generator_lr"] == 0.5
+
+
+def test_flipped_bytes_in_a_checkpoint_are_named_not_loaded(teacher_path, tmp_path, capsys):
+  """16 bytes XOR-ed in ten places of the orbax data files: the step's checksums (recorded
+  when it was saved) no longer match, and both a resume and `sample --generator` refuse it by
+  name instead of loading other numbers."""
+  from dimo_jax import sample
+  from tests.test_sample_cli import tiny_tokenizer
+  workdir = str(tmp_path / "run")
+  config = tiny_config(teacher_path, max_train_steps=4, checkpointing_steps=2)
+  train.train_and_evaluate(config, workdir)
+  step_dir = os.path.join(workdir, "checkpoints", "4")
+  assert os.path.isfile(os.path.join(step_dir, checkpoints.CHECKSUMS))
+  assert checkpoints.damaged_files(step_dir) == []
+  data_files = sorted(os.path.join(root, name) for root, _, names in os.walk(step_dir)
+                      for name in names if name != checkpoints.CHECKSUMS
+                      and os.path.getsize(os.path.join(root, name)) > 256)
+  rng = np.random.default_rng(0)
+  for i in range(10):
+    path = data_files[i % len(data_files)]
+    with open(path, "r+b") as f:
+      offset = int(rng.integers(0, os.path.getsize(path) - 16))
+      f.seek(offset)
+      chunk = bytearray(f.read(16))
+      f.seek(offset)
+      f.write(bytes(b ^ 0x5A for b in chunk))
+  assert checkpoints.damaged_files(step_dir)
+  with pytest.raises(train.RunError, match=r"checkpoints/4: cannot restore this checkpoint "
+                     r"\(.* no longer match the checksums recorded when the step was saved\); "
+                     r"delete that folder to resume from step 2"):
+    train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=6), workdir)
+  with pytest.raises(SystemExit):
+    sample.main(["--teacher", teacher_path, "--tokenizer",
+                 tiny_tokenizer(str(tmp_path / "tok")), "--generator", workdir, "--labels", "1",
+                 "--out", str(tmp_path / "grid.png")])
+  err = capsys.readouterr().err
+  assert "checkpoints/4: the checkpoint step cannot be read" in err
+  assert "no longer match the checksums" in err and not (tmp_path / "grid.png").exists()
