@@ -3,9 +3,12 @@ generator's parameters out of it, the JSON records written beside them, and the 
 every saved step (a step whose files no longer match them is refused by name, as a truncated
 one is)."""
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
@@ -101,29 +104,66 @@ def checksum_error(step_dir: str) -> Optional[str]:
           "saved")
 
 
+class SaveError(UserError):
+  """A checkpoint that could not be saved for the disk's sake (full, read-only)."""
+
+
 class ChecksumRecorder:
-  """Records the checksums of each step a training loop saves, once its save has finished:
-  before the next save starts (orbax would wait for the previous one there anyway) and at the
-  end (`finish`), so saving stays asynchronous."""
+  """Saves a training loop's steps and records the checksums of each once its save has
+  finished: before the next save starts (orbax would wait for the previous one there anyway)
+  and at the end (`finish`), so saving stays asynchronous. A save that fails on a full or
+  read-only disk raises one `SaveError` naming the step and the step to resume from."""
 
   def __init__(self, manager: ocp.CheckpointManager):
     self.manager, self.pending = manager, []
+    # Orbax's writer threads log a failed save (with tracebacks) after `save` has returned;
+    # its exception, raised when the save is waited for, says it once.
+    self._quiet = modeldir.DropOrbaxErrors()
+    logging.getLogger("absl").addFilter(self._quiet)
+    self._hook = sys.unraisablehook
+    sys.unraisablehook = modeldir.closed_loop_filter(self._hook)
+
+  def all_steps(self) -> Sequence[int]:
+    return self.manager.all_steps()
 
   def save(self, step: int, *args, **kwargs) -> None:
     self.flush()
-    self.manager.save(step, *args, **kwargs)
+    with self._disk(step):
+      self.manager.save(step, *args, **kwargs)
     self.pending.append(step)
 
   def flush(self) -> None:
     if self.pending:
-      self.manager.wait_until_finished()
-      for step in self.pending:
-        record_checksums(os.path.join(str(self.manager.directory), str(step)))
+      with self._disk(self.pending[-1]):
+        self.manager.wait_until_finished()
+        for step in self.pending:
+          record_checksums(os.path.join(str(self.manager.directory), str(step)))
       self.pending = []
 
   def finish(self) -> None:
-    self.manager.wait_until_finished()
-    self.flush()
+    try:
+      with self._disk(self.pending[-1] if self.pending else None):
+        self.manager.wait_until_finished()
+      self.flush()
+      sys.unraisablehook = self._hook  # (a failed save leaves it: its callbacks come late)
+    finally:
+      logging.getLogger("absl").removeFilter(self._quiet)
+
+  @contextlib.contextmanager
+  def _disk(self, step: Optional[int]):
+    try:
+      with modeldir.quiet_failed_writes():
+        yield
+    except (OSError, ValueError) as e:
+      problem = modeldir.disk_problem(e)
+      if problem is None:
+        raise
+      self.pending = []
+      saved = [s for s in self.manager.all_steps() if step is None or s < step]
+      resume = (f"it resumes from step {max(saved)}" if saved else "it starts over")
+      raise SaveError(f"{self.manager.directory}: cannot save checkpoint step {step} "
+                      f"({problem}); free space (or make the folder writable) and rerun the "
+                      f"same command: {resume}") from None
 
 
 def find_checkpoint(path: str, flag: str = "--generator") -> Tuple[str, int]:

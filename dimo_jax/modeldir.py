@@ -24,10 +24,12 @@ import collections.abc
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import fcntl
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -317,9 +319,17 @@ def write(dst: str, description: Dict[str, Any], variables: Any,
     os.makedirs(tmp)
     with open(os.path.join(tmp, DESCRIPTION_FILE), "w") as f:
       json.dump(description, f, indent=2)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(tmp, PARAMS_DIR), jax.device_get(variables))
-    checkpointer.wait_until_finished()
+    try:
+      with quiet_failed_writes():
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(tmp, PARAMS_DIR), jax.device_get(variables))
+        checkpointer.wait_until_finished()
+    except (OSError, ValueError) as e:
+      problem = disk_problem(e)
+      if problem is None:
+        raise
+      raise DestinationError(f"{os.path.abspath(dst)}: cannot write the model directory "
+                             f"({problem}); nothing was written there") from None
 
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number", float: "number",
@@ -533,15 +543,60 @@ def quiet_failed_reads() -> Iterator[None]:
   of those callbacks would print tracebacks around the one error line. They are dropped while
   the read runs and, when it fails, afterwards (the callbacks come late)."""
   previous = sys.unraisablehook
+  sys.unraisablehook = closed_loop_filter(previous)
+  yield
+  sys.unraisablehook = previous
 
+
+def closed_loop_filter(previous: Callable[[Any], None]) -> Callable[[Any], None]:
+  """An unraisable hook that drops tensorstore's late callbacks into an event loop orbax has
+  closed (RuntimeError 'Event loop is closed') and passes everything else to `previous`."""
   def hook(unraisable):
     if not (isinstance(unraisable.exc_value, RuntimeError)
             and "Event loop is closed" in str(unraisable.exc_value)):
       previous(unraisable)
+  return hook
 
-  sys.unraisablehook = hook
-  yield
-  sys.unraisablehook = previous
+
+# What a failed write says about the disk (tensorstore reports it inside a ValueError).
+_DISK_FULL = ("No space left on device", "os_error_code='28'", "Disk quota exceeded",
+              "os_error_code='122'")
+_READ_ONLY = ("Read-only file system", "os_error_code='30'")
+
+
+def disk_problem(error: BaseException) -> Optional[str]:
+  """"no space left on device" / "read-only file system" when `error` (an OSError, or orbax's
+  ValueError around tensorstore's) is the disk's doing; None otherwise."""
+  errno_ = getattr(error, "errno", None)
+  text = str(error)
+  if errno_ in (errno.ENOSPC, errno.EDQUOT) or any(s in text for s in _DISK_FULL):
+    return "no space left on device"
+  if errno_ == errno.EROFS or any(s in text for s in _READ_ONLY):
+    return "read-only file system"
+  return None
+
+
+class DropOrbaxErrors(logging.Filter):
+  """Drops the ERROR records (with their tracebacks) orbax's writer threads log for a failed
+  write: the write's own exception says it once."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return "/orbax/" not in record.pathname
+
+
+@contextlib.contextmanager
+def quiet_failed_writes() -> Iterator[None]:
+  """Wraps an orbax save: a save that fails on a full or read-only disk raises once, without
+  the tracebacks its threads log and the late callbacks into a closed event loop print
+  (`quiet_failed_reads`)."""
+  logger = logging.getLogger("absl")
+  drop = DropOrbaxErrors()
+  logger.addFilter(drop)
+  try:
+    with quiet_failed_reads():
+      yield
+  finally:
+    logger.removeFilter(drop)
 
 
 def restore(src: str, init_fn: Callable[[], Any]) -> Any:

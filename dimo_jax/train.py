@@ -634,6 +634,6 @@ def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, 
     if done % config.checkpointing_steps == 0:  # no step-1 save (orbax's initial-save policy)
       manager.save(done, args=ocp.args.StandardSave(state))
   watch.check()
-  if int(state.step) not in manager.manager.all_steps():
+  if int(state.step) not in manager.all_steps():
     manager.save(int(state.step), args=ocp.args.StandardSave(state), force=True)
   return state

@@ -762,3 +762,29 @@ def test_ignored_entries_holding_pickled_objects_are_named(tmp_path, monkeypatch
   assert "note: " in err and "ignored the entries 'callbacks', 'hyper_parameters', 'loops'" in err
   assert "argparse.Namespace" in err and "omegaconf.dictconfig.DictConfig" in err
   assert not any(os.path.exists(m) for m in markers)
+
+
+_DISK_FULL = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing "params.w/0" in OCDBT database at local file "/x/": '
+    'Failed to write 8871936 bytes to file 5: No space left on device [os_error_code=\'28\']')
+
+
+def test_a_conversion_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch,
+                                                                      capsys):
+  """What orbax raises when tensorstore meets ENOSPC (a ValueError, measured on a 300 kB
+  tmpfs): one `error:` line naming the destination and the cause, no staging folder left."""
+  import orbax.checkpoint as ocp
+  src = tmp_path / "release"
+  src.mkdir()
+  (src / "model.yaml").write_text(yaml.safe_dump(taming_case.CONFIG))
+  torch.save({"state_dict": taming_case._release_state(taming_case._reference())},
+             src / "last.ckpt")
+
+  def full(self, *args, **kwargs):
+    raise _DISK_FULL
+  monkeypatch.setattr(ocp.StandardCheckpointer, "save", full)
+  dst = tmp_path / "out" / "tok"
+  assert convert_main(["taming-vqgan", "--src", str(src), "--dst", str(dst)]) == 1
+  assert _one_error_line(capsys) == (f"error: {dst}: cannot write the model directory (no space "
+                                     "left on device); nothing was written there")
+  assert not dst.exists() and not [p for p in os.listdir(tmp_path / "out") if ".tmp-" in p]

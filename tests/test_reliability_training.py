@@ -401,3 +401,30 @@ def test_flipped_bytes_in_a_checkpoint_are_named_not_loaded(teacher_path, tmp_pa
   err = capsys.readouterr().err
   assert "checkpoints/4: the checkpoint step cannot be read" in err
   assert "no longer match the checksums" in err and not (tmp_path / "grid.png").exists()
+
+
+def test_a_checkpoint_that_meets_a_full_disk_is_one_line(teacher_path, tmp_path, monkeypatch):
+  """orbax's ValueError around tensorstore's ENOSPC (as measured on a full tmpfs) becomes one
+  SaveError naming the step and where the run will resume; its writer threads' error logs are
+  dropped (their exception says it once)."""
+  import orbax.checkpoint as ocp
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=2, checkpointing_steps=2),
+                           workdir)
+  real_save = ocp.CheckpointManager.save
+
+  def full(self, step, *args, **kwargs):
+    if step >= 4:
+      raise ValueError("RESOURCE_EXHAUSTED: Error writing local file: No space left on device "
+                       "[os_error_code='28']")
+    return real_save(self, step, *args, **kwargs)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", full)
+  with pytest.raises(checkpoints.SaveError, match=r"checkpoints: cannot save checkpoint step 4 "
+                     r"\(no space left on device\); free space .* it resumes from step 2"):
+    train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=4, checkpointing_steps=2),
+                             workdir)
+  monkeypatch.setattr(ocp.CheckpointManager, "save", real_save)
+  train.train_and_evaluate(tiny_config(teacher_path, max_train_steps=4, checkpointing_steps=2),
+                           workdir)
+  step, _ = restore_latest(workdir, tiny_config(teacher_path), teacher_path)
+  assert step == 4
