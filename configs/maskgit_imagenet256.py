@@ -16,7 +16,7 @@ run has called `jax.distributed.initialize`. Setting `--config.per_device_batch=
 --config.train_batch_size=N` fixes the global batch instead.
 """
 
-from dimo_jax import defaults
+from dimo_jax import defaults, evaluators
 
 
 def get_config():
@@ -65,9 +65,15 @@ def get_config():
 
   c.log_every = 50
   c.validation_steps = 200
-  # FID, IS and PRDC need 50 000 samples through Inception: run them apart, with
-  # `python -m dimo_jax.evaluate` (docs/evaluation.md); in-run validation draws grids only.
+  # The paper's FID, IS and PRDC need 50 000 samples through Inception: run them apart, with
+  # `python -m dimo_jax.evaluate` (docs/evaluation.md). In the run, the reference's own FID:
+  # 5000 samples of the EMA at gen_temp 7 every 2000 steps and at 2000 and 5000
+  # (train_DIMO_MaskGit.py's metric_steps; dimo_jax/evaluators.py). The files are read when
+  # the run starts; --config.evals.fid.every=0 --config.evals.fid.at=() turns it off.
   c.validation_metrics = False
+  c.evals.fid = evaluators.spec(type="fid", every=2000, at=(2000, 5000), num_samples=5000,
+                                gen_temp=7.0, inception_path="checkpoints/fid_inception",
+                                ref="VIRTUAL_imagenet256_labeled.npz")
   # The reference's sample-grid classes: goldfish, cock, tiger cat, hourglass, ship, ...
   c.grid_classes = (1, 7, 282, 604, 724, 179, 751, 404, 850)
   c.checkpointing_steps = 1000

@@ -163,6 +163,9 @@ def problems(config: ml_collections.ConfigDict) -> List[str]:
     if config.diversity.get("space") not in ("tokens", "features"):
       found.append(f"diversity.space must be 'tokens' or 'features', found "
                    f"{config.diversity.get('space')!r}")
+  if has("evals"):
+    from dimo_jax import evaluators
+    found += evaluators.problems(config)
   if has("tteo"):
     t = config.tteo
     if not (_is_int(t.get("steps")) and t.steps >= 0):

@@ -116,6 +116,9 @@ def reference_config() -> ml_collections.ConfigDict:
   # Ours (dimo_jax/diversity.py): how much two samples of one condition from independent x_init
   # may agree ('tokens': collision probability; 'features': teacher-feature cosine similarity).
   c.diversity = ml_collections.ConfigDict(dict(weight=0.0, temp=1.0, space="tokens"))
+  # Sample-quality evaluations during the run (dimo_jax/evaluators.py): name -> spec (type
+  # 'fid' | 'clip' | 'dataset', every N steps and/or at the steps in `at`, num_samples, ...).
+  c.evals = ml_collections.ConfigDict()
   c.tteo = ml_collections.ConfigDict(dict(
       steps=0,  # test-time embedding optimization at sampling (rewards.py): SGD steps, 0 off
       lr=0.2,  # its step size (the paper's; no clipping)

@@ -62,7 +62,6 @@ checkpoint step, a flag the evaluation cannot honour) is one `error:` line and e
 import dataclasses
 import json
 import os
-import time
 import zipfile
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -71,13 +70,14 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-from tqdm.auto import tqdm
 
-from dimo_jax import (checkpoints, cli, config_check, data, distributed, dtypes, metrics, outputs,
-                      parallel, rewards, samplers, teachers, tokenizers, visualize, writers)
+from dimo_jax import (checkpoints, cli, config_check, data, distributed, dtypes, evaluators,
+                      metrics, outputs, parallel, rewards, samplers, teachers, tokenizers,
+                      visualize, writers)
+from dimo_jax.evaluators import generate
 from dimo_jax.data.digits import class_balanced_labels
 from dimo_jax.errors import UserError
-from dimo_jax.metrics import clip_score, pipeline, reference as references
+from dimo_jax.metrics import reference as references
 
 PARAMS = ("ema", "generator")  # --params: the EMA or the raw generator parameters
 
@@ -146,64 +146,6 @@ class NpzWriter:
       np.lib.format.write_array(f, np.asarray(labels))
     self._zip.close()
     os.replace(self._tmp, self.path)
-
-
-def generate(sampler: samplers.Sampler, labels: np.ndarray, mesh, batch_size: int, seed: int,
-             tokenizer=None, extractor=None,
-             sink: Optional[Callable[[int, Dict[str, np.ndarray]], None]] = None,
-             condition: Callable[[np.ndarray], Any] = data.class_condition,
-             clip=None, image_codes=None) -> Dict[str, Any]:
-  """Samples every label, a global batch at a time (`samplers.MeshSampler`); gathers the
-  results on every process.
-
-  Args:
-    sampler: what is sampled.
-    labels: int32[N] (class labels, or prompt indices with `condition`).
-    mesh: the device mesh; `batch_size` is rounded up to a multiple of its device count.
-    seed: the batch starting at sample s uses the key fold_in(PRNGKey(seed), s).
-    tokenizer, extractor: decode codes to images, and images to Inception features.
-    sink: called on process 0 as sink(start, {"codes"[, "images" uint8[b, H, W, 3]]}) for
-      every batch.
-    condition: labels -> the sampler's condition (`data.class_condition`, or
-      `PromptConditions.condition`).
-    clip: a convert.clip.Clip whose image tower embeds the decoded images.
-    image_codes: the sampler's tokens -> the tokenizer's codes (`Teacher.image_codes`).
-
-  Returns:
-    {"codes": int32[N, L], "pool": float32[N, F], "logits": float32[N, C] (the last two with
-    an extractor), "clip": float32[N, P] (with clip), "images_per_second": rate after the
-    first batch (which compiles; None with one batch)}.
-  """
-  if (extractor is not None or clip is not None) and tokenizer is None:
-    raise ValueError("image metrics need the decoded images: pass the tokenizer")
-  aux = {"tokenizer": None if tokenizer is None else tokenizer.variables,
-         "extractor": None if extractor is None else extractor.variables,
-         "clip": None if clip is None else clip.variables["vision"]}
-  runner = samplers.MeshSampler(sampler, mesh, batch_size, condition,
-                                pipeline.image_pipeline(tokenizer, extractor, clip, image_codes),
-                                aux)
-  keep = ("codes",) + (() if extractor is None else ("pool", "logits"))
-  keep += () if clip is None else ("clip",)
-  parts = {name: [] for name in keep}
-  progress = tqdm(total=len(labels), unit="img", desc=f"eval_{sampler.tag}", mininterval=2.0,
-                  disable=jax.process_index() > 0)
-  started, timed = None, 0
-  wanted = keep + (("images",) if sink is not None and tokenizer is not None else ())
-  for start, host in runner.batches(labels, seed, keep=wanted):
-    for name in keep:
-      parts[name].append(host[name])
-    if sink is not None and jax.process_index() == 0:
-      sink(start, host)
-    progress.update(len(host["codes"]))
-    if started is None:
-      started = time.perf_counter()
-    else:
-      timed += len(host["codes"])
-  progress.close()
-  result = {name: np.concatenate(values) for name, values in parts.items()}
-  elapsed = time.perf_counter() - started
-  result["images_per_second"] = timed / elapsed if timed and elapsed > 0 else None
-  return result
 
 
 _TABLE_COLUMNS = (("fid", "FID"), ("is", "IS"), ("precision", "Prec."), ("recall", "Rec."),
@@ -424,15 +366,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
                    extractor if images_mode else None,
                    sink if sink.active and offset == 0 else None, condition=condition, clip=clip,
                    image_codes=teacher.image_codes)
-    scores = {}
-    if text is None and not images_mode:
-      scores = metrics.scorer(dataset)(out["codes"], labels)
-    if images_mode:
-      scores.update(references.image_metrics(out["pool"], out["logits"], ref))
-    if clip is not None:
-      scores["clip_score"] = clip_score.clip_score(
-          out["clip"], clip_score.prompt_embeds(clip, text.prompts)[labels])
-    per_seed.append(scores)
+    per_seed.append(evaluators.score(
+        out, labels, dataset if text is None and not images_mode else None, ref, clip,
+        None if text is None else text.prompts))
     speeds.append(out["images_per_second"])
   sink.close()
   scores = per_seed[0] if seeds == 1 else metrics.over_seeds(per_seed)

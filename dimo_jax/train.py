@@ -24,8 +24,8 @@ import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
 from dimo_jax import (checkpoints, config_check, data, defaults, distill, distributed, dtypes,
-                      metrics, modeldir, outputs, parallel, rewards, samplers, teachers,
-                      visualize, writers)
+                      evaluators, metrics, modeldir, outputs, parallel, rewards, samplers,
+                      teachers, visualize, writers)
 from dimo_jax.errors import UserError
 
 
@@ -144,7 +144,7 @@ RESUME_FREE_KEYS = frozenset({
     "eval_batch_size", "eval_gen_temps", "eval_params", "eval_seeds", "sampling_step",
     "sched_mode", "cfg_w", "r_temp", "sm_temp", "grid_classes", "num_devices", "mesh",
     "max_consecutive_skips", "allow_config_change", "gradient_checkpointing", "prompt_cache",
-    "tteo", "guidance_annealing", "scale_pow", "writers", "profile_steps"})
+    "tteo", "guidance_annealing", "scale_pow", "writers", "profile_steps", "evals"})
 
 
 # Keys added after runs were written, each with the value that does what those runs did: a saved
@@ -544,6 +544,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
       samplers.generator(teacher, state.ema_params, config, int(state.step)), mesh,
       config.eval_batch_size, dataset.condition)
 
+  # The config's evaluations during the run (`config.evals`), compiled once.
+  run_evals = evaluators.for_run(config, teacher, dataset, mesh, state.ema_params)
+
   start_step = int(state.step)
   watch = SkipWatch(config.max_consecutive_skips, config.fake_rounds, state.skipped, workdir)
   progress = tqdm(range(start_step, config.max_train_steps), initial=start_step,
@@ -552,7 +555,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   saver = checkpoints.ChecksumRecorder(manager)
   try:
     state = _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer,
-                  validation, dataset, score, saver, workdir)
+                  validation, dataset, score, saver, workdir, run_evals)
   finally:  # a stopped run still finishes the checkpoint it was writing, and records it
     saver.finish()
   writer.flush()
@@ -596,9 +599,10 @@ class ProfileWindow:
 
 
 def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, validation,
-          dataset, score, manager, workdir):
-  """The training loop: steps, logs, validation grids and checkpoints (`manager`: a
-  `checkpoints.ChecksumRecorder`); returns the last state."""
+          dataset, score, manager, workdir, run_evals=()):
+  """The training loop: steps, logs, validation grids, the config's evaluations (`run_evals`,
+  `evaluators.RunEvaluation`s) and checkpoints (`manager`: a `checkpoints.ChecksumRecorder`);
+  returns the last state."""
   classes = grid_classes(config, dataset.num_classes)
   grid_labels = np.repeat(classes, 8)
   labels = eval_labels(config, dataset.num_classes)
@@ -631,6 +635,12 @@ def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, 
           codes = validation(labels, 1, (params, sigma, None))
           writer.write_scalars(done, {f"val_{name}/{k}": v
                                       for k, v in score(codes, labels).items()})
+    for evaluation in run_evals:
+      if evaluation.due(done):
+        scores = evaluation(state.ema_params, done)
+        logging.info("step %d, eval %s: %s", done, evaluation.name, scores)
+        writer.write_scalars(done, {f"eval/{evaluation.name}/{k}": v for k, v in scores.items()
+                                    if isinstance(v, (int, float))})
     if done % config.checkpointing_steps == 0:  # no step-1 save (orbax's initial-save policy)
       manager.save(done, args=ocp.args.StandardSave(state))
   watch.check()

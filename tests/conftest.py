@@ -41,6 +41,8 @@ SLOW = {
         "test_the_auxiliary_gradients_are_not_clipped_unless_asked",
     ),
     "test_evaluate.py": (
+        "test_on_eight_devices_the_run_evaluator_gives_the_fid_of_evaluate",
+        "test_a_run_scores_its_evaluations_on_schedule_into_tensorboard",
         "test_eight_devices_give_the_features_of_one",
         "test_evaluate_seeds_flag_reports_the_mean_over_seeds",
         "test_fid_inception_features_with_random_weights",

@@ -352,3 +352,98 @@ def test_evaluate_seeds_flag_reports_the_mean_over_seeds(dirs, tmp_path, capsys,
   assert saved["metrics"]["fd"] == pytest.approx(fds.mean())
   assert saved["metrics"]["fd_std"] == pytest.approx(fds.std())
   assert f"{fds.mean():.4g} ± " in capsys.readouterr().out
+
+
+def _fid_child(teacher_path: str, tokenizer_path: str, run: str, workdir: str) -> None:
+  """Body of the 8-device subprocess: `evaluate` and the run's evaluator registry score the
+  same checkpoint to the same FID."""
+  from dimo_jax import evaluators
+  assert jax.device_count() == 8, jax.devices()
+  dirs = {"teacher": teacher_path, "tokenizer": tokenizer_path}
+  print("REPORT", json.dumps(_fid_both(dirs, run, workdir)))
+
+
+def _fid_both(dirs, run: str, workdir: str) -> dict:
+  """{"evaluate": FID of evaluate.evaluate, "registry": FID of evaluators.RunEvaluation} of the
+  checkpoint `run` (22 samples, the run's final-evaluation seed, all devices)."""
+  from dimo_jax import data, evaluators
+  rng = np.random.default_rng(0)
+  real = np.repeat(np.repeat(rng.integers(0, 256, (40, 4, 4, 3), dtype=np.uint8), 4, 1), 4, 2)
+  config = image_config(dirs)
+  mesh = parallel.make_mesh(config.num_devices)
+  ref = os.path.join(workdir, "ref.npz")
+  reference.write_reference(ref, reference.image_features([real], 40, tiny_extractor(), mesh,
+                                                          batch_size=16, keep=30))
+  result = evaluate.evaluate(config, os.path.join(workdir, "eval"), checkpoint=run,
+                             num_samples=22, extractor=tiny_extractor(), reference=ref)
+  teacher = teachers.load(dirs["teacher"])
+  params, _, step = checkpoints.load_generator(run, teacher, "ema")
+  entry = evaluators.spec(type="fid", every=1, num_samples=22, ref=ref, inception_path="-")
+  evaluation = evaluators.RunEvaluation("fid", entry, config, teacher, data.get(config, teacher),
+                                        mesh, params, extractor=tiny_extractor())
+  scores = evaluation(params, step)
+  return {"evaluate": result["metrics"]["fid"], "registry": scores["fid"],
+          "is": [result["metrics"]["is"], scores["is"]], "devices": jax.device_count()}
+
+
+def test_the_run_evaluator_gives_the_fid_of_evaluate(dirs, tmp_path):
+  both = _fid_both(dirs, dirs["run"], str(tmp_path))
+  assert both["evaluate"] > 0
+  np.testing.assert_allclose(both["registry"], both["evaluate"], rtol=1e-6)
+  np.testing.assert_allclose(*both["is"], rtol=1e-6)
+
+
+def test_on_eight_devices_the_run_evaluator_gives_the_fid_of_evaluate(dirs, tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  script = (f"import sys; sys.path.insert(0, {REPO!r}); from tests import test_evaluate; "
+            f"test_evaluate._fid_child({dirs['teacher']!r}, {dirs['tokenizer']!r}, "
+            f"{dirs['run']!r}, {str(tmp_path)!r})")
+  out = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-4000:]
+  line = [l for l in out.stdout.splitlines() if l.startswith("REPORT ")][-1]
+  both = json.loads(line[len("REPORT "):])
+  assert both["devices"] == 8 and both["evaluate"] > 0
+  np.testing.assert_allclose(both["registry"], both["evaluate"], rtol=1e-6)
+
+
+def test_a_run_scores_its_evaluations_on_schedule_into_tensorboard(dirs, tmp_path):
+  from dimo_jax import evaluators, train
+  from tests.test_writers import read_events, scalars
+  config = tiny_config(dirs["teacher"], max_train_steps=4, validation_steps=100,
+                       validation_metrics=False)
+  config.evals = {"digits": evaluators.spec(type="dataset", every=3, at=(2,), num_samples=20)}
+  train.train_and_evaluate(config, str(tmp_path))
+  values = scalars(read_events(str(tmp_path)))
+  assert sorted(step for tag, step in values if tag == "eval/digits/fd") == [2, 3]
+  assert all(np.isfinite(v) for (tag, _), v in values.items() if tag.startswith("eval/"))
+
+
+@pytest.mark.parametrize("entry, message", [
+    (dict(type="kid"), "evals.x.type must be one of 'fid', 'clip', 'dataset'"),
+    (dict(type="fid", every=100), "evals.x: type 'fid' scores the datasets 'imagenet256', "
+                                  "'prompts', not 'digits'"),
+    (dict(type="dataset", every=-1), "evals.x.every must be an integer >= 0"),
+    (dict(type="dataset", at=(0,)), "evals.x.at must be a tuple of steps > 0"),
+    (dict(type="dataset", num_samples=0), "evals.x.num_samples must be an integer >= 1"),
+])
+def test_every_evaluation_value_is_checked_up_front(entry, message):
+  from dimo_jax import config_check, evaluators
+  config = digits.get_config()
+  config.evals = {"x": evaluators.spec(**entry)}
+  with pytest.raises(config_check.ConfigError, match=message.replace("(", r"\(")):
+    config_check.check(config)
+
+
+def test_the_imagenet_recipe_scores_fid_as_the_reference_does():
+  from configs import maskgit_imagenet256
+  from dimo_jax import config_check
+  config = maskgit_imagenet256.get_config()
+  fid = config.evals.fid
+  assert (fid.type, fid.every, tuple(fid.at), fid.num_samples, fid.gen_temp) == (
+      "fid", 2000, (2000, 5000), 5000, 7.0)
+  config_check.check(config)
+  config.evals.fid.ref = ""
+  with pytest.raises(config_check.ConfigError, match="needs evals.fid.ref"):
+    config_check.check(config)
