@@ -192,6 +192,7 @@ SLOW = {
         "test_resume_is_bit_identical",
     ),
     "test_writers.py": (
+        "test_a_run_with_the_wandb_writer_logs_its_scalars_offline",
         "test_a_run_imports_no_tensorflow",
     ),
 }

@@ -12,7 +12,7 @@ import pytest
 # package -> the extra of pyproject.toml that installs it
 EXTRAS = {"torch": "convert", "yaml": "convert", "safetensors": "convert",
           "diffusers": "convert", "transformers": "convert", "tensorflow_datasets": "data",
-          "tensorflow": "data"}
+          "tensorflow": "data", "wandb": "wandb"}
 
 
 def missing(*modules: str) -> list:

@@ -109,3 +109,27 @@ def test_a_run_writes_window_means_a_profile_and_its_final_metrics(tmp_path):
   assert list((workdir / "profile").rglob("*.xplane.pb"))
   # orbax's initial-save policy used to add step 1
   assert sorted(os.listdir(workdir / "checkpoints")) == ["4", "config.json"]
+
+
+def test_a_run_with_the_wandb_writer_logs_its_scalars_offline(tmp_path, monkeypatch):
+  """`config.writers` with 'wandb': an offline wandb run (no network) under the workdir whose
+  record file holds the window means and the final metrics the TensorBoard writer gets."""
+  from tests.optional import need
+  need("wandb")
+  from dimo_jax import train
+  from tests.test_train import tiny_config, tiny_teacher
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  teacher = tiny_teacher(str(tmp_path / "teacher"))
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(teacher, max_train_steps=2, log_every=2,
+                                       writers=("tensorboard", "wandb"),
+                                       validation_metrics=False), str(workdir))
+  runs = glob.glob(str(workdir / "wandb" / "offline-run-*" / "*.wandb"))
+  assert len(runs) == 1, os.listdir(workdir)
+  with open(runs[0], "rb") as f:
+    record = f.read()
+  found = scalars(read_events(workdir))
+  for key in ("loss_generator", "steps_per_s", "images_per_s"):
+    assert key.encode() in record and (key, 2) in found
+  assert f"{found[('loss_generator', 2)]:.6}"[:6].encode() in record
