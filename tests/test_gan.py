@@ -188,7 +188,9 @@ def test_every_gan_value_is_checked_before_any_work(tmp_path, key, value, messag
 def test_the_gan_needs_a_dataset_with_real_tokens(tmp_path):
   config = tiny_config(str(tmp_path / "t"), dataset="prompts")
   config.gan.weight = 1.0
-  with pytest.raises(config_check.ConfigError, match="gan.weight > 0 needs real data tokens"):
+  with pytest.raises(config_check.ConfigError, match="gan.weight > 0 on prompts needs "
+                     "gan.real_tokens, a token dataset made by python -m dimo_jax.tokenize with "
+                     "--captions"):
     config_check.check(config)
 
 
