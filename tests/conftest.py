@@ -14,6 +14,7 @@ SLOW_MODULES = ("test_fsdp.py",)
 # test module -> the tests (their ids, parameters included) of the slow tier
 SLOW = {
     "test_tokenize.py": (
+        "test_each_process_reads_only_its_shards_and_feeds_its_devices_rows",
         "test_an_interrupted_run_resumes_and_ends_the_same",
     ),
     "test_attention.py": (
@@ -38,9 +39,11 @@ SLOW = {
         "test_pretraining_writes_a_text_teacher_that_reads_its_prompts",
     ),
     "test_distill_step.py": (
+        "test_gradient_accumulation_is_the_mean_of_the_micro_batch_gradients",
         "test_the_auxiliary_gradients_are_not_clipped_unless_asked",
     ),
     "test_evaluate.py": (
+        "test_the_run_evaluator_gives_the_fid_of_evaluate",
         "test_on_eight_devices_the_run_evaluator_gives_the_fid_of_evaluate",
         "test_a_run_scores_its_evaluations_on_schedule_into_tensorboard",
         "test_eight_devices_give_the_features_of_one",
@@ -127,6 +130,11 @@ SLOW = {
         "test_the_directories_load",
     ),
     "test_reliability_training.py": (
+        "test_a_checkpoint_that_meets_a_full_disk_is_one_line",
+        "test_flipped_bytes_in_a_checkpoint_are_named_not_loaded",
+        "test_another_teacher_at_the_same_path_is_refused",
+        "test_a_failed_first_attempt_does_not_bind_the_corrected_run",
+        "test_an_update_that_overflows_is_skipped",
         "test_mesh_and_mask_errors_are_one_line_before_any_compile[num_devices]",
         "test_mesh_and_mask_errors_are_one_line_before_any_compile[mask_value]",
         "test_the_same_teacher_by_another_path_resumes",
@@ -163,6 +171,7 @@ SLOW = {
         "test_generator_sample",
     ),
     "test_soft.py": (
+        "test_one_hot_soft_tokens_equal_the_int_forward[google-maskgit]",
         "test_a_mixture_embeds_the_mixture_of_embeddings[meissonic]",
         "test_a_mixture_embeds_the_mixture_of_embeddings[maskbit]",
         "test_one_hot_soft_tokens_equal_the_int_forward[maskbit]",
@@ -173,6 +182,7 @@ SLOW = {
         "test_a_module_becomes_the_teacher_of_its_kind[meissonic]",
     ),
     "test_text_distill.py": (
+        "test_accumulated_micro_batches_each_read_their_own_prompts",
         "test_teacher_guidance_uses_the_negative_prompt",
         "test_text_step_trains_the_generator_and_keeps_frozen_layers",
     ),
@@ -187,11 +197,13 @@ SLOW = {
         "test_a_text_run_trains_samples_and_checkpoints",
     ),
     "test_train.py": (
+        "test_checkpoints_keep_the_limit_and_the_config",
         "test_eight_devices_match_one",
         "test_main_writes_metrics_samples_and_checkpoints",
         "test_resume_is_bit_identical",
     ),
     "test_writers.py": (
+        "test_a_run_writes_window_means_a_profile_and_its_final_metrics",
         "test_a_run_with_the_wandb_writer_logs_its_scalars_offline",
         "test_a_run_imports_no_tensorflow",
     ),
