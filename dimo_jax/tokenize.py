@@ -235,6 +235,24 @@ class TokenShards:
   def process_shards(self, process_index: int, process_count: int) -> List[int]:
     return [i for i in range(self.manifest["shards"]) if i % process_count == process_index]
 
+  def shards_for(self, seq_len: int, codebook_size: int, process_index: int,
+                 process_count: int) -> List[int]:
+    """Process `process_index`'s shards, refused (one line) when the tokens are not of
+    `seq_len` positions over `codebook_size` codes (the teacher's tokenizer's) or when there are
+    fewer shards than processes."""
+    manifest = self.manifest
+    if (manifest.get("seq_len"), manifest.get("codebook_size")) != (seq_len, codebook_size):
+      raise TokenizeError(
+          f"{self.folder}: tokens of {manifest.get('seq_len')} positions over "
+          f"{manifest.get('codebook_size')} codes; the teacher's tokenizer has {seq_len} over "
+          f"{codebook_size}")
+    mine = self.process_shards(process_index, process_count)
+    if not mine:
+      raise TokenizeError(f"{self.folder}: {manifest['shards']} shards for {process_count} "
+                          "processes; every process needs one (tokenize with a smaller "
+                          "--shard_size)")
+    return mine
+
   def load(self, shards: List[int]) -> Tuple[np.ndarray, np.ndarray]:
     parts = [np.load(shard_path(self.folder, i)) for i in shards]
     return (np.concatenate([p["tokens"] for p in parts]).astype(np.int32),

@@ -297,16 +297,23 @@ def _child(teacher_path: str, tokenizer_path: str, run: str) -> None:
   print("REPORT", json.dumps(report))
 
 
-def test_eight_devices_give_the_features_of_one(dirs):
+def _eight_device_report(call: str) -> dict:
+  """The JSON a `test_evaluate.<call>` child prints after "REPORT ", run in a process with 8
+  simulated CPU devices."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
   script = (f"import sys; sys.path.insert(0, {REPO!r}); from tests import test_evaluate; "
-            f"test_evaluate._child({dirs['teacher']!r}, {dirs['tokenizer']!r}, {dirs['run']!r})")
+            f"test_evaluate.{call}")
   out = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0, out.stderr[-4000:]
   line = [l for l in out.stdout.splitlines() if l.startswith("REPORT ")][-1]
-  report = json.loads(line[len("REPORT "):])
+  return json.loads(line[len("REPORT "):])
+
+
+def test_eight_devices_give_the_features_of_one(dirs):
+  report = _eight_device_report(
+      f"_child({dirs['teacher']!r}, {dirs['tokenizer']!r}, {dirs['run']!r})")
   assert report.pop("distinct") == 20  # the samples differ from one another
   for name, values in report.items():
     assert values["codes_equal"], name
@@ -357,7 +364,6 @@ def test_evaluate_seeds_flag_reports_the_mean_over_seeds(dirs, tmp_path, capsys,
 def _fid_child(teacher_path: str, tokenizer_path: str, run: str, workdir: str) -> None:
   """Body of the 8-device subprocess: `evaluate` and the run's evaluator registry score the
   same checkpoint to the same FID."""
-  from dimo_jax import evaluators
   assert jax.device_count() == 8, jax.devices()
   dirs = {"teacher": teacher_path, "tokenizer": tokenizer_path}
   print("REPORT", json.dumps(_fid_both(dirs, run, workdir)))
@@ -394,16 +400,8 @@ def test_the_run_evaluator_gives_the_fid_of_evaluate(dirs, tmp_path):
 
 
 def test_on_eight_devices_the_run_evaluator_gives_the_fid_of_evaluate(dirs, tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  script = (f"import sys; sys.path.insert(0, {REPO!r}); from tests import test_evaluate; "
-            f"test_evaluate._fid_child({dirs['teacher']!r}, {dirs['tokenizer']!r}, "
-            f"{dirs['run']!r}, {str(tmp_path)!r})")
-  out = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True,
-                       text=True, timeout=600)
-  assert out.returncode == 0, out.stderr[-4000:]
-  line = [l for l in out.stdout.splitlines() if l.startswith("REPORT ")][-1]
-  both = json.loads(line[len("REPORT "):])
+  both = _eight_device_report(f"_fid_child({dirs['teacher']!r}, {dirs['tokenizer']!r}, "
+                              f"{dirs['run']!r}, {str(tmp_path)!r})")
   assert both["devices"] == 8 and both["evaluate"] > 0
   np.testing.assert_allclose(both["registry"], both["evaluate"], rtol=1e-6)
 

@@ -221,20 +221,10 @@ class ImageNet256:
     part of the discriminator's batch from its own)."""
     from dimo_jax import tokenize
     shards = tokenize.TokenShards(self.real_tokens_path)
-    manifest = shards.manifest
     positions, codes = self.seq_len, self.codebook_size
     if self.teacher is not None:
       positions, codes = self.teacher.image_seq_len, self.teacher.image_codebook_size
-    if (manifest.get("seq_len"), manifest.get("codebook_size")) != (positions, codes):
-      raise tokenize.TokenizeError(
-          f"{self.real_tokens_path}: tokens of {manifest.get('seq_len')} positions over "
-          f"{manifest.get('codebook_size')} codes; the teacher's tokenizer has {positions} over "
-          f"{codes}")
-    mine = shards.process_shards(process_index, process_count)
-    if not mine:
-      raise tokenize.TokenizeError(
-          f"{self.real_tokens_path}: {manifest['shards']} shards for {process_count} processes; "
-          "every process needs one (tokenize with a smaller --shard_size)")
+    mine = shards.shards_for(positions, codes, process_index, process_count)
     tokens, labels = shards.load(mine)
     if self.teacher is not None:
       tokens = self.teacher.tokens_of_image_codes(tokens)
@@ -307,19 +297,8 @@ class TextPrompts:
     negative prompt, dropped to "" as the run's own prompts are)."""
     from dimo_jax import tokenize
     from dimo_jax.data import prompts
-    path = self.config.gan.real_tokens
-    shards = tokenize.TokenShards(path)
-    manifest = shards.manifest
-    if (manifest.get("seq_len"), manifest.get("codebook_size")) != (self.seq_len,
-                                                                     self.codebook_size):
-      raise tokenize.TokenizeError(
-          f"{path}: tokens of {manifest.get('seq_len')} positions over "
-          f"{manifest.get('codebook_size')} codes; the teacher has {self.seq_len} over "
-          f"{self.codebook_size}")
-    mine = shards.process_shards(process_index, process_count)
-    if not mine:
-      raise tokenize.TokenizeError(f"{path}: {manifest['shards']} shards for {process_count} "
-                                   "processes; every process needs one")
+    shards = tokenize.TokenShards(self.config.gan.real_tokens)
+    mine = shards.shards_for(self.seq_len, self.codebook_size, process_index, process_count)
     tokens, _ = shards.load(mine)
     captions = shards.captions(mine)
     c, text = self.config, self.teacher.text
