@@ -13,6 +13,9 @@ import pytest
 SLOW_MODULES = ("test_fsdp.py",)
 # test module -> the tests (their ids, parameters included) of the slow tier
 SLOW = {
+    "test_pretrain.py": (
+        "test_pretraining_learns_and_saves_a_loadable_teacher",
+    ),
     "test_tokenize.py": (
         "test_each_process_reads_only_its_shards_and_feeds_its_devices_rows",
         "test_an_interrupted_run_resumes_and_ends_the_same",
@@ -171,6 +174,8 @@ SLOW = {
         "test_generator_sample",
     ),
     "test_soft.py": (
+        "test_tokenizers_decode_soft_codes[taming-vqgan]",
+        "test_every_layer_is_sown_for_the_discriminator[meissonic]",
         "test_one_hot_soft_tokens_equal_the_int_forward[google-maskgit]",
         "test_a_mixture_embeds_the_mixture_of_embeddings[meissonic]",
         "test_a_mixture_embeds_the_mixture_of_embeddings[maskbit]",
