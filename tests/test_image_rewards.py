@@ -5,7 +5,6 @@ configs that cannot be scored are refused up front. The CLIP reward is in
 tests/test_evaluate_text.py, beside the tiny CLIP it needs."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp

@@ -5,7 +5,6 @@ with both terms trains, checkpoints and evaluates."""
 import json
 import os
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
