@@ -119,11 +119,16 @@ def reference_config() -> ml_collections.ConfigDict:
   # Sample-quality evaluations during the run (dimo_jax/evaluators.py): name -> spec (type
   # 'fid' | 'clip' | 'dataset', every N steps and/or at the steps in `at`, num_samples, ...).
   c.evals = ml_collections.ConfigDict()
-  c.tteo = ml_collections.ConfigDict(dict(
-      steps=0,  # test-time embedding optimization at sampling (rewards.py): SGD steps, 0 off
-      lr=0.2,  # its step size (the paper's; no clipping)
-  ))
+  c.tteo = tteo_config()
   return c
+
+
+def tteo_config() -> ml_collections.ConfigDict:
+  """Test-time embedding optimization at sampling (dimo_jax/rewards.py)."""
+  return ml_collections.ConfigDict(dict(
+      steps=0,  # SGD steps on the generator's input embeddings, 0 off
+      lr=0.2,  # their step size (the paper's; no clipping)
+  ))
 
 
 def gan_config() -> ml_collections.ConfigDict:

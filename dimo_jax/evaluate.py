@@ -340,14 +340,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: Option
     else:
       tteo = None
       if tteo_steps:
-        probe = config.copy_and_resolve_references()
-        probe.tteo.steps = tteo_steps
-        problems = config_check.reward_problems(probe)
-        if problems:
+        try:
+          tteo = rewards.for_tteo(config, tteo_steps, tteo_lr, dataset=dataset,
+                                  teacher=teacher)
+        except ValueError as e:
           raise EvaluateError(f"--tteo_steps: test-time embedding optimization uses the run's "
-                              f"reward: {problems[0]}")
-        tteo = (tteo_steps, tteo_lr or config.tteo.lr,
-                rewards.make_reward(config, dataset, teacher=teacher))
+                              f"reward: {e}") from None
       sampler = generator_sampler(checkpoint or workdir, teacher, params, gen_temp, flag,
                                   config.teacher_path, tteo)
     labels = class_balanced_labels(num_samples or 50000, teacher.num_classes)

@@ -44,6 +44,11 @@ def spec(**values) -> ml_collections.ConfigDict:
   return out
 
 
+def runs(entry: ml_collections.ConfigDict) -> bool:
+  """Whether an entry of `config.evals` ever runs in the run (`every` or `at` set)."""
+  return bool(entry.get("every", 0) or entry.get("at", ()))
+
+
 def problems(config: ml_collections.ConfigDict) -> List[str]:
   """The bad entries of `config.evals`, each 'evals.<name>.<key> ...'."""
   found = []
@@ -66,8 +71,8 @@ def problems(config: ml_collections.ConfigDict) -> List[str]:
     if not (isinstance(temp, (int, float)) and np.isfinite(temp) and temp >= 0):
       found.append(f"{where}.gen_temp must be a finite number >= 0 (0: the run's), found "
                    f"{temp!r}")
-    if not (every or at):
-      continue  # never runs: its files are not needed
+    if not runs(entry):
+      continue  # its files are not needed
     if dataset not in TYPES[kind]:
       found.append(f"{where}: type {kind!r} scores the datasets "
                    f"{', '.join(map(repr, TYPES[kind]))}, not {dataset!r}")
@@ -219,5 +224,4 @@ class RunEvaluation:
 def for_run(config, teacher, dataset, mesh, params) -> List[RunEvaluation]:
   """The run's evaluations: every entry of `config.evals` that ever runs."""
   return [RunEvaluation(name, entry, config, teacher, dataset, mesh, params)
-          for name, entry in (config.get("evals") or {}).items()
-          if entry.get("every", 0) or entry.get("at", ())]
+          for name, entry in (config.get("evals") or {}).items() if runs(entry)]

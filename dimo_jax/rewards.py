@@ -238,6 +238,36 @@ def reward_loss(reward: Reward, gen_logits: jax.Array, labels: Any, tau: float,
   return -value, value
 
 
+def for_tteo(run: ml_collections.ConfigDict, steps: int, lr: Optional[float] = None,
+             reward_overrides: Optional[dict] = None, dataset_name: Optional[str] = None,
+             dataset=None, teacher=None, tokenizer=None,
+             prompts: Optional[Sequence[str]] = None) -> Tuple[int, float, Reward]:
+  """(steps, lr, Reward) of test-time embedding optimization of a run's generator (`sample`
+  and `evaluate --tteo_steps`): the run's `reward` block (the defaults where a run recorded
+  before it lacks keys) updated by `reward_overrides`, checked as config_check checks it, for
+  `dataset_name` (default the run's). Raises ValueError naming the first problem before any
+  network is read. `lr` defaults to the run's tteo.lr; the rest are `make_reward`'s."""
+  from dimo_jax import config_check, data, defaults
+  config = run.copy_and_resolve_references()
+  with config.unlocked():
+    config.reward = defaults.reward_config()
+    config.reward.update({k: v for k, v in (run.get("reward") or {}).items()
+                          if k in config.reward})
+    config.reward.update(reward_overrides or {})
+    config.tteo = defaults.tteo_config()
+    config.tteo.update({k: v for k, v in (run.get("tteo") or {}).items() if k in config.tteo})
+    config.tteo.steps = steps
+    if dataset_name is not None:
+      config.dataset = dataset_name
+  problems = config_check.reward_problems(config)
+  if problems:
+    raise ValueError(problems[0])
+  if dataset is None and config.reward.kind == "classifier":
+    dataset = data.get(config, teacher)
+  reward = make_reward(config, dataset, teacher=teacher, tokenizer=tokenizer, prompts=prompts)
+  return steps, config.tteo.lr if lr is None else lr, reward
+
+
 def tteo_logits_fn(logits_at: Callable[..., jax.Array], reward: Reward, steps: int, lr: float,
                    temp: float, reward_variables: Any = None) -> Callable[..., jax.Array]:
   """TTEO around a generator: `logits_at(tokens, cond, noise_rng, offset)` (offset None or

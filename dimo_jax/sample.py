@@ -132,29 +132,19 @@ def tteo_of(args: types.SimpleNamespace, run, teacher, tokenizer,
   if not args.tteo_steps:
     return None
   from dimo_jax import rewards
-  config = run.copy_and_resolve_references()
-  with config.unlocked():
-    config.reward = defaults.reward_config()
-    config.reward.update({k: v for k, v in run.get("reward", {}).items()
-                          if k in config.reward})
-    config.tteo = defaults.reference_config().tteo
-    config.tteo.update({k: v for k, v in (run.get("tteo") or {}).items() if k in config.tteo})
-    config.tteo.steps = args.tteo_steps
-    if args.reward_inception is not None or args.class_map is not None:
-      config.reward.update(kind="inception", inception_path=args.reward_inception or "",
-                           class_map=args.class_map or "")
-    if args.reward_clip is not None:
-      config.reward.update(kind="clip", clip_path=args.reward_clip)
-    if prompts is not None:
-      config.dataset = "prompts"  # what the run drew its prompts from is no matter here
-  problems = config_check.reward_problems(config)
-  if problems:
-    raise SampleError(f"--tteo_steps: {problems[0]}")
-  lr = config.tteo.lr if args.tteo_lr is None else args.tteo_lr
-  dataset = data.get(config, teacher) if config.reward.kind == "classifier" else None
-  reward = rewards.make_reward(config, dataset, teacher=teacher, tokenizer=tokenizer,
-                               prompts=prompts)
-  return args.tteo_steps, lr, reward
+  overrides = {}
+  if args.reward_inception is not None or args.class_map is not None:
+    overrides.update(kind="inception", inception_path=args.reward_inception or "",
+                     class_map=args.class_map or "")
+  if args.reward_clip is not None:
+    overrides.update(kind="clip", clip_path=args.reward_clip)
+  try:
+    # What the run drew its prompts from is no matter here: these are the grid's.
+    return rewards.for_tteo(run, args.tteo_steps, args.tteo_lr, overrides,
+                            "prompts" if prompts is not None else None, teacher=teacher,
+                            tokenizer=tokenizer, prompts=prompts)
+  except ValueError as e:
+    raise SampleError(f"--tteo_steps: {e}") from None
 
 
 def sample_grid(args: types.SimpleNamespace) -> np.ndarray:

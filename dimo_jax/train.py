@@ -485,11 +485,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   # memory of an ImageNet token set) and feeds its devices' rows of every step's batches.
   real_feed = None
   if distill.gan_enabled(config):
-    where = (jax.process_index(), jax.process_count())
-    if teacher.text_conditioned:  # labels index prompts or captions, encoded as conditions
-      tokens, labels, condition = dataset.real_data(*where)
-    else:
-      (tokens, labels), condition = data.real_tokens(dataset, *where), None
+    tokens, labels, condition = data.real_data(dataset, jax.process_index(),
+                                               jax.process_count())
     dtype = np.int16 if teacher.codebook_size <= np.iinfo(np.int16).max else np.int32
     real_feed = RealFeed(np.asarray(tokens, dtype), np.asarray(labels, np.int32), condition,
                          config.global_seed, config.gan.disc_rounds, config.train_batch_size)

@@ -327,12 +327,22 @@ def real_tokens(dataset, process_index: int = 0,
   REAL_DATASETS; config_check refuses the GAN for the others). A token dataset on disk is read
   by shard (`ImageNet256.real_tokens`), an in-memory one split by row. A text dataset's labels
   are prompt indices into its `conditions`."""
-  if isinstance(dataset, ImageNet256):
-    return dataset.real_tokens(process_index, process_count)
+  return real_data(dataset, process_index, process_count)[:2]
+
+
+def real_data(dataset, process_index: int = 0, process_count: int = 1):
+  """`real_tokens` and what conditions them: (tokens, labels, condition), `condition` None
+  for class labels, else a text dataset's labels -> cond dict (its prompts' encodings, or
+  `TextPrompts.real_data`'s captions encoded when fed)."""
   if isinstance(dataset, TextPrompts):
-    return dataset.real_data(process_index, process_count)[:2]
-  tokens, labels = dataset.real_tokens()
-  return tokens[process_index::process_count], labels[process_index::process_count]
+    return dataset.real_data(process_index, process_count)
+  if isinstance(dataset, ImageNet256):
+    tokens, labels = dataset.real_tokens(process_index, process_count)
+  else:
+    tokens, labels = dataset.real_tokens()
+    tokens, labels = tokens[process_index::process_count], labels[process_index::process_count]
+  condition = dataset.conditions.condition if dataset.conditioning == TEXT else None
+  return tokens, labels, condition
 
 
 def get(config: ml_collections.ConfigDict, teacher: Optional[Teacher] = None):

@@ -256,13 +256,6 @@ class DigitPrompts:
     return (np.asarray(tokens, np.int32),
             (np.asarray(labels) * len(TEMPLATES) + choice).astype(np.int32))
 
-  def real_data(self, process_index: int = 0, process_count: int = 1):
-    """(tokens, prompt indices, condition) of `real_tokens`, this process's rows: the
-    discriminator's real rows are conditioned on their prompts' encodings."""
-    tokens, prompt = self.real_tokens()
-    return (tokens[process_index::process_count], prompt[process_index::process_count],
-            self.conditions.condition)
-
   def train_condition(self, indices) -> Dict[str, np.ndarray]:
     """The cond dict of `train_batch`'s prompt indices."""
     return self.conditions.condition(indices)
