@@ -34,6 +34,7 @@ ENUMS = {
     "guidance_annealing": sampling.GUIDANCE_ANNEALING,
     "eval_params": ("ema", "generator"),
     "attention_impl": attention.IMPLEMENTATIONS,
+    "init_codes": masking.INIT_CODES,
 }
 # Integers that count steps, rounds or samples: at least 1 (0 would divide by zero or train
 # nothing).
@@ -309,7 +310,12 @@ _UNGUIDED = {"true_cfg": 1.0, "fake_cfg_eval": 1.0, "fake_cfg_train": 1.0,
 
 def check_guidance(config: ml_collections.ConfigDict, teacher,
                    keys=tuple(_UNGUIDED)) -> None:
-  """Refuses guidance (the config `keys`) for a teacher without an unconditional input."""
+  """Refuses guidance (the config `keys`) for a teacher without an unconditional input, and
+  x_init's codes drawn per class (`init_codes='teacher'`) for a text-to-image teacher."""
+  if config.get("init_codes", "uniform") != "uniform" and teacher.text_conditioned:
+    raise ConfigError(f"init_codes {config.init_codes!r} draws x_init's codes from the "
+                      f"teacher's prediction for each class; {config.teacher_path} is a "
+                      "text-to-image teacher (use 'uniform')")
   if teacher.supports_guidance:
     return
   wrong = {k: config[k] for k in keys if config[k] != _UNGUIDED[k]}

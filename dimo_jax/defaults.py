@@ -73,6 +73,9 @@ def reference_config() -> ml_collections.ConfigDict:
 
   # Di[M]O.
   c.fixed_ratio = "fix_0.6"  # r_init: 'fix_<r>' or 'random_<lo>_<hi>'
+  # x_init's visible codes: 'uniform' (the reference), or 'teacher' (ours, class-conditional
+  # teachers): drawn from the teacher's prediction for an all-masked input of the class.
+  c.init_codes = "uniform"
   c.noise_emb_perturb = "fix_0.1"  # sigma: 'fix_<s>' or 'warmup_{linear,exp,cos}_<N>'
   c.distil_loss_type = "Jeffreys_0."  # 'FKL' | 'RKL' | 'Jeffreys_<beta>'
   c.ratio_mode = "arccos"  # forward masking for the generator loss

@@ -239,9 +239,10 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
   """The losses of the step (`make_train_step`, whose arguments these are):
 
     generator(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed,
-              reward_vars)
-    fake(fake_params, gen_params, rng, sigma, fed)
-    disc(disc_params, gen_params, teacher_params, rng, sigma, fed, real)   (None without the GAN)
+              reward_vars, init_logits)
+    fake(fake_params, gen_params, rng, sigma, fed, init_logits)
+    disc(disc_params, gen_params, teacher_params, rng, sigma, fed, real, init_logits)
+                                                                         (None without the GAN)
 
   Args:
     config: the run's config (see configs/digits.py for every field).
@@ -285,14 +286,15 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
                          deterministic=not dropout, rngs=rngs)
     return fn
 
-  def generate(params, rng, labels, sigma):
-    """One generator step on fresh x_init: (codes int32[B, L], logits float32[B, L, V])."""
+  def generate(params, rng, labels, sigma, init_logits=None):
+    """One generator step on fresh x_init: (codes int32[B, L], logits float32[B, L, V]);
+    `init_logits`: x_init's code logits under `init_codes='teacher'`."""
     drop_rng, rng = jax.random.split(rng)
     def gen_fn(tokens, labels_, noise_rng):
       return logits_fn(params, drop_rng, sigma, noise_rng)(tokens, labels_, None)
     codes, logits = sampling.generator_sample(
         gen_fn, rng, labels, seq_len, codebook, mask_id, config.fixed_ratio,
-        config.gen_temp, config.top_k, config.top_p)
+        config.gen_temp, config.top_k, config.top_p, init_logits)
     return jax.lax.stop_gradient(codes), logits
 
   def draw_labels(rng, fed):
@@ -339,10 +341,10 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
     return loss, {"loss_gan": loss, "d_fake": jnp.mean(d_fake)}
 
   def generator_loss(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed,
-                     reward_vars=None):
+                     reward_vars=None, init_logits=None):
     label_rng, gen_rng, *dm_rngs = jax.random.split(rng, 5)
     labels = draw_labels(label_rng, fed)
-    codes, gen_logits = generate(gen_params, gen_rng, labels, sigma)
+    codes, gen_logits = generate(gen_params, gen_rng, labels, sigma, init_logits)
     loss, metrics = dimo_term(gen_logits, codes, labels, fake_params, teacher_params, dm_rngs)
     total = config.dm_loss_weight * loss
     if use_gan:
@@ -350,7 +352,8 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
                                        jax.random.fold_in(rng, 1))
       total, metrics = total + config.gan.weight * loss_gan, {**metrics, **gan_metrics}
     if config.get("diversity") and config.diversity.weight > 0:
-      _, other_logits = generate(gen_params, jax.random.fold_in(rng, 2), labels, sigma)
+      _, other_logits = generate(gen_params, jax.random.fold_in(rng, 2), labels, sigma,
+                                 init_logits)
       if config.diversity.space == "features":
         features = [gan.backbone_features(model, teacher_params, batch_constraint(
             gan.soft_tokens(z, config.diversity.temp)), labels, (1.0,))[0]
@@ -370,10 +373,10 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
       metrics = {**metrics, "loss_reward": loss_reward, "reward": mean_reward}
     return total, metrics
 
-  def fake_loss(fake_params, gen_params, rng, sigma, fed):
+  def fake_loss(fake_params, gen_params, rng, sigma, fed, init_logits=None):
     label_rng, gen_rng, drop_rng, mask_rng, f_rng = jax.random.split(rng, 5)
     labels = draw_labels(label_rng, fed)
-    codes, gen_logits = generate(gen_params, gen_rng, labels, sigma)
+    codes, gen_logits = generate(gen_params, gen_rng, labels, sigma, init_logits)
     gen_logits = jax.lax.stop_gradient(gen_logits)
     drop = (jax.random.uniform(drop_rng, (batch,)) < fake_drop
             if config.fake_cfg_train != 1 else jnp.zeros((batch,), bool))
@@ -388,12 +391,12 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
       loss = config.alpha_fake * soft_loss + (1.0 - config.alpha_fake) * hard
     return loss, {"loss_fake_hard": hard}
 
-  def disc_loss(disc_params, gen_params, teacher_params, rng, sigma, fed, real):
+  def disc_loss(disc_params, gen_params, teacher_params, rng, sigma, fed, real, init_logits=None):
     """The discriminator's loss: real data tokens against the generator's soft tokens of a
     fresh step; neither input carries a gradient to theta or phi."""
     label_rng, gen_rng, fake_mask_rng, real_mask_rng = jax.random.split(rng, 4)
     labels = draw_labels(label_rng, fed)
-    _, gen_logits = generate(gen_params, gen_rng, labels, sigma)
+    _, gen_logits = generate(gen_params, gen_rng, labels, sigma, init_logits)
     fake = gan.soft_tokens(jax.lax.stop_gradient(gen_logits), config.gan.tau)
     real_labels = jax.tree_util.tree_map(batch_constraint, real["cond"])
     real_tokens = soft.one_hot(batch_constraint(real["tokens"].astype(jnp.int32)), codebook)
@@ -414,11 +417,13 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
 def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
                     batch_constraint: Callable[[jax.Array], jax.Array] = lambda x: x,
                     reward: Optional[rewards.Reward] = None):
-  """Builds `train_step(state, teacher_params[, conditions[, real[, reward_vars]]]) -> (state,
-  metrics)` (pure; jit it). With the GAN on, `real` holds the real batches of its
-  `gan.disc_rounds` updates, {"tokens": int[rounds, B, L], "cond": [rounds, B, ...]}
-  (`train.RealFeed`), and with the reward term `reward_vars` its networks' variables: inputs
-  of the step, not constants of it. The arguments are `make_losses`'.
+  """Builds `train_step(state, teacher_params[, conditions[, real[, reward_vars[,
+  init_logits]]]]) -> (state, metrics)` (pure; jit it). With the GAN on, `real` holds the real
+  batches of its `gan.disc_rounds` updates, {"tokens": int[rounds, B, L], "cond": [rounds, B,
+  ...]} (`train.RealFeed`), with the reward term `reward_vars` its networks' variables, and
+  under `init_codes='teacher'` `init_logits` x_init's code logits float32[C, L, V]
+  (`samplers.init_code_logits`): inputs of the step, not constants of it. The arguments are
+  `make_losses`'.
   """
   losses = make_losses(config, teacher, batch_constraint, reward)
   micro = config.get("gradient_accumulation_steps", 1)
@@ -428,7 +433,7 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
   disc_tx = disc_optimizer(config) if losses.disc is not None else None
 
   def train_step(state: DistillState, teacher_params: Params, conditions=None, real=None,
-                 reward_vars=None):
+                 reward_vars=None, init_logits=None):
     """One generator update, `fake_rounds` auxiliary updates (and `gan.disc_rounds`
     discriminator updates).
 
@@ -450,7 +455,7 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
 
     (loss_g, gen_metrics), grads = generator_grad(
         state.gen_params, state.fake_params, state.disc_params, teacher_params, gen_rng, sigma,
-        gen_fed, reward_vars)
+        gen_fed, reward_vars, init_logits)
     gen_params, gen_opt_state, gen_norm, gen_ok = _apply_if_finite(
         gen_tx, grads, state.gen_opt_state, state.gen_params, loss_g)
 
@@ -459,7 +464,8 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
       fake_params, fake_opt_state, skipped = carry
       round_sigma = masking.noise_level(config.noise_emb_perturb, iteration + round_index)
       (loss_f, _), grads = fake_grad(
-          fake_params, gen_params, jax.random.fold_in(fake_rng, round_index), round_sigma, fed)
+          fake_params, gen_params, jax.random.fold_in(fake_rng, round_index), round_sigma, fed,
+          init_logits)
       fake_params, fake_opt_state, norm, ok = _apply_if_finite(
           fake_tx, grads, fake_opt_state, fake_params, loss_f)
       return (fake_params, fake_opt_state, skipped + (~ok).astype(jnp.int32)), (loss_f, norm)
@@ -483,7 +489,7 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
         params, opt_state = carry
         (loss_d, metrics), grads = jax.value_and_grad(losses.disc, has_aux=True)(
             params, gen_params, teacher_params, jax.random.fold_in(disc_rng, round_index),
-            sigma, disc_fed, batch_real)
+            sigma, disc_fed, batch_real, init_logits)
         params, opt_state, _, _ = _apply_if_finite(disc_tx, grads, opt_state, params, loss_d)
         return (params, opt_state), {"loss_disc": loss_d, **metrics}
 

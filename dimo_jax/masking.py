@@ -10,7 +10,7 @@ reference does, rather than masking each position independently.
 """
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -130,16 +130,28 @@ def sample_init_ratio(rng: jax.Array, fixed_ratio) -> jax.Array:
   return jax.random.uniform(rng, (), minval=low, maxval=high)
 
 
+INIT_CODES = ("uniform", "teacher")  # config.init_codes: where x_init's visible codes come from
+
+
 def init_tokens(
-    rng: jax.Array, batch_size: int, seq_len: int, codebook_size: int, ratio: jax.Array, mask_id: int
+    rng: jax.Array, batch_size: int, seq_len: int, codebook_size: int, ratio: jax.Array,
+    mask_id: int, code_logits: Optional[jax.Array] = None
 ) -> jax.Array:
-  """x_init, the generator's entropy source: uniform random codes, `ratio` of them masked.
+  """x_init, the generator's entropy source: random codes, `ratio` of them masked.
+
+  The codes are uniform (Di[M]O), or with `code_logits` float32[batch_size, seq_len, V] drawn
+  from Cat(softmax(code_logits)) at each position (`init_codes='teacher'`, ours: the teacher's
+  prediction for an all-masked input, so each visible code is a plausible one of its class).
 
   Returns:
     int32[batch_size, seq_len]; exactly num_masked(ratio) entries per row equal `mask_id`.
   """
   code_rng, mask_rng = jax.random.split(rng)
-  codes = jax.random.randint(code_rng, (batch_size, seq_len), 0, codebook_size, dtype=jnp.int32)
+  if code_logits is None:
+    codes = jax.random.randint(code_rng, (batch_size, seq_len), 0, codebook_size,
+                               dtype=jnp.int32)
+  else:
+    codes = jax.random.categorical(jax.random.fold_in(rng, 7), code_logits).astype(jnp.int32)
   mask = random_mask(mask_rng, ratio, batch_size, seq_len)
   return jnp.where(mask, mask_id, codes)
 

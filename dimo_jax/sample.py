@@ -106,7 +106,8 @@ def prompt_grid(args: types.SimpleNamespace, prompts: List[str]) -> np.ndarray:
   else:
     params, config, step = checkpoints.load_generator(args.generator, teacher, args.params,
                                                       teacher_dir=args.teacher)
-    sampler = samplers.generator(teacher, params, config, step,
+    sampler = samplers.generator(samplers.with_variables_for(teacher, config, args.teacher),
+                                 params, config, step,
                                  tteo=tteo_of(args, config, teacher, tokenizer, prompts))
 
   # Every distinct prompt is encoded once; sample i is conditioned on row i of the table (its
@@ -195,7 +196,8 @@ def sample_grid(args: types.SimpleNamespace) -> np.ndarray:
   else:
     params, config, step = checkpoints.load_generator(args.generator, teacher, args.params,
                                                       teacher_dir=args.teacher)
-    sampler = samplers.generator(teacher, params, config, step,
+    sampler = samplers.generator(samplers.with_variables_for(teacher, config, args.teacher),
+                                 params, config, step,
                                  tteo=tteo_of(args, config, teacher, tokenizer))
   codes = samplers.MeshSampler(sampler, parallel.make_mesh(), batch)(all_labels, args.seed)
   images = data.decode_images(tokenizer, teacher.image_codes(codes), batch)

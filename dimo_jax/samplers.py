@@ -12,6 +12,7 @@ import time
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import jax
+import jax.numpy as jnp
 from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
@@ -61,19 +62,57 @@ def generator_noise(config: ml_collections.ConfigDict, step: int) -> float:
   return float(masking.noise_level(config.noise_emb_perturb, step * config.fake_rounds))
 
 
+def init_code_logits(run: ml_collections.ConfigDict, teacher: Teacher,
+                     variables: Any = None, chunk: int = 64) -> Optional[np.ndarray]:
+  """The logits float32[C, L, V] that x_init's codes are drawn from under `init_codes='teacher'`
+  (None under 'uniform'): the teacher's own prediction for an all-masked input of each class,
+  without guidance or dropout, in chunks of `chunk` classes. `variables`: the teacher's (default
+  `teacher.variables`). Computed, never stored: the run's teacher is always at hand.
+  """
+  if run.get("init_codes", "uniform") == "uniform":
+    return None
+  if teacher.text_conditioned:
+    raise ValueError("init_codes 'teacher' draws x_init's codes per class; "
+                     f"{run.teacher_path} is a text-to-image teacher")
+  variables = teacher.variables if variables is None else variables
+  if variables is None:
+    raise ValueError("init_codes 'teacher' needs the teacher's variables")
+  apply = jax.jit(lambda v, labels: teacher.model.apply(
+      v, jnp.full((labels.shape[0], teacher.seq_len), teacher.mask_id, jnp.int32), labels, None,
+      deterministic=True).astype(jnp.float32))
+  classes = np.arange(teacher.num_classes, dtype=np.int32)
+  return np.concatenate([np.asarray(apply(variables, classes[i:i + chunk]))
+                         for i in range(0, len(classes), chunk)])
+
+
+def with_variables_for(teacher: Teacher, run: ml_collections.ConfigDict, src: str) -> Teacher:
+  """`teacher`, with its variables read from `src` when the run `run` draws x_init's codes from
+  the teacher (`init_codes='teacher'`) and they were not loaded (a generator is otherwise
+  sampled with the teacher's module only)."""
+  if run.get("init_codes", "uniform") == "uniform" or teacher.variables is not None:
+    return teacher
+  from dimo_jax import teachers
+  return dataclasses.replace(teacher, variables=teachers.load(src).variables)
+
+
 def generator(teacher: Teacher, params: Any, run: ml_collections.ConfigDict, step: int,
               gen_temp: Optional[float] = None, which: str = "ema",
-              tteo: Optional[Tuple[int, float, Callable]] = None) -> Sampler:
+              tteo: Optional[Tuple[int, float, Callable]] = None,
+              init_logits: Optional[np.ndarray] = None) -> Sampler:
   """A Di[M]O generator (parameters `params` of the teacher's module) in one step, as its run
-  `run` samples it: x_init (`fixed_ratio`), the embedding noise after `step` updates, no
-  guidance, then Cat(softmax(z / gen_temp)) with the run's top-k / top-p filtering.
+  `run` samples it: x_init (`fixed_ratio`, `init_codes`), the embedding noise after `step`
+  updates, no guidance, then Cat(softmax(z / gen_temp)) with the run's top-k / top-p filtering.
   `gen_temp` defaults to the run's. `tteo` = (steps, lr, reward): first that many SGD steps on
-  the input embeddings to raise the reward (`rewards.tteo_logits_fn`)."""
+  the input embeddings to raise the reward (`rewards.tteo_logits_fn`). `init_logits`: x_init's
+  code logits under `init_codes='teacher'` (default: `init_code_logits` from the teacher's
+  variables)."""
   temp = float(run.gen_temp if gen_temp is None else gen_temp)
   model = teacher.model
+  if init_logits is None:
+    init_logits = init_code_logits(run, teacher)
 
   def fn(inputs, rng, cond):
-    variables, sigma, reward_variables = inputs
+    variables, sigma, reward_variables, code_logits = inputs
 
     def logits_at(tokens, cond_, noise_rng, offset=None, sow=False):
       return model.apply(variables, tokens, cond_, emb_noise=sigma, emb_offset=offset,
@@ -87,7 +126,7 @@ def generator(teacher: Teacher, params: Any, run: ml_collections.ConfigDict, ste
                                          reward_variables)
     return sampling.generator_sample(logits_fn, rng, cond, teacher.seq_len,
                                      teacher.codebook_size, teacher.mask_id, run.fixed_ratio,
-                                     temp, run.top_k, run.top_p)[0]
+                                     temp, run.top_k, run.top_p, code_logits)[0]
 
   tag = f"{step}" if which == "ema" else f"{step}_{which}"
   description = f"generator ({which}) step {step}, 1 step"
@@ -97,7 +136,14 @@ def generator(teacher: Teacher, params: Any, run: ml_collections.ConfigDict, ste
     tag, description = f"{tag}_tteo{tteo[0]}", f"{description}, TTEO {tteo[0]} x lr {tteo[1]:g}"
   use_tteo = tteo is not None and tteo[0] > 0
   return Sampler(fn, (params, np.float32(generator_noise(run, step)),
-                      tteo[2].variables if use_tteo else None), tag, description, 1, step)
+                      tteo[2].variables if use_tteo else None, init_logits), tag, description,
+                 1, step)
+
+
+def generator_inputs(sampler: Sampler, params: Any, sigma: np.float32) -> tuple:
+  """A `generator` sampler's inputs with other parameters and noise level (the validation of a
+  run, fed the parameters of the moment); its TTEO reward and x_init code logits are kept."""
+  return (params, sigma) + tuple(sampler.inputs[2:])
 
 
 def padded_batches(count: int, batch_size: int) -> Iterator[Tuple[int, int]]:

@@ -306,6 +306,7 @@ def generator_sample(
     gen_temp: float = 1.0,
     top_k: int = 0,
     top_p: float = 0.0,
+    init_logits: Optional[jax.Array] = None,
 ):
   """One step of the distilled generator: x_init -> logits -> sampled codes.
 
@@ -317,6 +318,9 @@ def generator_sample(
     seq_len, codebook_size, mask_id: L, V, M.
     fixed_ratio: r_init spec (`fix_0.6`, `random_0.1_0.9`).
     gen_temp, top_k, top_p: sampling of the generator's categorical.
+    init_logits: None (x_init's codes uniform), or float32[C, L, V], the logits of each class's
+      x_init codes (`init_codes='teacher'`, `samplers.init_code_logits`); `labels` are then
+      class labels.
 
   Returns:
     (codes int32[B, L], logits float32[B, L, V]).
@@ -324,7 +328,7 @@ def generator_sample(
   ratio_rng, init_rng, noise_rng, sample_rng = jax.random.split(rng, 4)
   ratio = masking.sample_init_ratio(ratio_rng, fixed_ratio)
   x_init = masking.init_tokens(init_rng, condition_batch(labels), seq_len, codebook_size, ratio,
-                               mask_id)
+                               mask_id, None if init_logits is None else init_logits[labels])
   logits = gen_logits_fn(x_init, labels, noise_rng)
   return sample_tokens(sample_rng, logits, gen_temp, top_k, top_p), logits
 

@@ -353,10 +353,11 @@ def _resume_hint(manager: ocp.CheckpointManager, step: int) -> str:
           else "delete that folder to start over")
 
 
-def step_inputs(conditions=None, real=None, reward_vars=None) -> tuple:
+def step_inputs(conditions=None, real=None, reward_vars=None, init_logits=None) -> tuple:
   """What the step is called with after (state, teacher_params): (conditions, real,
-  reward_vars) without its trailing Nones (conditions None in a class-conditional run)."""
-  inputs = (conditions, real, reward_vars)
+  reward_vars, init_logits) without its trailing Nones (conditions None in a
+  class-conditional run)."""
+  inputs = (conditions, real, reward_vars, init_logits)
   count = len(inputs)
   while count and inputs[count - 1] is None:
     count -= 1
@@ -365,18 +366,20 @@ def step_inputs(conditions=None, real=None, reward_vars=None) -> tuple:
 
 def jit_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh, state,
                    teacher_params, conditions=None, real=None, reward_vars=None,
-                   reward=None) -> Callable:
+                   init_logits=None, reward=None) -> Callable:
   """`distill.make_train_step` jitted to keep `state`, `teacher_params` (and the fed
   `conditions` of a text-to-image run, see `place_conditions`) where they are; `real`: the
   GAN's real batches of the step (`RealFeed`), placed like the conditions; `reward`: the reward
-  term's `rewards.Reward` and `reward_vars` its variables, replicated. The step is called with
-  `(state, teacher_params, *step_inputs(conditions, real, reward_vars))`.
+  term's `rewards.Reward` and `reward_vars` its variables, replicated; `init_logits`: x_init's
+  code logits (`samplers.init_code_logits`), replicated. The step is called with
+  `(state, teacher_params, *step_inputs(conditions, real, reward_vars, init_logits))`.
 
   The state's buffers are donated: the step updates them in place.
   """
   where = lambda tree: jax.tree_util.tree_map(lambda x: x.sharding, tree)
   in_shardings = (where(state), where(teacher_params)) + tuple(
-      None if x is None else where(x) for x in step_inputs(conditions, real, reward_vars))
+      None if x is None else where(x)
+      for x in step_inputs(conditions, real, reward_vars, init_logits))
   return jax.jit(
       distill.make_train_step(config, teacher,
                               parallel.batch_constraint(mesh, config.train_batch_size), reward),
@@ -497,16 +500,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
     reward = rewards.make_reward(config, dataset, teacher=teacher)
     reward_vars = parallel.replicate(reward.variables, mesh)
 
+  # x_init's code logits (init_codes 'teacher'), from the float32 teacher, replicated once.
+  init_logits = samplers.init_code_logits(config, teacher, teacher_params)
+  if init_logits is not None:
+    init_logits = parallel.replicate(init_logits, mesh)
+
   def fed(step: int):
     """What step `step` is fed besides the state and the teacher: the conditions of a
     text-to-image run (placed on the mesh), the GAN's real data tokens, the reward's
-    networks."""
+    networks, x_init's code logits."""
     real = None if real_feed is None else real_feed(step, mesh)
     if not teacher.text_conditioned:
-      return step_inputs(None, real, reward_vars)
+      return step_inputs(None, real, reward_vars, init_logits)
     indices = dataset.train_conditions(step, config.train_batch_size, config.fake_rounds,
                                        config.get("gradient_accumulation_steps", 1))
-    return step_inputs(place_conditions(dataset.conditions, indices, mesh), real, reward_vars)
+    return step_inputs(place_conditions(dataset.conditions, indices, mesh), real, reward_vars,
+                       init_logits)
 
   saved = check_resume(config, workdir)
   manager = checkpoints.manager(workdir, config)
@@ -622,14 +631,16 @@ def _loop(config, progress, step_fn, state, teacher_params, fed, watch, writer, 
                            img_s=f"{scalars['images_per_s']:.3g}")
     if done % config.validation_steps == 0:
       sigma = np.float32(samplers.generator_noise(config, done))
-      codes = validation(grid_labels, 0, (state.ema_params, sigma, None))
+      codes = validation(grid_labels, 0,
+                         samplers.generator_inputs(validation.sampler, state.ema_params, sigma))
       grid = class_rows(dataset, codes, grid_labels, 8, classes)
       if jax.process_index() == 0:
         visualize.save_png(grid, os.path.join(workdir, "samples", f"ema_step{done:06d}.png"))
       writer.write_images(done, {"ema_one_step": grid[None]})
       if config.validation_metrics:
         for name, params in (("ema", state.ema_params), ("generator", state.gen_params)):
-          codes = validation(labels, 1, (params, sigma, None))
+          codes = validation(labels, 1,
+                             samplers.generator_inputs(validation.sampler, params, sigma))
           writer.write_scalars(done, {f"val_{name}/{k}": v
                                       for k, v in score(codes, labels).items()})
     for evaluation in run_evals:

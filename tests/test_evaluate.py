@@ -22,7 +22,7 @@ from absl import flags
 from PIL import Image
 
 from configs import digits
-from dimo_jax import checkpoints, distill, evaluate, parallel, teachers
+from dimo_jax import checkpoints, distill, evaluate, evaluators, parallel, teachers
 from dimo_jax.metrics import reference
 from tests.test_sample_cli import tiny_tokenizer
 from tests.test_train import tiny_config, tiny_teacher
@@ -102,7 +102,7 @@ def test_image_evaluation_scores_the_images_it_saves(dirs, tmp_path):
   reference.write_reference(str(tmp_path / "ref.npz"), ref)
 
   workdir = str(tmp_path / "eval")
-  result = evaluate.evaluate(image_config(dirs), workdir, checkpoint=dirs["run"],
+  result = evaluators.evaluate(image_config(dirs), workdir, checkpoint=dirs["run"],
                              num_samples=22, seed=1, extractor=tiny_extractor(),
                              reference=str(tmp_path / "ref.npz"), save_png=True, save_npz=True)
   assert result["step"] == 3 and result["steps"] == 1 and result["num_samples"] == 22
@@ -127,7 +127,7 @@ def test_image_evaluation_scores_the_images_it_saves(dirs, tmp_path):
   np.testing.assert_allclose(scores["fid"], reference_fid(features, ref["mu"], ref["sigma"]),
                              rtol=1e-4)
   assert scores["fid"] > 0 and scores["is"] >= 1.0
-  table = evaluate.table(result).splitlines()
+  table = evaluators.table(result).splitlines()
   assert table[0] == "| sampler | steps | N | FID | IS | Prec. | Rec. | Dens. | Cov. |"
   assert table[2].startswith("| generator (ema) step 3, 1 step | 1 | 22 | ")
 
@@ -153,7 +153,7 @@ def test_adm_reference_batches_are_accepted(dirs, tmp_path):
 
 def test_image_datasets_need_the_network_and_a_reference(dirs, tmp_path):
   with pytest.raises(ValueError, match="pass --inception and --ref"):
-    evaluate.evaluate(image_config(dirs), str(tmp_path), checkpoint=dirs["run"], num_samples=4)
+    evaluators.evaluate(image_config(dirs), str(tmp_path), checkpoint=dirs["run"], num_samples=4)
 
 
 def test_stats_command_on_a_folder(dirs, tmp_path, monkeypatch):
@@ -265,14 +265,14 @@ def test_toy_cli_writes_results_samples_and_the_table(dirs, tmp_path):
 def test_the_generator_is_evaluated_at_each_gen_temp(dirs, tmp_path):
   config = digits.get_config()
   config.teacher_path, config.eval_batch_size = dirs["teacher"], 8
-  results = {t: evaluate.evaluate(config, str(tmp_path), checkpoint=dirs["run"], num_samples=16,
+  results = {t: evaluators.evaluate(config, str(tmp_path), checkpoint=dirs["run"], num_samples=16,
                                   gen_temp=t) for t in (0.25, 4.0)}
   for t, result in results.items():
     assert f"gen_temp {t:g}" in result["sampler"]
     assert os.path.isfile(os.path.join(tmp_path, f"eval_{result['step']}_T{t:g}.json"))
   assert results[0.25]["metrics"] != results[4.0]["metrics"]
   with pytest.raises(ValueError, match="gen_temp"):
-    evaluate.evaluate(config, str(tmp_path), checkpoint=dirs["run"], num_samples=4, gen_temp=0.0)
+    evaluators.evaluate(config, str(tmp_path), checkpoint=dirs["run"], num_samples=4, gen_temp=0.0)
 
 
 def _child(teacher_path: str, tokenizer_path: str, run: str) -> None:
@@ -286,8 +286,8 @@ def _child(teacher_path: str, tokenizer_path: str, run: str) -> None:
   outs = {}
   for name, devices in (("one", 1), ("eight", 8)):
     mesh = parallel.make_mesh(devices)
-    sampler = evaluate.generator_sampler(run, teacher, "ema")
-    outs[name] = evaluate.generate(sampler, labels, mesh, 8, seed=3, tokenizer=tokenizer,
+    sampler = evaluators.generator_sampler(run, teacher, "ema")
+    outs[name] = evaluators.generate(sampler, labels, mesh, 8, seed=3, tokenizer=tokenizer,
                                    extractor=tiny_extractor())
   report = {name: {"codes_equal": bool(np.array_equal(out["codes"], outs["one"]["codes"])),
                    "pool": float(np.max(np.abs(out["pool"] - outs["one"]["pool"]))),
@@ -335,14 +335,14 @@ def test_evaluate_seeds_flag_reports_the_mean_over_seeds(dirs, tmp_path, capsys,
       f"def get_config():\n  return tiny_config({dirs['teacher']!r})\n")
   monkeypatch.syspath_prepend(REPO)
   seen = []
-  real_generate = evaluate.generate
+  real_generate = evaluators.generate
 
   def spy(sampler, labels, mesh, batch_size, seed, *args, **kwargs):
     out = real_generate(sampler, labels, mesh, batch_size, seed, *args, **kwargs)
     seen.append((seed, metrics.scorer(data.Digits())(out["codes"], labels)["fd"]))
     return out
 
-  monkeypatch.setattr(evaluate, "generate", spy)
+  monkeypatch.setattr(evaluators, "generate", spy)
   workdir = str(tmp_path / "eval")
   try:
     flags.FLAGS(["evaluate", f"--config={config_file}", f"--workdir={workdir}",
@@ -380,7 +380,7 @@ def _fid_both(dirs, run: str, workdir: str) -> dict:
   ref = os.path.join(workdir, "ref.npz")
   reference.write_reference(ref, reference.image_features([real], 40, tiny_extractor(), mesh,
                                                           batch_size=16, keep=30))
-  result = evaluate.evaluate(config, os.path.join(workdir, "eval"), checkpoint=run,
+  result = evaluators.evaluate(config, os.path.join(workdir, "eval"), checkpoint=run,
                              num_samples=22, extractor=tiny_extractor(), reference=ref)
   teacher = teachers.load(dirs["teacher"])
   params, _, step = checkpoints.load_generator(run, teacher, "ema")

@@ -28,7 +28,7 @@ import torch
 import transformers
 from PIL import Image
 
-from dimo_jax import checkpoints, distill, evaluate, samplers, teachers, tokenizers, train
+from dimo_jax import checkpoints, distill, evaluators, samplers, teachers, tokenizers, train
 from dimo_jax.convert import clip as convert_clip
 from dimo_jax.convert import meissonic
 from dimo_jax.teachers import meissonic as meissonic_teacher
@@ -129,7 +129,7 @@ def read_samples(workdir: str, tag: str):
 def generator_eval(dirs, tmp_path_factory):
   """The generator evaluated on one device: 6 samples over the 4 prompts, one padded batch."""
   workdir = str(tmp_path_factory.mktemp("generator_eval"))
-  result = evaluate.evaluate(dirs["config"], workdir, checkpoint=dirs["run"], num_samples=6,
+  result = evaluators.evaluate(dirs["config"], workdir, checkpoint=dirs["run"], num_samples=6,
                              seed=1, clip=convert_clip.load_clip(dirs["clip"]), save_png=True,
                              save_npz=True)
   return workdir, result
@@ -160,7 +160,7 @@ def test_clip_score_is_that_of_the_saved_images_and_prompts(dirs, generator_eval
         f"error {error:.2e}")
   assert error <= 1e-3
   assert expected.std() > 0.1  # the per-sample scores differ: a wrong pairing would show
-  table = evaluate.table(result).splitlines()
+  table = evaluators.table(result).splitlines()
   assert table[0] == "| sampler | steps | N | CLIP |"
   assert table[2] == (f"| generator (ema) step {CHECKPOINT_STEP}, 1 step | 1 | 6 | "
                       f"{result['metrics']['clip_score']:.4g} |")
@@ -217,7 +217,7 @@ def test_teacher_over_a_prompt_file_is_the_release_sampler(dirs, tmp_path):
   prompt_file = tmp_path / "eval_prompts.txt"
   prompt_file.write_text("a green tree\n\na cat on a mat\n", encoding="utf-8")
   workdir = str(tmp_path / "teacher")
-  result = evaluate.evaluate(config, workdir, teacher_steps=2, cfg=3.0, prompts=str(prompt_file),
+  result = evaluators.evaluate(config, workdir, teacher_steps=2, cfg=3.0, prompts=str(prompt_file),
                              num_samples=3, seed=2, clip=convert_clip.load_clip(dirs["clip"]),
                              save_npz=True)
   assert result["sampler"] == "teacher, 2 steps, cfg_w 3" and result["steps"] == 2
@@ -246,17 +246,17 @@ def test_teacher_over_a_prompt_file_is_the_release_sampler(dirs, tmp_path):
 
 def test_text_evaluation_needs_a_scorer_and_the_prompts_dataset(dirs, tmp_path):
   with pytest.raises(ValueError, match="pass --clip"):
-    evaluate.evaluate(dirs["config"], str(tmp_path), checkpoint=dirs["run"])
+    evaluators.evaluate(dirs["config"], str(tmp_path), checkpoint=dirs["run"])
   with pytest.raises(ValueError, match="needs both --inception and --ref"):
-    evaluate.evaluate(dirs["config"], str(tmp_path), checkpoint=dirs["run"],
+    evaluators.evaluate(dirs["config"], str(tmp_path), checkpoint=dirs["run"],
                       reference="ref.npz")
   config = dirs["config"].copy_and_resolve_references()
   config.dataset = "digits"
   with pytest.raises(ValueError, match="from dataset 'prompts', not 'digits'"):
-    evaluate.evaluate(config, str(tmp_path), checkpoint=dirs["run"],
+    evaluators.evaluate(config, str(tmp_path), checkpoint=dirs["run"],
                       clip=convert_clip.load_clip(dirs["clip"]))
   with pytest.raises(ValueError, match="the generator samples unguided"):
-    evaluate.evaluate(dirs["config"], str(tmp_path), checkpoint=dirs["run"], cfg=2.0)
+    evaluators.evaluate(dirs["config"], str(tmp_path), checkpoint=dirs["run"], cfg=2.0)
 
 
 def test_cli_on_eight_devices_gives_the_samples_of_one(dirs, generator_eval, tmp_path):
@@ -340,11 +340,11 @@ def test_the_in_run_teacher_is_the_one_evaluate_samples(dirs, text_run, tmp_path
   """metrics.json's teacher_8step and `evaluate --teacher_steps 8` at the default seed draw the
   same codes: one sampler (the release's scheduler, guided against the negative prompt)."""
   drawn = []
-  generate = evaluate.generate
-  monkeypatch.setattr(evaluate, "generate",
+  generate = evaluators.generate
+  monkeypatch.setattr(evaluators, "generate",
                       lambda *a, **k: drawn.append(generate(*a, **k)) or drawn[-1])
   config = text_run["config"]
-  evaluate.evaluate(config, str(tmp_path), teacher_steps=8, num_samples=config.eval_samples,
+  evaluators.evaluate(config, str(tmp_path), teacher_steps=8, num_samples=config.eval_samples,
                     clip=convert_clip.load_clip(dirs["clip"]))
   in_run = text_run["codes"]["teacher_8step"]
   np.testing.assert_array_equal(drawn[0]["codes"], in_run)

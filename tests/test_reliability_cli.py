@@ -18,7 +18,7 @@ import sys
 import pytest
 from PIL import Image
 
-from dimo_jax import checkpoints, evaluate, modeldir, sample
+from dimo_jax import checkpoints, evaluate, evaluators, modeldir, sample
 from dimo_jax.errors import UserError
 from tests.test_evaluate import image_config, tiny_extractor, write_checkpoint
 from tests.test_reliability_modeldirs import small_tokenizer
@@ -113,7 +113,7 @@ def test_evaluate_refuses_a_tokenizer_of_another_codebook(dirs, tmp_path):
   with pytest.raises(modeldir.ModelDirError, match=(
       f"{dirs['tokenizer16']}: expected a tokenizer of the 17 codes of the teacher "
       f"{dirs['teacher']}, found one of 16 codes")):
-    evaluate.evaluate(config, str(tmp_path), checkpoint=dirs["run"], num_samples=4,
+    evaluators.evaluate(config, str(tmp_path), checkpoint=dirs["run"], num_samples=4,
                       extractor=tiny_extractor(), reference=str(tmp_path / "unused.npz"))
   assert not os.listdir(tmp_path)
 
@@ -121,7 +121,7 @@ def test_evaluate_refuses_a_tokenizer_of_another_codebook(dirs, tmp_path):
 def test_evaluate_refuses_a_generator_of_another_teacher(dirs, tmp_path):
   config = tiny_config(dirs["wide_teacher"])
   with pytest.raises(checkpoints.GeneratorError) as info:
-    evaluate.evaluate(config, str(tmp_path), checkpoint=dirs["run"], num_samples=4)
+    evaluators.evaluate(config, str(tmp_path), checkpoint=dirs["run"], num_samples=4)
   step_dir = os.path.join(dirs["run"], "checkpoints", "3")
   assert str(info.value).startswith(f"{dirs['wide_teacher']}/model.json describes params/")
   assert f"but --checkpoint {step_dir} holds (16,)" in str(info.value)
@@ -132,11 +132,11 @@ def test_evaluate_refuses_a_generator_of_another_teacher(dirs, tmp_path):
 def test_evaluate_names_a_missing_checkpoint_as_given(dirs, tmp_path):
   missing = str(tmp_path / "nowhere")
   with pytest.raises(FileNotFoundError, match=f"^--checkpoint: {missing} does not exist$"):
-    evaluate.evaluate(tiny_config(dirs["teacher"]), str(tmp_path / "out"), checkpoint=missing,
+    evaluators.evaluate(tiny_config(dirs["teacher"]), str(tmp_path / "out"), checkpoint=missing,
                       num_samples=4)
   # Without --checkpoint the run is the --workdir.
   with pytest.raises(FileNotFoundError, match=f"^--workdir: {missing} does not exist$"):
-    evaluate.evaluate(tiny_config(dirs["teacher"]), missing, num_samples=4)
+    evaluators.evaluate(tiny_config(dirs["teacher"]), missing, num_samples=4)
 
 
 # --- 5. a damaged checkpoint step ---------------------------------------------------------------
