@@ -1,6 +1,6 @@
 """Di[M]O where the data distribution is known: teacher at n steps and 1 step vs generator.
 
-  python benchmarks/synthetic.py [--workdir runs/synthetic] [--steps 1800]
+  python benchmarks/synthetic.py [--workdir runs/synthetic] [--steps 2400]
       [--modes 4 --corruption 0.1 --seed 0 --tokens 16 --codes 16 --classes 10]
       [--set fixed_ratio=random_0.1_0.9 --set noise_emb_perturb=fix_0.1 ...]
 

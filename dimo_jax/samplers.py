@@ -81,8 +81,11 @@ def init_code_logits(run: ml_collections.ConfigDict, teacher: Teacher,
       v, jnp.full((labels.shape[0], teacher.seq_len), teacher.mask_id, jnp.int32), labels, None,
       deterministic=True).astype(jnp.float32))
   classes = np.arange(teacher.num_classes, dtype=np.int32)
-  return np.concatenate([np.asarray(apply(variables, classes[i:i + chunk]))
-                         for i in range(0, len(classes), chunk)])
+  # Gathered, since sharded teacher variables may leave the output spread over processes.
+  return np.concatenate([
+      np.asarray(multihost_utils.process_allgather(apply(variables, classes[i:i + chunk]),
+                                                   tiled=True))
+      for i in range(0, len(classes), chunk)])
 
 
 def with_variables_for(teacher: Teacher, run: ml_collections.ConfigDict, src: str) -> Teacher:

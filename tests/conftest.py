@@ -13,6 +13,9 @@ import pytest
 SLOW_MODULES = ("test_fsdp.py",)
 # test module -> the tests (their ids, parameters included) of the slow tier
 SLOW = {
+    "test_init_codes.py": (
+        "test_run_resumes_bit_identical_and_evaluate_reads_the_teacher",
+    ),
     "test_pretrain.py": (
         "test_pretraining_learns_and_saves_a_loadable_teacher",
     ),
