@@ -185,14 +185,15 @@ class RunEvaluation:
   """
 
   def __init__(self, name: str, entry: ml_collections.ConfigDict, config, teacher, dataset,
-               mesh, params, extractor=None, clip=None):
+               mesh, params, extractor=None, clip=None, init_logits=None):
     self.name, self.entry, self.mesh = name, entry, mesh
     self.every, self.at = int(entry.every), tuple(entry.get("at", ()))
     self.config = config
     self.batch_size = parallel.round_batch(config.eval_batch_size, mesh)
     self.seed = samplers.eval_seed(config)
     gen_temp = float(entry.gen_temp) or None
-    self.sampler = samplers.generator(teacher, params, config, 0, gen_temp=gen_temp)
+    self.sampler = samplers.generator(teacher, params, config, 0, gen_temp=gen_temp,
+                                      init_logits=init_logits)
     text = teacher.text_conditioned
     self.dataset = dataset if entry.type == "dataset" else None
     self.prompts = None
@@ -231,9 +232,11 @@ class RunEvaluation:
     return score(out, self.labels, self.dataset, self.ref, self.clip, self.prompts)
 
 
-def for_run(config, teacher, dataset, mesh, params) -> List[RunEvaluation]:
-  """The run's evaluations: every entry of `config.evals` that ever runs."""
-  return [RunEvaluation(name, entry, config, teacher, dataset, mesh, params)
+def for_run(config, teacher, dataset, mesh, params, init_logits=None) -> List[RunEvaluation]:
+  """The run's evaluations: every entry of `config.evals` that ever runs (`init_logits`: the
+  run's x_init code logits, see `samplers.init_code_logits`)."""
+  return [RunEvaluation(name, entry, config, teacher, dataset, mesh, params,
+                        init_logits=init_logits)
           for name, entry in (config.get("evals") or {}).items() if runs(entry)]
 
 

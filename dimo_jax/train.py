@@ -77,8 +77,8 @@ def eval_labels(config: ml_collections.ConfigDict, num_classes: int) -> np.ndarr
 
 
 def evaluate(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh, gen_params,
-             step: int, workdir: str, dataset,
-             score: metrics.Scorer) -> Dict[str, Dict[str, float]]:
+             step: int, workdir: str, dataset, score: metrics.Scorer,
+             init_logits: Optional[np.ndarray] = None) -> Dict[str, Dict[str, float]]:
   """Samples the teacher (at `sampling_step` and 1 step) and the generator on the same labels.
 
   Writes samples/comparison.png and returns {"teacher_<n>step"|"teacher_1step"|
@@ -88,6 +88,8 @@ def evaluate(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh,
   true_nll, mode_coverage and in_mode on the synthetic set, none yet on ImageNet. With
   `eval_gen_temps`, also "generator_1step_T<t>" for each temperature t (same labels and key).
   `python -m dimo_jax.evaluate` with the same seed (`eval_seed`) and batch draws the same codes.
+  `init_logits`: x_init's code logits under `init_codes='teacher'` (default: computed from the
+  teacher).
   """
   labels = eval_labels(config, dataset.num_classes)
   classes = grid_classes(config, dataset.num_classes)
@@ -95,14 +97,16 @@ def evaluate(config: ml_collections.ConfigDict, teacher: teachers.Teacher, mesh,
   runs = {f"teacher_{config.sampling_step}step":
               samplers.run_teacher(config, teacher, config.sampling_step),
           "teacher_1step": samplers.run_teacher(config, teacher, 1),
-          "generator_1step": samplers.generator(teacher, gen_params, config, step)}
+          "generator_1step": samplers.generator(teacher, gen_params, config, step,
+                                                init_logits=init_logits)}
   for temp in config.eval_gen_temps:
-    runs[gen_temp_name(temp)] = samplers.generator(teacher, gen_params, config, step, temp)
+    runs[gen_temp_name(temp)] = samplers.generator(teacher, gen_params, config, step, temp,
+                                                   init_logits=init_logits)
   if config.tteo.steps > 0:
     tteo = (config.tteo.steps, config.tteo.lr,
             rewards.make_reward(config, dataset, teacher=teacher))
     runs[f"generator_1step_tteo{config.tteo.steps}"] = samplers.generator(
-        teacher, gen_params, config, step, tteo=tteo)
+        teacher, gen_params, config, step, tteo=tteo, init_logits=init_logits)
   results, panels = {}, {}
   seeds = config.get("eval_seeds", 1)
   progress = tqdm(total=len(runs) * seeds, desc="final evaluation", unit="sampler-seed",
@@ -501,9 +505,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
     reward_vars = parallel.replicate(reward.variables, mesh)
 
   # x_init's code logits (init_codes 'teacher'), from the float32 teacher, replicated once.
-  init_logits = samplers.init_code_logits(config, teacher, teacher_params)
-  if init_logits is not None:
-    init_logits = parallel.replicate(init_logits, mesh)
+  # Computed once: the step, the validation and the evaluations all draw from it.
+  code_logits = samplers.init_code_logits(config, teacher, teacher_params)
+  init_logits = None if code_logits is None else parallel.replicate(code_logits, mesh)
 
   def fed(step: int):
     """What step `step` is fed besides the state and the teacher: the conditions of a
@@ -547,11 +551,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   score = metrics.scorer(dataset) if config.validation_metrics or config.final_eval else None
   # One compiled one-step sampler for every validation, fed the parameters of the moment.
   validation = samplers.MeshSampler(
-      samplers.generator(teacher, state.ema_params, config, int(state.step)), mesh,
+      samplers.generator(teacher, state.ema_params, config, int(state.step),
+                         init_logits=code_logits), mesh,
       config.eval_batch_size, dataset.condition)
 
   # The config's evaluations during the run (`config.evals`), compiled once.
-  run_evals = evaluators.for_run(config, teacher, dataset, mesh, state.ema_params)
+  run_evals = evaluators.for_run(config, teacher, dataset, mesh, state.ema_params, code_logits)
 
   start_step = int(state.step)
   watch = SkipWatch(config.max_consecutive_skips, config.fake_rounds, state.skipped, workdir)
@@ -570,7 +575,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
     writer.close()
     return {}
   params = state.ema_params if config.eval_params == "ema" else state.gen_params
-  results = evaluate(config, teacher, mesh, params, int(state.step), workdir, dataset, score)
+  results = evaluate(config, teacher, mesh, params, int(state.step), workdir, dataset, score,
+                     code_logits)
   checkpoints.write_json(os.path.join(workdir, "metrics.json"), results)
   final = {f"final/{sampler}/{k}": v for sampler, values in results.items()
            for k, v in values.items() if isinstance(v, (int, float))}
