@@ -2,6 +2,7 @@
 
   python benchmarks/synthetic.py [--workdir runs/synthetic] [--steps 2400]
       [--modes 4 --corruption 0.1 --seed 0 --tokens 16 --codes 16 --classes 10]
+      [--teacher_steps 6000]
       [--set fixed_ratio=random_0.1_0.9 --set noise_emb_perturb=fix_0.1 ...]
 
 Pretrains a teacher on the prototype mixture of that spec with configs/synthetic_teacher.py
@@ -31,6 +32,17 @@ TARGETS = {"true_nll": ("<=", 1.25), "mode_coverage": (">=", 0.97), "in_mode": (
 def spec_name(spec) -> str:
   return (f"c{spec.num_classes}_k{spec.modes_per_class}_l{spec.seq_len}_v{spec.codebook_size}"
           f"_eps{spec.corruption:g}_s{spec.seed}")
+
+
+def teacher_recipe(spec, teacher_steps=None):
+  """configs/synthetic_teacher.py for `spec` (pretrained `teacher_steps` long if given), and the
+  folder of that teacher and its runs: the spec's name, with `_t<steps>` for another length."""
+  config = synthetic_teacher.get_config(spec)
+  name = spec_name(spec)
+  if teacher_steps is not None:
+    config.num_steps = teacher_steps
+    name += f"_t{teacher_steps}"
+  return config, name
 
 
 def override(config, assignment: str) -> None:
@@ -77,6 +89,9 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", default="runs/synthetic")
   parser.add_argument("--steps", type=int, default=None, help="Di[M]O generator updates")
+  parser.add_argument("--teacher_steps", type=int, default=None,
+                      help="pretrain the teacher this many steps (default: the num_steps of "
+                           "configs/synthetic_teacher.py); teacher and runs go to WORKDIR/<spec>_t<N>")
   default = synthetic_teacher.synthetic_spec()
   parser.add_argument("--classes", type=int, default=default.num_classes)
   parser.add_argument("--modes", type=int, default=default.modes_per_class,
@@ -93,13 +108,15 @@ def main():
       parser.error(f"--{flag} must be at least 1, found {getattr(args, flag)}")
   if not 0 <= args.corruption < 1:
     parser.error(f"--corruption must lie in [0, 1), found {args.corruption}")
-  if args.steps is not None and args.steps < 1:
-    parser.error(f"--steps must be at least 1, found {args.steps}")
+  for flag in ("steps", "teacher_steps"):
+    if getattr(args, flag) is not None and getattr(args, flag) < 1:
+      parser.error(f"--{flag} must be at least 1, found {getattr(args, flag)}")
 
   spec = synthetic_teacher.synthetic_spec()
   spec.update(num_classes=args.classes, modes_per_class=args.modes, seq_len=args.tokens,
               codebook_size=args.codes, corruption=args.corruption, seed=args.seed)
-  root = os.path.join(args.workdir, spec_name(spec))
+  teacher_config, folder = teacher_recipe(spec, args.teacher_steps)
+  root = os.path.join(args.workdir, folder)
   teacher_dir = os.path.join(root, "teacher")
   # Every override and value is checked before the minutes of teacher pretraining.
   config = synthetic.get_config(spec)
@@ -113,7 +130,7 @@ def main():
   except config_check.ConfigError as e:
     raise SystemExit(f"error: {e}") from None
   if not os.path.isdir(teacher_dir):
-    pretrain.pretrain(synthetic_teacher.get_config(spec), root)
+    pretrain.pretrain(teacher_config, root)
   # A run's folder names what it changed, so a rerun with other settings never resumes into
   # it (train refuses that anyway: the method keys would differ from its config.json).
   run = "dimo" + "".join("_" + a.replace("=", "-") for a in args.set)
@@ -123,7 +140,7 @@ def main():
 
   entropy = data.get(config).distribution.entropy_per_token()
   teacher = f"teacher_{config.sampling_step}step"
-  print(f"\nsynthetic prototype mixture {spec_name(spec)}, {config.eval_samples} samples each; "
+  print(f"\nsynthetic prototype mixture {folder}, {config.eval_samples} samples each; "
         f"data entropy {entropy:.3f} nats/token")
   print(f"{'sampler':<22}{'true_nll':>10}{'mode_coverage':>15}{'in_mode':>9}{'ms/image':>10}")
   for name, values in metrics.items():
@@ -135,7 +152,8 @@ def main():
   for name, r in ratios.items():
     print(f"{name:<22}{r['true_nll']:>10.2f}{r['mode_coverage']:>15.2f}{r['in_mode']:>9.2f}"
           f"   {'meets' if r['meets_targets'] else 'misses'}")
-  print(json.dumps({"spec": spec.to_dict(), "overrides": args.set, "metrics": metrics,
+  print(json.dumps({"spec": spec.to_dict(), "teacher_steps": teacher_config.num_steps,
+                    "overrides": args.set, "metrics": metrics,
                     "against_teacher": ratios}))
 
 

@@ -142,6 +142,10 @@ def test_the_benchmark_takes_the_mixture_and_overrides_from_the_command_line():
   mixture = synthetic_teacher.synthetic_spec()
   mixture.update(modes_per_class=6, corruption=0.05, seed=1, codebook_size=32)
   assert bench.spec_name(mixture) == "c10_k6_l16_v32_eps0.05_s1"
+  recipe, name = bench.teacher_recipe(mixture)
+  assert (recipe.num_steps, name) == (2000, "c10_k6_l16_v32_eps0.05_s1")
+  recipe, name = bench.teacher_recipe(mixture, 6000)  # a longer teacher lives apart
+  assert (recipe.num_steps, name) == (6000, "c10_k6_l16_v32_eps0.05_s1_t6000")
   teacher = synthetic_teacher.get_config(mixture)
   assert (teacher.model.codebook_size, teacher.synthetic.modes_per_class) == (32, 6)
   config = synthetic_config.get_config(mixture)
