@@ -9,7 +9,6 @@ keeps its traceback.
 """
 
 import importlib.util
-import logging
 import os
 import sys
 from typing import Callable, List, Optional, Sequence
@@ -27,10 +26,6 @@ USER_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADir
 def fail(message: str, status: int = 1) -> None:
   """Prints `error: message` (one line) and exits with `status`."""
   print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-  # A failed read can leave sibling reads of the same checkpoint (orbax's asyncio tasks) with
-  # the same exception, which asyncio would print again as a traceback when they are collected
-  # at exit ("Task exception was never retrieved"): the one line above already says it.
-  logging.getLogger("asyncio").setLevel(logging.CRITICAL)
   sys.exit(status)
 
 

@@ -135,10 +135,23 @@ class _BelowWarningFrom(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or self.folder not in record.pathname
 
 
+class _UnretrievedTaskErrors(std_logging.Filter):
+  """Drops asyncio's "Task exception was never retrieved": when one read of a damaged
+  checkpoint fails, orbax's sibling reads (asyncio tasks) fail the same way and asyncio logs
+  each as a traceback whenever they are collected, which can be before the one-line error
+  that already says it. The first failure is still raised; nothing here uses asyncio itself."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Task exception was never retrieved")
+
+
 def quiet_orbax() -> None:
   """Orbax at WARNING: its INFO lines (through absl's logger) would fill stderr around the
-  progress bar. Idempotent."""
+  progress bar; its failed sibling reads unlogged (`_UnretrievedTaskErrors`). Idempotent."""
   logger = std_logging.getLogger("absl")
   if not any(isinstance(f, _BelowWarningFrom) for f in logger.filters):
     logger.addFilter(_BelowWarningFrom("/orbax/"))
   std_logging.getLogger("orbax").setLevel(std_logging.WARNING)
+  quiet = std_logging.getLogger("asyncio")
+  if not any(isinstance(f, _UnretrievedTaskErrors) for f in quiet.filters):
+    quiet.addFilter(_UnretrievedTaskErrors())
