@@ -164,6 +164,12 @@ def problems(config: ml_collections.ConfigDict) -> List[str]:
     if config.diversity.get("space") not in ("tokens", "features"):
       found.append(f"diversity.space must be 'tokens' or 'features', found "
                    f"{config.diversity.get('space')!r}")
+  if has("anchor"):
+    value = config.anchor.get("weight")
+    if not (_is_number(value) and math.isfinite(value) and value >= 0):
+      found.append(f"anchor.weight must be a finite number >= 0, found {value!r}")
+    elif value > 0:
+      found += real_data_problems(config, "anchor.weight > 0", "anchor.weight=0 is off")
   if has("evals"):
     from dimo_jax import evaluators
     found += evaluators.problems(config)
@@ -233,18 +239,24 @@ def gan_problems(config: ml_collections.ConfigDict) -> List[str]:
       _is_number(f) and 0 < f <= 1 for f in layers)):
     found.append(f"gan.layers must be a non-empty tuple of depth fractions in (0, 1], found "
                  f"{layers!r}")
-  from dimo_jax import data  # data imports the teachers; only a GAN config needs it here
-  dataset = config.get("dataset", "digits")
   if _is_number(g.get("weight")) and g.weight > 0:
-    if dataset not in data.REAL_DATASETS:
-      found.append(f"gan.weight > 0 needs real data tokens, which dataset {dataset!r} does not "
-                   f"hold (one of {', '.join(data.REAL_DATASETS)}; gan.weight=0 is Di[M]O "
-                   "alone)")
-    elif dataset in ("imagenet256", "prompts") and not g.get("real_tokens"):
-      found.append(f"gan.weight > 0 on {dataset} needs gan.real_tokens, a token dataset made "
-                   "by python -m dimo_jax.tokenize"
-                   + (" with --captions or --caption_field" if dataset == "prompts" else ""))
+    found += real_data_problems(config, "gan.weight > 0", "gan.weight=0 is Di[M]O alone")
   return found
+
+
+def real_data_problems(config: ml_collections.ConfigDict, term: str, off: str) -> List[str]:
+  """What keeps `term` (a term of real data: the GAN, the data anchor) from its data: a
+  dataset without real tokens, or a token dataset not made yet (`gan.real_tokens`)."""
+  from dimo_jax import data  # data imports the teachers; only a config with real data needs it
+  dataset = config.get("dataset", "digits")
+  if dataset not in data.REAL_DATASETS:
+    return [f"{term} needs real data tokens, which dataset {dataset!r} does not hold (one of "
+            f"{', '.join(data.REAL_DATASETS)}; {off})"]
+  if dataset in ("imagenet256", "prompts") and not config.gan.get("real_tokens"):
+    return [f"{term} on {dataset} needs gan.real_tokens, a token dataset made by python -m "
+            "dimo_jax.tokenize" + (" with --captions or --caption_field"
+                                   if dataset == "prompts" else "")]
+  return []
 
 
 def reward_problems(config: ml_collections.ConfigDict) -> List[str]:

@@ -119,6 +119,10 @@ def reference_config() -> ml_collections.ConfigDict:
   # Ours (dimo_jax/diversity.py): how much two samples of one condition from independent x_init
   # may agree ('tokens': collision probability; 'features': teacher-feature cosine similarity).
   c.diversity = ml_collections.ConfigDict(dict(weight=0.0, temp=1.0, space="tokens"))
+  # Ours (dimo_jax/diversity.py, `data_nll`): a mode-covering anchor, the NLL of real data tokens
+  # x_0 under the generator fed an x_init made from x_0 (x_0's codes where x_init shows codes,
+  # masked as x_init is); real data as the GAN's. 0 is off.
+  c.anchor = ml_collections.ConfigDict(dict(weight=0.0))
   # Sample-quality evaluations during the run (dimo_jax/evaluators.py): name -> spec (type
   # 'fid' | 'clip' | 'dataset', every N steps and/or at the steps in `at`, num_samples, ...).
   c.evals = ml_collections.ConfigDict()

@@ -28,6 +28,11 @@ generator step on independent x_init for the same conditions:
 
   generator:  loss += diversity.weight * E[sum_v p(v | x_init) p(v | x_init')]
 
+and with `config.anchor.weight` > 0 our data anchor (diversity.data_nll), the generator fed an
+x_init made from real data tokens x_0 (one more batch of the real feed):
+
+  generator:  loss += anchor.weight * -E[log p_theta(x_0 | x_init(x_0))]
+
 A class-conditional step takes no data: labels are drawn from the state's key, so a run is a
 pure function of (config, teacher, seed) and a resumed run repeats an uninterrupted one exactly.
 A text-to-image step is fed its conditions (prompt encodings, see
@@ -128,6 +133,17 @@ def make_optimizer(config: ml_collections.ConfigDict, lr: float,
 def gan_enabled(config: ml_collections.ConfigDict) -> bool:
   """Whether the run is Soft-Di[M]O (a GAN term of positive weight) rather than Di[M]O alone."""
   return "gan" in config and config.gan.weight > 0
+
+
+def anchor_enabled(config: ml_collections.ConfigDict) -> bool:
+  """Whether the generator's loss has our data anchor (`anchor.weight` > 0)."""
+  return "anchor" in config and config.anchor.weight > 0
+
+
+def real_rounds(config: ml_collections.ConfigDict) -> int:
+  """How many batches of real data tokens a step is fed (`train.RealFeed`): one per
+  discriminator update, then one for the data anchor; 0 when no term uses real data."""
+  return (config.gan.disc_rounds if gan_enabled(config) else 0) + int(anchor_enabled(config))
 
 
 def reward_enabled(config: ml_collections.ConfigDict) -> bool:
@@ -239,7 +255,7 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
   """The losses of the step (`make_train_step`, whose arguments these are):
 
     generator(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed,
-              reward_vars, init_logits)
+              reward_vars, init_logits, anchor_real)
     fake(fake_params, gen_params, rng, sigma, fed, init_logits)
     disc(disc_params, gen_params, teacher_params, rng, sigma, fed, real, init_logits)
                                                                          (None without the GAN)
@@ -256,7 +272,8 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
   `real` of the discriminator's loss: one update's batch of Soft-Di[M]O's real data,
   {"tokens": int[B, L], "cond": labels int[B] or a text cond dict} (`train.RealFeed` feeds
   the step one for each of its `gan.disc_rounds`). Its fake side is conditioned like the
-  generator's term: `fed` prompts, or labels drawn from the key.
+  generator's term: `fed` prompts, or labels drawn from the key. `anchor_real` of the
+  generator's loss: the data anchor's batch, the same structure.
   """
   # Ours is V (the codebook size); a release with its own mask id may also be named by that.
   if config.mask_value not in teacher.mask_values:
@@ -340,8 +357,23 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
     loss = gan.generator_loss(d_fake, config.gan.loss)
     return loss, {"loss_gan": loss, "d_fake": jnp.mean(d_fake)}
 
+  def anchor_term(gen_params, real, sigma, rng):
+    """Ours: the NLL of real tokens x_0 under the generator fed an x_init made from x_0."""
+    ratio_rng, init_rng, drop_rng, noise_rng = jax.random.split(rng, 4)
+    tokens = batch_constraint(real["tokens"].astype(jnp.int32))
+    cond = jax.tree_util.tree_map(batch_constraint, real["cond"])
+    x_init = masking.init_from_tokens(
+        init_rng, tokens, masking.sample_init_ratio(ratio_rng, config.fixed_ratio), mask_id)
+    logits = logits_fn(gen_params, drop_rng, sigma, noise_rng)(x_init, cond, None)
+    loss = diversity.data_nll(logits, tokens)
+    return loss, {"loss_anchor": loss}
+
+  # Our per-token terms are summed over positions like Di[M]O's surrogate (loss_reduction
+  # 'sum'), so that one weight means the same per token at any sequence length.
+  per_token = seq_len if config.loss_reduction == "sum" else 1
+
   def generator_loss(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed,
-                     reward_vars=None, init_logits=None):
+                     reward_vars=None, init_logits=None, anchor_real=None):
     label_rng, gen_rng, *dm_rngs = jax.random.split(rng, 5)
     labels = draw_labels(label_rng, fed)
     codes, gen_logits = generate(gen_params, gen_rng, labels, sigma, init_logits)
@@ -361,11 +393,13 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
         loss_div = diversity.feature_similarity(*features)
       else:
         loss_div = diversity.collision(gen_logits, other_logits, config.diversity.temp)
-      # Summed over positions like Di[M]O's surrogate (loss_reduction 'sum'), so that one
-      # weight means the same per token at any sequence length.
-      scale = seq_len if config.loss_reduction == "sum" else 1
-      total = total + config.diversity.weight * scale * loss_div
+      total = total + config.diversity.weight * per_token * loss_div
       metrics = {**metrics, "loss_diversity": loss_div}
+    if anchor_enabled(config):
+      loss_anchor, anchor_metrics = anchor_term(gen_params, anchor_real, sigma,
+                                                jax.random.fold_in(rng, 3))
+      total = total + config.anchor.weight * per_token * loss_anchor
+      metrics = {**metrics, **anchor_metrics}
     if reward_enabled(config):
       loss_reward, mean_reward = rewards.reward_loss(reward, gen_logits, labels,
                                                      config.reward.tau, reward_vars)
@@ -418,12 +452,12 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
                     batch_constraint: Callable[[jax.Array], jax.Array] = lambda x: x,
                     reward: Optional[rewards.Reward] = None):
   """Builds `train_step(state, teacher_params[, conditions[, real[, reward_vars[,
-  init_logits]]]]) -> (state, metrics)` (pure; jit it). With the GAN on, `real` holds the real
-  batches of its `gan.disc_rounds` updates, {"tokens": int[rounds, B, L], "cond": [rounds, B,
-  ...]} (`train.RealFeed`), with the reward term `reward_vars` its networks' variables, and
-  under `init_codes='teacher'` `init_logits` x_init's code logits float32[C, L, V]
-  (`samplers.init_code_logits`): inputs of the step, not constants of it. The arguments are
-  `make_losses`'.
+  init_logits]]]]) -> (state, metrics)` (pure; jit it). `real` holds the real batches of the
+  `gan.disc_rounds` discriminator updates, then the data anchor's, {"tokens": int[rounds, B,
+  L], "cond": [rounds, B, ...]} (`train.RealFeed`, `real_rounds`); with the reward term
+  `reward_vars` holds its networks' variables, and under `init_codes='teacher'` `init_logits`
+  x_init's code logits float32[C, L, V] (`samplers.init_code_logits`): inputs of the step, not
+  constants of it. The arguments are `make_losses`'.
   """
   losses = make_losses(config, teacher, batch_constraint, reward)
   micro = config.get("gradient_accumulation_steps", 1)
@@ -453,9 +487,17 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
     gen_fed, fake_fed = ((None, None) if conditions is None
                          else (conditions["generator"], conditions["auxiliary"]))
 
+    if real_rounds(config) and real is None:
+      raise ValueError("the GAN term (gan.weight > 0) and the data anchor (anchor.weight > 0) "
+                       "need real data tokens: a dataset with `real_tokens` (digits, "
+                       "digits_text, synthetic, a tokenized imagenet256)")
+    anchor_real = None
+    if anchor_enabled(config):  # the last of the fed batches
+      anchor_real = jax.tree_util.tree_map(lambda x: x[-1], real)
+      real = jax.tree_util.tree_map(lambda x: x[:-1], real)
     (loss_g, gen_metrics), grads = generator_grad(
         state.gen_params, state.fake_params, state.disc_params, teacher_params, gen_rng, sigma,
-        gen_fed, reward_vars, init_logits)
+        gen_fed, reward_vars, init_logits, anchor_real)
     gen_params, gen_opt_state, gen_norm, gen_ok = _apply_if_finite(
         gen_tx, grads, state.gen_opt_state, state.gen_params, loss_g)
 
@@ -476,10 +518,6 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
 
     disc_params, disc_opt_state, disc_metrics = state.disc_params, state.disc_opt_state, {}
     if losses.disc is not None:
-      if real is None:
-        raise ValueError("the GAN term (gan.weight > 0) needs real data tokens: a dataset with "
-                         "`real_tokens` (digits, digits_text, synthetic, a tokenized "
-                         "imagenet256)")
       disc_rng = jax.random.fold_in(fake_rng, config.fake_rounds)
       disc_fed = (gen_fed if gen_fed is None or micro == 1
                   else jax.tree_util.tree_map(lambda x: x[0], gen_fed))

@@ -1,5 +1,10 @@
-"""Mode-covering terms of ours (not in Di[M]O or Soft-Di[M]O), on two one-step samples of the
-same condition from independent x_init (`diversity.space`):
+"""Mode-covering terms of ours (not in Di[M]O or Soft-Di[M]O).
+
+The data anchor (`anchor.weight`, `data_nll`): the NLL of real data tokens under the generator
+fed an x_init made from them (see `data_nll`).
+
+The two-sample terms (`diversity.weight`), on two one-step samples of the same condition from
+independent x_init (`diversity.space`):
 
 'tokens': their collision probability
 
@@ -34,6 +39,22 @@ def collision(logits_a: jax.Array, logits_b: jax.Array, temp: float = 1.0) -> ja
   p_a = jax.nn.softmax(logits_a.astype(jnp.float32) / temp, axis=-1)
   p_b = jax.nn.softmax(logits_b.astype(jnp.float32) / temp, axis=-1)
   return jnp.mean(jnp.sum(p_a * p_b, axis=-1))
+
+
+def data_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """The data anchor (`anchor.weight`): float[B, L, V] generator logits at an x_init made from
+  data tokens int[B, L] (`masking.init_from_tokens`) -> float32[], the mean NLL per token of
+  those tokens, -mean log softmax(z)[x_0].
+
+  With q(x_init | x_0) the masking of x_0 and p(x_init) the generator's prior over inputs,
+  log p_theta(x_0) >= E_q[log p_theta(x_0 | x_init)] - KL(q || p), and KL does not depend on
+  theta: lowering this NLL raises a bound on the generator's likelihood of the data, a
+  forward-KL (mode-covering) pull. A mode no input reaches costs its samples' NLL in full,
+  and the codes x_0 shows are what point an input at its mode.
+  """
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logp, tokens.astype(jnp.int32)[..., None], axis=-1)
+  return -jnp.mean(picked)
 
 
 def feature_similarity(features_a: jax.Array, features_b: jax.Array) -> jax.Array:

@@ -156,6 +156,14 @@ def init_tokens(
   return jnp.where(mask, mask_id, codes)
 
 
+def init_from_tokens(rng: jax.Array, tokens: jax.Array, ratio: jax.Array,
+                     mask_id: int) -> jax.Array:
+  """An x_init made from data tokens int[B, L]: `ratio` of each row masked as `init_tokens`
+  masks, the other positions keeping the row's codes (the data anchor's input, ours)."""
+  mask = random_mask(rng, ratio, tokens.shape[0], tokens.shape[1])
+  return jnp.where(mask, mask_id, tokens.astype(jnp.int32))
+
+
 def parse_noise_schedule(noise_emb_perturb: str) -> Tuple[str, float]:
   """`fix_0.1` -> ("fix", 0.1); `warmup_exp_1000` -> ("exp", 1000.); `warmup_1000` is linear."""
   parts = str(noise_emb_perturb).split("_")

@@ -156,7 +156,9 @@ RESUME_FREE_KEYS = frozenset({
 ADDED_KEYS = {"attention_impl": "auto", "teacher_fingerprint": None,
               "guidance_annealing": "none", "scale_pow": 3.0,
               "writers": ["tensorboard"], "profile_steps": 0, "gradient_accumulation_steps": 1,
-              **{f"{block}.{key}": value for block in ("gan", "reward", "diversity", "tteo")
+              "init_codes": "uniform",
+              **{f"{block}.{key}": value
+                 for block in ("gan", "reward", "diversity", "anchor", "tteo")
                  for key, value in defaults.reference_config()[block].items()}}
 
 
@@ -394,10 +396,10 @@ def jit_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
 
 @dataclasses.dataclass(frozen=True)
 class RealFeed:
-  """Soft-Di[M]O's real data as the step is fed it: `feed(step, mesh)` -> {"tokens":
-  int[rounds, B, L], "cond": labels int32[rounds, B] or a text cond dict [rounds, B, ...]},
-  a global batch of B rows for each of `rounds` discriminator updates, split over the mesh's
-  batch axis.
+  """Real data as the step is fed it: `feed(step, mesh)` -> {"tokens": int[rounds, B, L],
+  "cond": labels int32[rounds, B] or a text cond dict [rounds, B, ...]}, a global batch of B
+  rows for each of `rounds` (`distill.real_rounds`: Soft-Di[M]O's discriminator updates, then
+  our data anchor), split over the mesh's batch axis.
 
   Each process builds only its devices' rows, from the part of the data it holds
   (`data.real_tokens`): row j of round r is its row u[r, j] mod n, with u drawn from (seed,
@@ -488,15 +490,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   # The step calls the teacher's module rematerialized when asked; the samplers do not.
   step_teacher = teacher.with_model(teacher.model.clone(remat=config.gradient_checkpointing))
 
-  # Soft-Di[M]O's real data: each process holds its part (int16 where the codes fit: half the
-  # memory of an ImageNet token set) and feeds its devices' rows of every step's batches.
+  # Real data (Soft-Di[M]O's discriminator, our data anchor): each process holds its part
+  # (int16 where the codes fit: half the memory of an ImageNet token set) and feeds its
+  # devices' rows of every step's batches.
   real_feed = None
-  if distill.gan_enabled(config):
+  if distill.real_rounds(config):
     tokens, labels, condition = data.real_data(dataset, jax.process_index(),
                                                jax.process_count())
     dtype = np.int16 if teacher.codebook_size <= np.iinfo(np.int16).max else np.int32
     real_feed = RealFeed(np.asarray(tokens, dtype), np.asarray(labels, np.int32), condition,
-                         config.global_seed, config.gan.disc_rounds, config.train_batch_size)
+                         config.global_seed, distill.real_rounds(config),
+                         config.train_batch_size)
 
   # The reward term's networks, replicated once and given to the step as an input.
   reward = reward_vars = None

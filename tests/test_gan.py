@@ -125,7 +125,7 @@ def test_a_gan_step_updates_the_heads_and_never_the_teacher(setup):
 def test_a_gan_step_without_real_data_is_refused(setup):
   teacher, _ = setup
   config = _config()
-  with pytest.raises(ValueError, match="needs real data tokens"):
+  with pytest.raises(ValueError, match="need real data tokens"):
     distill.make_train_step(config, teacher)(_state(config, teacher), teacher.variables)
 
 
