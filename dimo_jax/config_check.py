@@ -165,7 +165,9 @@ def problems(config: ml_collections.ConfigDict) -> List[str]:
       found.append(f"diversity.space must be 'tokens' or 'features', found "
                    f"{config.diversity.get('space')!r}")
   if has("anchor"):
-    value = config.anchor.get("weight")
+    value, decay = config.anchor.get("weight"), config.anchor.get("decay_steps", 0)
+    if not (_is_int(decay) and decay >= 0):
+      found.append(f"anchor.decay_steps must be an integer >= 0, found {decay!r}")
     if not (_is_number(value) and math.isfinite(value) and value >= 0):
       found.append(f"anchor.weight must be a finite number >= 0, found {value!r}")
     elif value > 0:

@@ -121,8 +121,9 @@ def reference_config() -> ml_collections.ConfigDict:
   c.diversity = ml_collections.ConfigDict(dict(weight=0.0, temp=1.0, space="tokens"))
   # Ours (dimo_jax/diversity.py, `data_nll`): a mode-covering anchor, the NLL of real data tokens
   # x_0 under the generator fed an x_init made from x_0 (x_0's codes where x_init shows codes,
-  # masked as x_init is); real data as the GAN's. 0 is off.
-  c.anchor = ml_collections.ConfigDict(dict(weight=0.0))
+  # masked as x_init is); real data as the GAN's. `weight` 0 is off; `decay_steps` N > 0 lowers
+  # the weight linearly to 0 at generator update N (0: constant).
+  c.anchor = ml_collections.ConfigDict(dict(weight=0.0, decay_steps=0))
   # Sample-quality evaluations during the run (dimo_jax/evaluators.py): name -> spec (type
   # 'fid' | 'clip' | 'dataset', every N steps and/or at the steps in `at`, num_samples, ...).
   c.evals = ml_collections.ConfigDict()

@@ -140,6 +140,15 @@ def anchor_enabled(config: ml_collections.ConfigDict) -> bool:
   return "anchor" in config and config.anchor.weight > 0
 
 
+def anchor_weight(config: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  """The data anchor's weight at generator update `step`: `anchor.weight`, lowered linearly to
+  0 at update `anchor.decay_steps` when that is > 0."""
+  weight = jnp.float32(config.anchor.weight)
+  if config.anchor.get("decay_steps", 0) > 0:
+    weight *= jnp.clip(1.0 - jnp.asarray(step, jnp.float32) / config.anchor.decay_steps, 0, 1)
+  return weight
+
+
 def real_rounds(config: ml_collections.ConfigDict) -> int:
   """How many batches of real data tokens a step is fed (`train.RealFeed`): one per
   discriminator update, then one for the data anchor; 0 when no term uses real data."""
@@ -255,7 +264,7 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
   """The losses of the step (`make_train_step`, whose arguments these are):
 
     generator(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed,
-              reward_vars, init_logits, anchor_real)
+              reward_vars, init_logits, anchor_real, anchor_scale)
     fake(fake_params, gen_params, rng, sigma, fed, init_logits)
     disc(disc_params, gen_params, teacher_params, rng, sigma, fed, real, init_logits)
                                                                          (None without the GAN)
@@ -273,7 +282,8 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
   {"tokens": int[B, L], "cond": labels int[B] or a text cond dict} (`train.RealFeed` feeds
   the step one for each of its `gan.disc_rounds`). Its fake side is conditioned like the
   generator's term: `fed` prompts, or labels drawn from the key. `anchor_real` of the
-  generator's loss: the data anchor's batch, the same structure.
+  generator's loss: the data anchor's batch, the same structure; `anchor_scale` its weight
+  (`anchor_weight`; None: `anchor.weight`).
   """
   # Ours is V (the codebook size); a release with its own mask id may also be named by that.
   if config.mask_value not in teacher.mask_values:
@@ -373,7 +383,7 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
   per_token = seq_len if config.loss_reduction == "sum" else 1
 
   def generator_loss(gen_params, fake_params, disc_params, teacher_params, rng, sigma, fed,
-                     reward_vars=None, init_logits=None, anchor_real=None):
+                     reward_vars=None, init_logits=None, anchor_real=None, anchor_scale=None):
     label_rng, gen_rng, *dm_rngs = jax.random.split(rng, 5)
     labels = draw_labels(label_rng, fed)
     codes, gen_logits = generate(gen_params, gen_rng, labels, sigma, init_logits)
@@ -398,8 +408,9 @@ def make_losses(config: ml_collections.ConfigDict, teacher: teachers.Teacher,
     if anchor_enabled(config):
       loss_anchor, anchor_metrics = anchor_term(gen_params, anchor_real, sigma,
                                                 jax.random.fold_in(rng, 3))
-      total = total + config.anchor.weight * per_token * loss_anchor
-      metrics = {**metrics, **anchor_metrics}
+      scale = config.anchor.weight if anchor_scale is None else anchor_scale
+      total = total + scale * per_token * loss_anchor
+      metrics = {**metrics, **anchor_metrics, "anchor_weight": jnp.float32(scale)}
     if reward_enabled(config):
       loss_reward, mean_reward = rewards.reward_loss(reward, gen_logits, labels,
                                                      config.reward.tau, reward_vars)
@@ -491,13 +502,14 @@ def make_train_step(config: ml_collections.ConfigDict, teacher: teachers.Teacher
       raise ValueError("the GAN term (gan.weight > 0) and the data anchor (anchor.weight > 0) "
                        "need real data tokens: a dataset with `real_tokens` (digits, "
                        "digits_text, synthetic, a tokenized imagenet256)")
-    anchor_real = None
+    anchor_real = anchor_scale = None
     if anchor_enabled(config):  # the last of the fed batches
       anchor_real = jax.tree_util.tree_map(lambda x: x[-1], real)
       real = jax.tree_util.tree_map(lambda x: x[:-1], real)
+      anchor_scale = anchor_weight(config, state.step)
     (loss_g, gen_metrics), grads = generator_grad(
         state.gen_params, state.fake_params, state.disc_params, teacher_params, gen_rng, sigma,
-        gen_fed, reward_vars, init_logits, anchor_real)
+        gen_fed, reward_vars, init_logits, anchor_real, anchor_scale)
     gen_params, gen_opt_state, gen_norm, gen_ok = _apply_if_finite(
         gen_tx, grads, state.gen_opt_state, state.gen_params, loss_g)
 

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from dimo_jax import config_check, distill, diversity, masking, train
-from tests.test_gan import L, V, _norm, _state, setup  # noqa: F401 (the fixture)
+from tests.test_gan import (L, V, _norm, _state, assert_resume_is_bit_identical,  # noqa: F401
+                            setup)  # the fixture
 from tests.test_distill_step import _config as step_config
-from tests.test_train import restore_latest, tiny_config, tiny_teacher
+from tests.test_train import tiny_config, tiny_teacher
 
 
 def _config(anchor=1.0, **gan):
@@ -91,6 +92,22 @@ def test_a_step_feeds_the_anchor_the_last_real_batch(setup):
                                                    teacher.variables)
 
 
+def test_the_anchor_weight_decays_linearly_to_zero_when_asked(setup):
+  steps = jnp.array([0, 250, 500, 1000, 2000])
+  np.testing.assert_allclose(distill.anchor_weight(_config(0.2), steps), 0.2)
+  config = _config(0.2)
+  config.anchor.decay_steps = 1000
+  np.testing.assert_allclose(distill.anchor_weight(config, steps), [0.2, 0.15, 0.1, 0, 0],
+                             atol=1e-7)
+  # the step weighs the term by it: at step 1000 the generator's loss is Di[M]O's alone
+  teacher, real = setup
+  state = _state(config, teacher).replace(step=jnp.int32(1000))
+  _, metrics = jax.jit(distill.make_train_step(config, teacher))(state, teacher.variables,
+                                                                 None, real)
+  assert float(metrics["anchor_weight"]) == 0.0
+  np.testing.assert_allclose(metrics["loss_generator"], metrics["loss_dm"], rtol=1e-6)
+
+
 def test_resume_is_bit_identical_with_the_anchor(tmp_path):
   teacher_path = tiny_teacher(str(tmp_path / "teacher"))
 
@@ -98,25 +115,19 @@ def test_resume_is_bit_identical_with_the_anchor(tmp_path):
     c = tiny_config(teacher_path, **overrides)
     c.anchor.weight = 0.5
     return c
-  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-  train.train_and_evaluate(config(), straight)
-  train.train_and_evaluate(config(max_train_steps=2), split)
-  train.train_and_evaluate(config(), split)  # resumes at step 2
-  step_a, a = restore_latest(straight, config(), teacher_path)
-  step_b, b = restore_latest(split, config(), teacher_path)
-  assert step_a == step_b == 4
-  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert_resume_is_bit_identical(tmp_path, config, teacher_path)
 
 
 @pytest.mark.parametrize("value,dataset,message", [
     (-1.0, "digits", "anchor.weight must be a finite number >= 0, found -1.0"),
     (float("nan"), "digits", "anchor.weight must be a finite number >= 0"),
     (1.0, "prompts", "anchor.weight > 0 on prompts needs gan.real_tokens"),
+    ((1.0, -1), "digits", "anchor.decay_steps must be an integer >= 0, found -1"),
 ])
 def test_every_anchor_value_is_checked_before_any_work(tmp_path, value, dataset, message):
   config = tiny_config(str(tmp_path / "no_teacher_needed"), dataset=dataset)
-  config.anchor.weight = value
+  config.anchor.weight, config.anchor.decay_steps = value if isinstance(value, tuple) else (
+      value, 0)
   start = time.time()
   with pytest.raises(config_check.ConfigError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
