@@ -3,8 +3,13 @@
   python -m dimo_jax.main --config configs/digits.py --workdir runs/digits
 
 Starts from the reference configuration (dimo_jax/defaults.py, i.e. DIMO_MaskGit.yaml) and
-changes only what a 0.2M-parameter teacher over 8x8 digits needs: larger learning rates, a
-shorter warm-up and EMA horizon, float32, and the 17-code vocabulary.
+changes what a 0.2M-parameter teacher over 8x8 digits needs: larger learning rates, a
+shorter warm-up and EMA horizon, float32, and the 17-code vocabulary; and adds our recipe for
+diversity (docs/soft_dimo.md): x_init showing few codes, drawn from the teacher, and the data
+anchor. Di[M]O as the reference runs it is
+
+  python -m dimo_jax.main --config configs/digits.py --workdir runs/digits_dimo \
+      --config.fixed_ratio=fix_0.6 --config.init_codes=uniform --config.anchor.weight=0
 """
 
 from dimo_jax import assets, defaults
@@ -31,6 +36,14 @@ def get_config():
   c.lr_warmup_steps = 20
   c.ema_decay = 0.99
   c.true_cfg = 1.0
+  # Ours (docs/experiments.md, "The main job"): x_init 95% masked, its 3 visible codes of 64
+  # drawn from the teacher's all-masked prediction of the class, not uniform (25 uniform codes
+  # are noise the generator must learn to ignore), and the data anchor: the generator's NLL of
+  # real digits fed an x_init made from them, a mode-covering pull beside Di[M]O's. Five
+  # evaluation seeds: fd 0.506 +- 0.061 without the three, 0.350 +- 0.025 with them.
+  c.fixed_ratio = "fix_0.95"
+  c.init_codes = "teacher"
+  c.anchor.weight = 0.1
 
   c.log_every = 20
   c.validation_steps = 200

@@ -1,11 +1,13 @@
-"""Soft-Di[M]O's reward term and test-time embedding optimization (dimo_jax/rewards.py)."""
+"""Soft-Di[M]O's reward term and test-time embedding optimization (dimo_jax/rewards.py), on
+Di[M]O alone (configs/digits_dimo.py): the reference's x_init, where the bundled teacher's one
+step leaves the reward room to rise, and a step fed no real data."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import digits as digits_config
+from configs import digits_dimo as digits_config
 from dimo_jax import config_check, distill, rewards, sampling, teachers
 from dimo_jax.data import digits
 from dimo_jax.metrics import digits as digit_metrics

@@ -101,10 +101,16 @@ _SHARDED = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
     from test_train import tiny_config
-    from dimo_jax import distill, parallel, teachers
+    from dimo_jax import data, distill, parallel, samplers, teachers, train
     assert jax.device_count() == 8, jax.devices()
     config = tiny_config({teacher!r}, train_batch_size=16)
     teacher = teachers.load({teacher!r})
+    # configs/digits.py's recipe: x_init's codes from the teacher, the data anchor's real batch.
+    assert config.init_codes == "teacher" and config.anchor.weight > 0
+    tokens, labels, _ = data.real_data(data.get(config), 0, 1)
+    feed = train.RealFeed(np.asarray(tokens), np.asarray(labels), None, 0,
+                          distill.real_rounds(config), config.train_batch_size)
+    code_logits = samplers.init_code_logits(config, teacher, teacher.variables)
     finals = []
     for devices in (8, 1):
       mesh = parallel.make_mesh(devices)
@@ -115,9 +121,11 @@ _SHARDED = textwrap.dedent("""
           mesh)
       step = jax.jit(distill.make_train_step(
           config, teacher, parallel.batch_constraint(mesh, config.train_batch_size)),
-          in_shardings=(rep, rep), out_shardings=(rep, rep))
-      for _ in range(3):
-        state, metrics = step(state, params)
+          out_shardings=(rep, rep))
+      init_logits = parallel.replicate(code_logits, mesh)
+      for i in range(3):
+        state, metrics = step(state, params, *train.step_inputs(None, feed(i, mesh), None,
+                                                                init_logits))
       finals.append(jax.device_get((state.gen_params, state.fake_params, state.ema_params)))
     diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), *finals)
     moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))),
