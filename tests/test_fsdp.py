@@ -38,19 +38,22 @@ def device0_share(tree, min_size: int = parallel.MIN_SHARD_SIZE) -> float:
 def _child(teacher_path: str, workdir: str) -> None:
   from dimo_jax import teachers, train
   sys.path.insert(0, os.path.join(REPO, "tests"))
-  from test_train import tiny_config
+  from test_train import recipe_inputs, tiny_config
   assert jax.device_count() == 8, jax.devices()
   teacher = teachers.load(teacher_path)
   config = tiny_config(teacher_path, train_batch_size=16)
+  fed = recipe_inputs(config, teacher)  # configs/digits.py's: real data, x_init's code table
   finals, report = {}, {"shares": {}, "restored": {}}
   for name, (devices, data, fsdp) in MESHES.items():
     mesh = parallel.make_mesh(devices, data, fsdp)
     params = parallel.shard_params(teacher.variables, mesh)
     manager = checkpoints.manager(os.path.join(workdir, name), config)
     state = train.initial_state(config, teacher, params, mesh, manager)
-    step = train.jit_train_step(config, teacher, mesh, state, params)
-    for _ in range(3):
-      state, _ = step(state, params)
+    _, real, _, init_logits = fed(0, mesh)  # (conditions, real, reward_vars, init_logits)
+    step = train.jit_train_step(config, teacher, mesh, state, params, real=real,
+                                init_logits=init_logits)
+    for i in range(3):
+      state, _ = step(state, params, *fed(i, mesh))
     report["shares"][name] = {"state": device0_share(state), "teacher": device0_share(params)}
     finals[name] = jax.device_get((state.gen_params, state.fake_params, state.ema_params))
     # A checkpoint comes back in the layout the run uses, and equal.

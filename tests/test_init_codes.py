@@ -52,7 +52,7 @@ def test_logits_are_the_teachers_all_masked_prediction(teacher_path):
     expected = teacher.model.apply(teacher.variables, masked, jnp.array([label], jnp.int32),
                                    None, deterministic=True)[0]
     np.testing.assert_allclose(table[label], np.asarray(expected), rtol=1e-5, atol=1e-5)
-  assert samplers.init_code_logits(tiny_config(teacher_path), teacher) is None
+  assert samplers.init_code_logits(tiny_config(teacher_path, init_codes="uniform"), teacher) is None
 
 
 def test_config_refuses_unknown_sources_and_text_teachers():
@@ -82,8 +82,8 @@ def test_run_resumes_bit_identical_and_evaluate_reads_the_teacher(teacher_path, 
   sampler = evaluators.generator_sampler(straight, bare, "ema", teacher_dir=teacher_path)
   params, run, step = evaluators.checkpoints.load_generator(straight, bare, "ema")
   full = samplers.generator(teachers.load(teacher_path), params, run, step)
-  uniform = samplers.generator(teachers.load(teacher_path), params, tiny_config(teacher_path),
-                               step)
+  uniform = samplers.generator(teachers.load(teacher_path), params,
+                               tiny_config(teacher_path, init_codes="uniform"), step)
   mesh = evaluators.parallel.make_mesh()
   draw = lambda s: samplers.MeshSampler(s, mesh, 10)(labels, 3)
   np.testing.assert_array_equal(draw(sampler), draw(full))

@@ -47,6 +47,19 @@ def tiny_config(teacher_path: str, **overrides):
   return c
 
 
+def recipe_inputs(config, teacher):
+  """What a step of configs/digits.py's recipe is fed besides the state and the teacher, as
+  `train.train_and_evaluate` feeds it: `fed(step, mesh)` -> the step's trailing inputs (the
+  data anchor's real batch, x_init's code table from the teacher), placed on `mesh`."""
+  from dimo_jax import data, distill, parallel, samplers
+  tokens, labels, _ = data.real_data(data.get(config), 0, 1)
+  feed = train.RealFeed(np.asarray(tokens), np.asarray(labels), None, 0,
+                        distill.real_rounds(config), config.train_batch_size)
+  code_logits = samplers.init_code_logits(config, teacher, teacher.variables)
+  return lambda step, mesh: train.step_inputs(None, feed(step, mesh), None,
+                                              parallel.replicate(code_logits, mesh))
+
+
 @pytest.fixture(scope="module")
 def teacher_path(tmp_path_factory):
   return tiny_teacher(str(tmp_path_factory.mktemp("teacher") / "digits"))
@@ -100,17 +113,14 @@ _SHARDED = textwrap.dedent("""
     import sys
     import jax, numpy as np
     sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
-    from test_train import tiny_config
-    from dimo_jax import data, distill, parallel, samplers, teachers, train
+    from test_train import recipe_inputs, tiny_config
+    from dimo_jax import distill, parallel, teachers
     assert jax.device_count() == 8, jax.devices()
     config = tiny_config({teacher!r}, train_batch_size=16)
     teacher = teachers.load({teacher!r})
     # configs/digits.py's recipe: x_init's codes from the teacher, the data anchor's real batch.
     assert config.init_codes == "teacher" and config.anchor.weight > 0
-    tokens, labels, _ = data.real_data(data.get(config), 0, 1)
-    feed = train.RealFeed(np.asarray(tokens), np.asarray(labels), None, 0,
-                          distill.real_rounds(config), config.train_batch_size)
-    code_logits = samplers.init_code_logits(config, teacher, teacher.variables)
+    fed = recipe_inputs(config, teacher)
     finals = []
     for devices in (8, 1):
       mesh = parallel.make_mesh(devices)
@@ -122,10 +132,8 @@ _SHARDED = textwrap.dedent("""
       step = jax.jit(distill.make_train_step(
           config, teacher, parallel.batch_constraint(mesh, config.train_batch_size)),
           out_shardings=(rep, rep))
-      init_logits = parallel.replicate(code_logits, mesh)
       for i in range(3):
-        state, metrics = step(state, params, *train.step_inputs(None, feed(i, mesh), None,
-                                                                init_logits))
+        state, metrics = step(state, params, *fed(i, mesh))
       finals.append(jax.device_get((state.gen_params, state.fake_params, state.ema_params)))
     diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), *finals)
     moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))),
