@@ -6,10 +6,7 @@ Starts from the reference configuration (dimo_jax/defaults.py, i.e. DIMO_MaskGit
 changes what a 0.2M-parameter teacher over 8x8 digits needs: larger learning rates, a
 shorter warm-up and EMA horizon, float32, and the 17-code vocabulary; and adds our recipe for
 diversity (docs/soft_dimo.md): x_init showing few codes, drawn from the teacher, and the data
-anchor. Di[M]O as the reference runs it is
-
-  python -m dimo_jax.main --config configs/digits.py --workdir runs/digits_dimo \
-      --config.fixed_ratio=fix_0.6 --config.init_codes=uniform --config.anchor.weight=0
+anchor. Di[M]O as the reference runs it is configs/digits_dimo.py.
 """
 
 from dimo_jax import assets, defaults

@@ -52,7 +52,8 @@ def test_logits_are_the_teachers_all_masked_prediction(teacher_path):
     expected = teacher.model.apply(teacher.variables, masked, jnp.array([label], jnp.int32),
                                    None, deterministic=True)[0]
     np.testing.assert_allclose(table[label], np.asarray(expected), rtol=1e-5, atol=1e-5)
-  assert samplers.init_code_logits(tiny_config(teacher_path, init_codes="uniform"), teacher) is None
+  uniform = tiny_config(teacher_path, init_codes="uniform")
+  assert samplers.init_code_logits(uniform, teacher) is None
 
 
 def test_config_refuses_unknown_sources_and_text_teachers():

@@ -8,7 +8,7 @@ import pytest
 from dimo_jax import checkpoints, dtypes, modeldir, parallel, teachers, train
 from dimo_jax.models.google_maskgit import GoogleMaskGIT
 from dimo_jax.models.maskgit import MaskTransformer
-from tests.test_train import tiny_config, tiny_teacher
+from tests.test_train import recipe_inputs, tiny_config, tiny_teacher
 
 MODELS = {
     "maskgit": lambda remat: MaskTransformer(codebook_size=12, num_classes=3, seq_len=6,
@@ -62,9 +62,12 @@ def test_remat_step_matches_and_bf16_teacher_halves_its_bytes(tmp_path):
     manager = checkpoints.manager(str(tmp_path / name), config)
     state = train.initial_state(config, stepped, params, mesh, manager)
     held = dtypes.hold_teacher(config, params)
-    step = train.jit_train_step(config, stepped, mesh, state, held)
-    for _ in range(2):
-      state, _ = step(state, held)
+    fed = recipe_inputs(config, teacher)  # configs/digits.py's: real data, x_init's code table
+    _, real, _, init_logits = fed(0, mesh)
+    step = train.jit_train_step(config, stepped, mesh, state, held, real=real,
+                                init_logits=init_logits)
+    for i in range(2):
+      state, _ = step(state, held, *fed(i, mesh))
     results[name] = (jax.device_get(state), held)
 
   plain_state, plain_teacher = results["plain"]
