@@ -402,9 +402,10 @@ class RealFeed:
   our data anchor), split over the mesh's batch axis.
 
   Each process builds only its devices' rows, from the part of the data it holds
-  (`data.real_tokens`): row j of round r is its row u[r, j] mod n, with u drawn from (seed,
-  step) alone, the same in every process, so that a resumed run is fed what an uninterrupted
-  one was and no process ever reads another's shards.
+  (`data.real_tokens`: its shards of a token set on disk, all of an in-memory toy): row j of
+  round r is its row u[r, j] mod n, with u drawn from (seed, step) alone, the same in every
+  process, so that a resumed run is fed what an uninterrupted one was and no process ever
+  reads another's shards (a toy is fed the same rows at any process count).
 
   Attributes:
     tokens, labels: this process's rows (n of them).

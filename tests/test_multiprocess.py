@@ -29,10 +29,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = dict(train_batch_size=8, max_train_steps=4, lr_warmup_steps=2, log_every=1,
                  validation_steps=2, validation_metrics=False, checkpointing_steps=2,
                  final_eval=True, eval_samples=16, eval_batch_size=8)
-# configs/digits.py's recipe without its data anchor: the anchor's real rows are drawn by each
-# process from the share of the data it holds (`train.RealFeed`), so two processes are fed other
-# rows than one. x_init's codes from the teacher stay on.
-NO_ANCHOR = {"anchor.weight": 0.0}
 
 
 def free_port() -> int:
@@ -74,7 +70,7 @@ def wait_all(procs, logs, timeout: float):
 
 def run_two_processes(teacher_path: str, workdir: str, attempts: int = 2, **overrides) -> None:
   """Runs `python -m dimo_jax.main` as processes 0 and 1 of one run, on 2 CPU devices each."""
-  flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, **NO_ANCHOR, **overrides,
+  flags = [f"--config.{k}={v}" for k, v in {**OVERRIDES, **overrides,
                                              "teacher_path": teacher_path}.items()]
   cmd = [sys.executable, "-m", "dimo_jax.main", "--config",
          os.path.join(REPO, "configs", "digits.py"), "--workdir", workdir] + flags
@@ -110,8 +106,9 @@ def test_two_processes_with_a_resume_match_one(teacher_path, tmp_path):
   run_two_processes(teacher_path, together, max_train_steps=2, final_eval=False)
   run_two_processes(teacher_path, together, max_train_steps=4)  # resumes at step 2
   config = tiny_config(teacher_path, **OVERRIDES)
-  config.anchor.weight = NO_ANCHOR["anchor.weight"]
-  assert config.init_codes == "teacher"
+  # configs/digits.py's recipe: x_init's codes from the teacher, and the data anchor, whose real
+  # rows each process draws from the whole in-memory dataset, as one process does.
+  assert config.init_codes == "teacher" and config.anchor.weight > 0
   metrics_alone = train.train_and_evaluate(config, alone)
 
   for name in ("samples/ema_step000002.png", "samples/ema_step000004.png",
@@ -130,5 +127,9 @@ def test_two_processes_with_a_resume_match_one(teacher_path, tmp_path):
   assert checkpoints.manager(together, config).all_steps() == [2, 4]
   leaves_a, leaves_b = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
   assert len(leaves_a) == len(leaves_b)
+  # Equal up to the order of the float sums across processes, which Adam's normalization can
+  # raise to ~1e-5 on a parameter whose gradient is near 0 (measured: 1.1e-5 on 1 of 48 values
+  # of one leaf, the rest within 1e-7). Real rows drawn from each process's share instead of
+  # the whole toy gave differences up to 2.9e-4 on most values of a leaf.
   for x, y in zip(leaves_a, leaves_b):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=0, atol=3e-5)

@@ -325,8 +325,8 @@ def real_tokens(dataset, process_index: int = 0,
   """What Soft-Di[M]O's discriminator sees as real, the part process `process_index` of
   `process_count` holds: tokens int32[N, L], labels int32[N] of the run's dataset (one of
   REAL_DATASETS; config_check refuses the GAN for the others). A token dataset on disk is read
-  by shard (`ImageNet256.real_tokens`), an in-memory one split by row. A text dataset's labels
-  are prompt indices into its `conditions`."""
+  by shard (`ImageNet256.real_tokens`); an in-memory one (the toys) is whole in every process.
+  A text dataset's labels are prompt indices into its `conditions`."""
   return real_data(dataset, process_index, process_count)[:2]
 
 
@@ -339,8 +339,9 @@ def real_data(dataset, process_index: int = 0, process_count: int = 1):
   if isinstance(dataset, ImageNet256):
     tokens, labels = dataset.real_tokens(process_index, process_count)
   else:
+    # An in-memory dataset is built whole in every process: each draws its devices' rows from
+    # all of it, so a run is fed the same rows at any process count.
     tokens, labels = dataset.real_tokens()
-    tokens, labels = tokens[process_index::process_count], labels[process_index::process_count]
   condition = dataset.conditions.condition if dataset.conditioning == TEXT else None
   return tokens, labels, condition
 
