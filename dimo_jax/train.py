@@ -432,6 +432,20 @@ class RealFeed:
   def __call__(self, step: int, mesh) -> Dict[str, Any]:
     return parallel.place_rows(self.rows, self.draws(step), mesh, axis=1)
 
+  @classmethod
+  def of_run(cls, config: ml_collections.ConfigDict, dataset,
+             codebook_size: int) -> Optional["RealFeed"]:
+    """The run's real data as this process feeds it (Soft-Di[M]O's discriminator, our data
+    anchor), None when neither is on: the part this process holds, int16 where the codes fit
+    (half the memory of an ImageNet token set)."""
+    if not distill.real_rounds(config):
+      return None
+    tokens, labels, condition = data.real_data(dataset, jax.process_index(),
+                                               jax.process_count())
+    dtype = np.int16 if codebook_size <= np.iinfo(np.int16).max else np.int32
+    return cls(np.asarray(tokens, dtype), np.asarray(labels, np.int32), condition,
+               config.global_seed, distill.real_rounds(config), config.train_batch_size)
+
 
 def place_conditions(conditions, indices: Dict[str, np.ndarray], mesh) -> Dict[str, Any]:
   """The step's fed conditions on the mesh, each process gathering only its devices' rows.
@@ -491,17 +505,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict
   # The step calls the teacher's module rematerialized when asked; the samplers do not.
   step_teacher = teacher.with_model(teacher.model.clone(remat=config.gradient_checkpointing))
 
-  # Real data (Soft-Di[M]O's discriminator, our data anchor): each process holds its part
-  # (int16 where the codes fit: half the memory of an ImageNet token set) and feeds its
-  # devices' rows of every step's batches.
-  real_feed = None
-  if distill.real_rounds(config):
-    tokens, labels, condition = data.real_data(dataset, jax.process_index(),
-                                               jax.process_count())
-    dtype = np.int16 if teacher.codebook_size <= np.iinfo(np.int16).max else np.int32
-    real_feed = RealFeed(np.asarray(tokens, dtype), np.asarray(labels, np.int32), condition,
-                         config.global_seed, distill.real_rounds(config),
-                         config.train_batch_size)
+  # Real data (Soft-Di[M]O's discriminator, our data anchor): each process holds its part and
+  # feeds its devices' rows of every step's batches.
+  real_feed = RealFeed.of_run(config, dataset, teacher.codebook_size)
 
   # The reward term's networks, replicated once and given to the step as an input.
   reward = reward_vars = None

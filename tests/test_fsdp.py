@@ -42,18 +42,18 @@ def _child(teacher_path: str, workdir: str) -> None:
   assert jax.device_count() == 8, jax.devices()
   teacher = teachers.load(teacher_path)
   config = tiny_config(teacher_path, train_batch_size=16)
-  fed = recipe_inputs(config, teacher)  # configs/digits.py's: real data, x_init's code table
   finals, report = {}, {"shares": {}, "restored": {}}
   for name, (devices, data, fsdp) in MESHES.items():
     mesh = parallel.make_mesh(devices, data, fsdp)
     params = parallel.shard_params(teacher.variables, mesh)
     manager = checkpoints.manager(os.path.join(workdir, name), config)
     state = train.initial_state(config, teacher, params, mesh, manager)
-    _, real, _, init_logits = fed(0, mesh)  # (conditions, real, reward_vars, init_logits)
+    fed = recipe_inputs(config, teacher, mesh)  # configs/digits.py's: real data, code table
+    _, real, _, init_logits = fed(0)  # (conditions, real, reward_vars, init_logits)
     step = train.jit_train_step(config, teacher, mesh, state, params, real=real,
                                 init_logits=init_logits)
     for i in range(3):
-      state, _ = step(state, params, *fed(i, mesh))
+      state, _ = step(state, params, *fed(i))
     report["shares"][name] = {"state": device0_share(state), "teacher": device0_share(params)}
     finals[name] = jax.device_get((state.gen_params, state.fake_params, state.ema_params))
     # A checkpoint comes back in the layout the run uses, and equal.

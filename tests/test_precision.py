@@ -62,12 +62,12 @@ def test_remat_step_matches_and_bf16_teacher_halves_its_bytes(tmp_path):
     manager = checkpoints.manager(str(tmp_path / name), config)
     state = train.initial_state(config, stepped, params, mesh, manager)
     held = dtypes.hold_teacher(config, params)
-    fed = recipe_inputs(config, teacher)  # configs/digits.py's: real data, x_init's code table
-    _, real, _, init_logits = fed(0, mesh)
+    fed = recipe_inputs(config, teacher, mesh)  # configs/digits.py's: real data, code table
+    _, real, _, init_logits = fed(0)  # (conditions, real, reward_vars, init_logits)
     step = train.jit_train_step(config, stepped, mesh, state, held, real=real,
                                 init_logits=init_logits)
     for i in range(2):
-      state, _ = step(state, held, *fed(i, mesh))
+      state, _ = step(state, held, *fed(i))
     results[name] = (jax.device_get(state), held)
 
   plain_state, plain_teacher = results["plain"]

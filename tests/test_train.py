@@ -47,17 +47,15 @@ def tiny_config(teacher_path: str, **overrides):
   return c
 
 
-def recipe_inputs(config, teacher):
-  """What a step of configs/digits.py's recipe is fed besides the state and the teacher, as
-  `train.train_and_evaluate` feeds it: `fed(step, mesh)` -> the step's trailing inputs (the
-  data anchor's real batch, x_init's code table from the teacher), placed on `mesh`."""
-  from dimo_jax import data, distill, parallel, samplers
-  tokens, labels, _ = data.real_data(data.get(config), 0, 1)
-  feed = train.RealFeed(np.asarray(tokens), np.asarray(labels), None, 0,
-                        distill.real_rounds(config), config.train_batch_size)
-  code_logits = samplers.init_code_logits(config, teacher, teacher.variables)
-  return lambda step, mesh: train.step_inputs(None, feed(step, mesh), None,
-                                              parallel.replicate(code_logits, mesh))
+def recipe_inputs(config, teacher, mesh):
+  """What a step of configs/digits.py's recipe is fed on `mesh` besides the state and the
+  teacher, as `train.train_and_evaluate` feeds it: `fed(step)` -> the step's trailing inputs
+  (the data anchor's real batch, x_init's code table from the teacher)."""
+  from dimo_jax import data, parallel, samplers
+  feed = train.RealFeed.of_run(config, data.get(config), teacher.codebook_size)
+  init_logits = parallel.replicate(
+      samplers.init_code_logits(config, teacher, teacher.variables), mesh)
+  return lambda step: train.step_inputs(None, feed(step, mesh), None, init_logits)
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +118,10 @@ _SHARDED = textwrap.dedent("""
     teacher = teachers.load({teacher!r})
     # configs/digits.py's recipe: x_init's codes from the teacher, the data anchor's real batch.
     assert config.init_codes == "teacher" and config.anchor.weight > 0
-    fed = recipe_inputs(config, teacher)
     finals = []
     for devices in (8, 1):
       mesh = parallel.make_mesh(devices)
+      fed = recipe_inputs(config, teacher, mesh)
       rep = parallel.replicated(mesh)
       params = parallel.replicate(teacher.variables, mesh)
       state = parallel.replicate(
@@ -133,7 +131,7 @@ _SHARDED = textwrap.dedent("""
           config, teacher, parallel.batch_constraint(mesh, config.train_batch_size)),
           out_shardings=(rep, rep))
       for i in range(3):
-        state, metrics = step(state, params, *fed(i, mesh))
+        state, metrics = step(state, params, *fed(i))
       finals.append(jax.device_get((state.gen_params, state.fake_params, state.ema_params)))
     diffs = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))), *finals)
     moved = jax.tree_util.tree_map(lambda a, b: float(np.max(np.abs(a - b))),
