@@ -38,7 +38,7 @@ def device0_share(tree, min_size: int = parallel.MIN_SHARD_SIZE) -> float:
 def _child(teacher_path: str, workdir: str) -> None:
   from dimo_jax import teachers, train
   sys.path.insert(0, os.path.join(REPO, "tests"))
-  from test_train import recipe_inputs, tiny_config
+  from test_train import recipe_steps, tiny_config
   assert jax.device_count() == 8, jax.devices()
   teacher = teachers.load(teacher_path)
   config = tiny_config(teacher_path, train_batch_size=16)
@@ -48,12 +48,7 @@ def _child(teacher_path: str, workdir: str) -> None:
     params = parallel.shard_params(teacher.variables, mesh)
     manager = checkpoints.manager(os.path.join(workdir, name), config)
     state = train.initial_state(config, teacher, params, mesh, manager)
-    fed = recipe_inputs(config, teacher, mesh)  # configs/digits.py's: real data, code table
-    _, real, _, init_logits = fed(0)  # (conditions, real, reward_vars, init_logits)
-    step = train.jit_train_step(config, teacher, mesh, state, params, real=real,
-                                init_logits=init_logits)
-    for i in range(3):
-      state, _ = step(state, params, *fed(i))
+    state = recipe_steps(config, teacher, mesh, state, params, 3)  # configs/digits.py's feed
     report["shares"][name] = {"state": device0_share(state), "teacher": device0_share(params)}
     finals[name] = jax.device_get((state.gen_params, state.fake_params, state.ema_params))
     # A checkpoint comes back in the layout the run uses, and equal.

@@ -8,7 +8,7 @@ import pytest
 from dimo_jax import checkpoints, dtypes, modeldir, parallel, teachers, train
 from dimo_jax.models.google_maskgit import GoogleMaskGIT
 from dimo_jax.models.maskgit import MaskTransformer
-from tests.test_train import recipe_inputs, tiny_config, tiny_teacher
+from tests.test_train import recipe_steps, tiny_config, tiny_teacher
 
 MODELS = {
     "maskgit": lambda remat: MaskTransformer(codebook_size=12, num_classes=3, seq_len=6,
@@ -62,12 +62,7 @@ def test_remat_step_matches_and_bf16_teacher_halves_its_bytes(tmp_path):
     manager = checkpoints.manager(str(tmp_path / name), config)
     state = train.initial_state(config, stepped, params, mesh, manager)
     held = dtypes.hold_teacher(config, params)
-    fed = recipe_inputs(config, teacher, mesh)  # configs/digits.py's: real data, code table
-    _, real, _, init_logits = fed(0)  # (conditions, real, reward_vars, init_logits)
-    step = train.jit_train_step(config, stepped, mesh, state, held, real=real,
-                                init_logits=init_logits)
-    for i in range(2):
-      state, _ = step(state, held, *fed(i))
+    state = recipe_steps(config, teacher, mesh, state, held, 2, step_teacher=stepped)
     results[name] = (jax.device_get(state), held)
 
   plain_state, plain_teacher = results["plain"]

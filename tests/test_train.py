@@ -58,6 +58,18 @@ def recipe_inputs(config, teacher, mesh):
   return lambda step: train.step_inputs(None, feed(step, mesh), None, init_logits)
 
 
+def recipe_steps(config, teacher, mesh, state, teacher_params, steps, step_teacher=None):
+  """`state` after `steps` steps of `train.jit_train_step` (with `step_teacher`, default
+  `teacher`) fed as `recipe_inputs` feeds them."""
+  fed = recipe_inputs(config, teacher, mesh)
+  _, real, _, init_logits = fed(0)  # (conditions, real, reward_vars, init_logits)
+  step = train.jit_train_step(config, step_teacher or teacher, mesh, state, teacher_params,
+                              real=real, init_logits=init_logits)
+  for i in range(steps):
+    state, _ = step(state, teacher_params, *fed(i))
+  return state
+
+
 @pytest.fixture(scope="module")
 def teacher_path(tmp_path_factory):
   return tiny_teacher(str(tmp_path_factory.mktemp("teacher") / "digits"))
